@@ -1,0 +1,1 @@
+"""Block backends behind one Protocol (ram, null, file)."""

@@ -1,0 +1,1 @@
+"""Live migration (not implemented yet: see the issue tracker)."""

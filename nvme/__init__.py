@@ -1,0 +1,1 @@
+"""NVMe device model, pure: no sockets, no processes; guest memory is injected."""

@@ -1,0 +1,1 @@
+"""Generic PCI function model, pure: config space, capabilities, BAR sizing."""

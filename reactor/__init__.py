@@ -1,0 +1,1 @@
+"""The I/O edge and cross-process plumbing: supervisor, front-ends, coordinator, shm."""

@@ -1,0 +1,1 @@
+"""vfio-user protocol, sans-I/O: wire structs, message codec, negotiation, DMA table."""

@@ -1,0 +1,1 @@
+"""Worker processes: pinned, poll queue pairs of any controller."""
