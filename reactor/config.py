@@ -1,0 +1,596 @@
+"""Daemon configuration: the model, the TOML loader, the command line, the default.
+
+Theory of operation
+-------------------
+There is one validation path.  The TOML file, the command line and the
+management socket (``controller.add`` / ``namespace.add``) all hand plain
+dicts to the ``_build_*`` functions below, which check every key against a
+small schema table and build the slotted dataclasses.  Every failure is a
+``ConfigError`` carrying *where* (file or ``<command line>``, the key path such
+as ``controllers[1].namespaces[0].kind``, the line when we can tell) and *why*,
+so an operator can fix the input without reading this code.
+
+Precedence, lowest first: built-in defaults < ``$VNVMED_RUN_DIR`` (run dir
+only) < the config file < command-line flags.  When no controller is
+configured anywhere, the embedded default (``nvme0``, 1 GiB RAM namespace,
+``<run_dir>/nvme0.sock``) is used, so ``bin/vnvmed`` with no arguments serves
+one disk.
+
+This module is pure apart from ``os.stat`` on namespace backing files (a
+missing image is a configuration error, better reported at start than at the
+guest's first read) and reading the config file.  It never imports backends:
+the size grammar (``64M``, ``1G``, ``4096``) lives here.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import stat
+import tomllib
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any, Sequence
+
+DEFAULT_RUN_DIR = "/run/vnvmed"
+RUN_DIR_ENV = "VNVMED_RUN_DIR"
+RPC_SOCKET_NAME = "vnvmed.rpc"
+DEFAULT_CONTROLLER = "nvme0"
+DEFAULT_NAMESPACE = "ram:1G"
+
+# One Active Namespace ID list page (Identify CNS 02h) holds 1024 NSIDs; we
+# keep every NSID inside it so one page always lists them all.
+MAX_NSID = 1024
+BLOCK_SIZES = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+MAX_CORE = 4095
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ConfigError(ValueError):
+    """A configuration input is wrong; the message says where and what to fix."""
+
+    def __init__(self, source: str, key: str, reason: str, line: int | None = None) -> None:
+        self.source = source
+        self.key = key
+        self.reason = reason
+        self.line = line
+        where = source if line is None else f"{source}:{line}"
+        super().__init__(f"{where}: {key}: {reason}" if key else f"{where}: {reason}")
+
+
+class NamespaceKind(StrEnum):
+    RAM = "ram"      # ARG = size; contents live in daemon memory, lost at exit
+    NULL = "null"    # ARG = size; reads return zeroes, writes are discarded
+    FILE = "file"    # ARG = path of a regular file or block device
+
+
+class Polling(StrEnum):
+    ADAPTIVE = "adaptive"  # busy-poll while busy, back off to blocking waits when idle
+    BUSY = "busy"          # never sleep: lowest latency, one full core per worker
+
+
+# --------------------------------------------------------------------------- sizes
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtpe]?)(i?b?)\s*$", re.IGNORECASE)
+_SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
+
+
+def parse_size(value: str | int) -> int:
+    """``4096``, ``64M``, ``1G``, ``2GiB``, ``512K`` -> bytes (binary units only).
+
+    Raises ValueError with a message that shows the accepted forms.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"size must be a number of bytes or a string like '64M', not {value!r}")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m is None or (m.group(3) and not m.group(2) and m.group(3).lower() != "b"):
+            raise ValueError(f"bad size {value!r}: use bytes or a number with K/M/G/T suffix (e.g. 64M, 1G)")
+        n = int(m.group(1)) << _SIZE_SHIFT[m.group(2).lower()]
+    else:
+        raise ValueError(f"size must be an integer or a string like '64M', not {type(value).__name__}")
+    if n <= 0:
+        raise ValueError(f"size must be positive, got {value!r}")
+    return n
+
+
+def parse_cores(value: str | Sequence[int]) -> list[int]:
+    """``"0-3,6"`` or ``[0, 1]`` -> sorted unique core numbers (not checked against the machine)."""
+    cores: list[int] = []
+    if isinstance(value, str):
+        for part in value.split(","):
+            part = part.strip()
+            m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+            if m is None:
+                raise ValueError(f"bad core list {value!r}: use e.g. '0-3,6'")
+            lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+            if hi < lo:
+                raise ValueError(f"bad core range {part!r}: end before start")
+            if hi > MAX_CORE:
+                raise ValueError(f"core {hi} out of range 0..{MAX_CORE}")
+            cores.extend(range(lo, hi + 1))
+    elif isinstance(value, (list, tuple)):
+        for c in value:
+            if type(c) is not int or not 0 <= c <= MAX_CORE:
+                raise ValueError(f"core {c!r} is not an integer in 0..{MAX_CORE}")
+            cores.append(c)
+    else:
+        raise ValueError("cores must be a string like '0-3' or a list of integers")
+    if not cores:
+        raise ValueError("core list is empty")
+    if len(set(cores)) != len(cores):
+        raise ValueError(f"core list {value!r} names a core twice")
+    return sorted(cores)
+
+
+def format_cores(cores: Sequence[int]) -> str:
+    """Inverse of parse_cores for display: [0, 1, 2, 5] -> '0-2,5'."""
+    runs: list[list[int]] = []
+    for c in sorted(cores):
+        if runs and runs[-1][1] == c - 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(slots=True)
+class NamespaceSpec:
+    kind: NamespaceKind
+    arg: str                      # size string for ram/null, path for file
+    nsid: int | None = None       # None: the next free NSID is assigned at validation
+    block_size: int = 512
+    read_only: bool = False
+    size: int | None = None       # bytes; filled in by validation (file: from stat)
+
+    @property
+    def spec(self) -> str:
+        return f"{self.kind.value}:{self.arg}"
+
+    @classmethod
+    def parse(cls, text: str, nsid: int | None = None, block_size: int = 512,
+              read_only: bool = False) -> "NamespaceSpec":
+        """Parse ``KIND:ARG`` (syntax only; call check_namespace for sizes and files)."""
+        kind, sep, arg = text.partition(":")
+        kinds = ", ".join(k.value for k in NamespaceKind)
+        if not sep or not arg:
+            raise ValueError(f"namespace spec {text!r} must be KIND:ARG with KIND one of {kinds}")
+        try:
+            k = NamespaceKind(kind.strip().lower())
+        except ValueError:
+            raise ValueError(f"unknown namespace kind {kind!r}: use one of {kinds}") from None
+        return cls(k, arg, nsid, block_size, read_only)
+
+
+@dataclass(slots=True)
+class ControllerSpec:
+    name: str
+    socket: str
+    serial: str = ""                      # "" -> derived from name at validation
+    model: str = "vnvmed NVMe controller"
+    max_io_queues: int = 64               # I/O queue pairs offered (Number of Queues feature)
+    mqes: int = 1023                      # CAP.MQES, zero-based: max entries per queue - 1
+    mdts: int = 5                         # Identify MDTS: 2^mdts * 4 KiB per command, 0 = no limit
+    socket_owner: str | None = None
+    socket_group: str | None = None
+    socket_mode: int = 0o660              # QEMU usually runs as another user in our group
+    namespaces: list[NamespaceSpec] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class DaemonConfig:
+    run_dir: str = DEFAULT_RUN_DIR
+    cores: list[int] | None = None        # None: every core in our affinity mask
+    polling: Polling = Polling.ADAPTIVE
+    poll_idle_us: int = 200               # keep busy-polling this long after the last work
+    poll_sleep_us: int = 1000             # longest blocking wait once idle (bounds idle latency)
+    log_level: str = "info"
+    controllers: list[ControllerSpec] = field(default_factory=list)
+    source: str | None = None             # config file this came from (for SIGHUP reload)
+
+    @property
+    def rpc_socket(self) -> str:
+        return os.path.join(self.run_dir, RPC_SOCKET_NAME)
+
+    def controller(self, name: str) -> ControllerSpec | None:
+        return next((c for c in self.controllers if c.name == name), None)
+
+
+def default_run_dir(environ: dict[str, str] | None = None) -> str:
+    env = os.environ if environ is None else environ
+    return env.get(RUN_DIR_ENV) or DEFAULT_RUN_DIR
+
+
+def default_controller(run_dir: str) -> ControllerSpec:
+    ns = NamespaceSpec.parse(DEFAULT_NAMESPACE, nsid=1)
+    ns.size = parse_size(ns.arg)
+    return ControllerSpec(DEFAULT_CONTROLLER, os.path.join(run_dir, f"{DEFAULT_CONTROLLER}.sock"),
+                          serial=_default_serial(DEFAULT_CONTROLLER), namespaces=[ns])
+
+
+def _default_serial(name: str) -> str:
+    return ("VNVME" + re.sub(r"[^A-Za-z0-9]", "", name).upper())[:20]
+
+
+# --------------------------------------------------------------------------- schema checks
+
+class _Where:
+    """Where the input came from; finds a best-effort line for a key path in TOML text."""
+
+    def __init__(self, source: str, text: str | None = None) -> None:
+        self.source = source
+        self.text = text
+
+    def error(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(self.source, key, reason, self._line_of(key))
+
+    def _line_of(self, key: str) -> int | None:
+        if not self.text:
+            return None
+        # Walk "[[controllers]]" / "[[controllers.namespaces]]" headers counting
+        # array entries, then find "leaf =" inside the addressed table.  Inline
+        # tables and dotted keys defeat this; we then report no line at all.
+        parts = re.findall(r"([A-Za-z_]+)(?:\[(\d+)\])?", key)
+        tables = [(n, int(i)) for n, i in parts if i != ""]
+        leaf = parts[-1][0] if parts and parts[-1][1] == "" else None
+        paths = [".".join(n for n, _ in tables[: d + 1]) for d in range(len(tables))]
+        counts: dict[str, int] = {}
+        inside = not tables          # top-level keys live before the first header
+        for lineno, raw in enumerate(self.text.splitlines(), 1):
+            line = raw.strip()
+            h = re.match(r"^\[\[?\s*([A-Za-z_.]+)\s*\]", line)
+            if h:
+                name = h.group(1)
+                counts = {k: v for k, v in counts.items() if not k.startswith(name + ".")}
+                if line.startswith("[["):
+                    counts[name] = counts.get(name, -1) + 1
+                inside = bool(tables) and name == paths[-1] and all(
+                    counts.get(p, -1) == i for p, (_, i) in zip(paths, tables))
+                if inside and leaf is None:
+                    return lineno
+                continue
+            if inside and leaf and re.match(rf"^{re.escape(leaf)}\s*=", line):
+                return lineno
+        return None
+
+
+def _check_type(where: _Where, key: str, value: Any, kinds: tuple[type, ...]) -> None:
+    ok = any((type(value) is bool) if k is bool else
+             (isinstance(value, k) and not isinstance(value, bool)) for k in kinds)
+    if not ok:
+        names = " or ".join({str: "string", int: "integer", bool: "boolean", list: "array",
+                             dict: "table"}.get(k, k.__name__) for k in kinds)
+        raise where.error(key, f"expected {names}, got {type(value).__name__} {value!r}")
+
+
+def _check_keys(where: _Where, prefix: str, table: dict[str, Any],
+                schema: dict[str, tuple[type, ...]]) -> None:
+    for k, v in table.items():
+        path = f"{prefix}.{k}" if prefix else k
+        if k not in schema:
+            raise where.error(path, f"unknown key; valid keys here: {', '.join(sorted(schema))}")
+        _check_type(where, path, v, schema[k])
+
+
+def _int_in(where: _Where, key: str, value: int, lo: int, hi: int) -> int:
+    if not lo <= value <= hi:
+        raise where.error(key, f"{value} is out of range {lo}..{hi}")
+    return value
+
+
+_TOP_SCHEMA: dict[str, tuple[type, ...]] = {
+    "run_dir": (str,), "cores": (str, list), "polling": (str,), "poll_idle_us": (int,),
+    "poll_sleep_us": (int,), "log_level": (str,), "controllers": (list,),
+}
+_CTRL_SCHEMA: dict[str, tuple[type, ...]] = {
+    "name": (str,), "socket": (str,), "serial": (str,), "model": (str,), "max_io_queues": (int,),
+    "mqes": (int,), "mdts": (int,), "socket_owner": (str,), "socket_group": (str,),
+    "socket_mode": (int, str), "namespaces": (list,),
+}
+_NS_SCHEMA: dict[str, tuple[type, ...]] = {
+    "kind": (str,), "size": (int, str), "path": (str,), "nsid": (int,), "block_size": (int,),
+    "read_only": (bool,),
+}
+CONTROLLER_OPTIONS = tuple(k for k in _CTRL_SCHEMA if k not in ("name", "socket", "namespaces"))
+
+
+def check_namespace(ns: NamespaceSpec, where: _Where | None = None, key: str = "namespace") -> NamespaceSpec:
+    """Validate sizes, block size and backing file of one namespace; fills ``ns.size``.
+
+    Public so the supervisor can run ``namespace.add`` through the same checks;
+    raises ConfigError (source ``<request>`` unless told otherwise).
+    """
+    w = where or _Where("<request>")
+    if ns.block_size not in BLOCK_SIZES:
+        raise w.error(f"{key}.block_size", f"{ns.block_size} is not one of {', '.join(map(str, BLOCK_SIZES))}")
+    if ns.nsid is not None:
+        _int_in(w, f"{key}.nsid", ns.nsid, 1, MAX_NSID)
+    if ns.kind in (NamespaceKind.RAM, NamespaceKind.NULL):
+        try:
+            size = parse_size(ns.arg)
+        except ValueError as e:
+            raise w.error(f"{key}.size", str(e)) from None
+        if size % ns.block_size:
+            raise w.error(f"{key}.size", f"{size} bytes is not a multiple of block_size {ns.block_size}")
+    else:
+        try:
+            st = os.stat(ns.arg)
+        except FileNotFoundError:
+            raise w.error(f"{key}.path", f"backing file {ns.arg!r} does not exist") from None
+        except OSError as e:
+            raise w.error(f"{key}.path", f"cannot stat {ns.arg!r}: {e.strerror}") from None
+        if stat.S_ISREG(st.st_mode):
+            size = st.st_size
+        elif stat.S_ISBLK(st.st_mode):
+            try:   # a block device reports size 0 in stat; seek to the end instead
+                fd = os.open(ns.arg, os.O_RDONLY)
+                try:
+                    size = os.lseek(fd, 0, os.SEEK_END)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                raise w.error(f"{key}.path", f"cannot open block device {ns.arg!r}: {e.strerror}") from None
+        else:
+            raise w.error(f"{key}.path", f"{ns.arg!r} is not a regular file or block device")
+        if size < ns.block_size:
+            raise w.error(f"{key}.path", f"backing file {ns.arg!r} is too small: {size} bytes, "
+                                         f"need at least one {ns.block_size}-byte block")
+        if not ns.read_only and not os.access(ns.arg, os.W_OK):
+            raise w.error(f"{key}.path", f"backing file {ns.arg!r} is not writable: fix its "
+                                         "permissions or set read_only = true")
+        size -= size % ns.block_size   # a partial last block is not addressable
+    if size // ns.block_size >= 1 << 64:   # NSZE is a 64-bit block count
+        raise w.error(f"{key}.size", "too large: more than 2^64 blocks")
+    ns.size = size
+    return ns
+
+
+def _build_namespace(where: _Where, key: str, t: dict[str, Any]) -> NamespaceSpec:
+    _check_keys(where, key, t, _NS_SCHEMA)
+    if "kind" not in t:
+        raise where.error(f"{key}.kind", "missing; use one of " + ", ".join(k.value for k in NamespaceKind))
+    try:
+        kind = NamespaceKind(t["kind"].lower())
+    except ValueError:
+        raise where.error(f"{key}.kind", f"unknown kind {t['kind']!r}: use one of "
+                          + ", ".join(k.value for k in NamespaceKind)) from None
+    need, other = ("path", "size") if kind is NamespaceKind.FILE else ("size", "path")
+    if need not in t:
+        raise where.error(f"{key}.{need}", f"missing; a {kind.value} namespace needs '{need}'")
+    if other in t:
+        raise where.error(f"{key}.{other}", f"not valid for a {kind.value} namespace (use '{need}')")
+    arg = str(t[need])
+    ns = NamespaceSpec(kind, arg, t.get("nsid"), t.get("block_size", 512), t.get("read_only", False))
+    return check_namespace(ns, where, key)
+
+
+def _socket_mode(where: _Where, key: str, v: int | str) -> int:
+    if isinstance(v, str):
+        if not re.fullmatch(r"0?o?[0-7]{3,4}", v):
+            raise where.error(key, f"bad mode {v!r}: use an octal string like \"0660\"")
+        v = int(v.replace("o", ""), 8)
+    return _int_in(where, key, v, 0, 0o777)
+
+
+def _ascii_field(where: _Where, key: str, v: str, limit: int) -> str:
+    # Identify SN/MN are space-padded ASCII fields of fixed width (NVMe Base, Figure 312).
+    if not v or len(v) > limit or not all(0x20 <= ord(c) < 0x7F for c in v):
+        raise where.error(key, f"must be 1..{limit} printable ASCII characters")
+    return v
+
+
+def _build_controller(where: _Where, key: str, t: dict[str, Any], run_dir: str,
+                      allow_no_namespaces: bool = True) -> ControllerSpec:
+    _check_keys(where, key, t, _CTRL_SCHEMA)
+    for req in ("name", "socket"):
+        if req not in t:
+            raise where.error(f"{key}.{req}", "missing")
+    name = t["name"]
+    if not _NAME_RE.match(name):
+        raise where.error(f"{key}.name", f"bad name {name!r}: letters, digits, '_', '.', '-' (max 64), "
+                                         "starting with a letter or digit")
+    sock = t["socket"]
+    if not sock or "\0" in sock:
+        raise where.error(f"{key}.socket", "empty or contains NUL")
+    sock = os.path.normpath(os.path.join(run_dir, sock))   # relative -> inside the run dir
+    if len(os.fsencode(sock)) > 107:   # sockaddr_un.sun_path is 108 bytes incl. NUL
+        raise where.error(f"{key}.socket", f"path {sock!r} is longer than the 107 bytes a UNIX socket allows")
+    c = ControllerSpec(name, sock)
+    c.serial = _ascii_field(where, f"{key}.serial", t.get("serial", _default_serial(name)), 20)
+    c.model = _ascii_field(where, f"{key}.model", t.get("model", c.model), 40)
+    c.max_io_queues = _int_in(where, f"{key}.max_io_queues", t.get("max_io_queues", c.max_io_queues), 1, 1024)
+    c.mqes = _int_in(where, f"{key}.mqes", t.get("mqes", c.mqes), 1, 0xFFFF)
+    c.mdts = _int_in(where, f"{key}.mdts", t.get("mdts", c.mdts), 0, 10)
+    c.socket_owner = t.get("socket_owner")
+    c.socket_group = t.get("socket_group")
+    c.socket_mode = _socket_mode(where, f"{key}.socket_mode", t.get("socket_mode", c.socket_mode))
+    for i, nt in enumerate(t.get("namespaces", [])):
+        _check_type(where, f"{key}.namespaces[{i}]", nt, (dict,))
+        c.namespaces.append(_build_namespace(where, f"{key}.namespaces[{i}]", nt))
+    assign_nsids(c, where, key)
+    return c
+
+
+def assign_nsids(c: ControllerSpec, where: _Where | None = None, key: str = "controller") -> None:
+    """Refuse duplicate NSIDs and give NSID-less namespaces the lowest free ones."""
+    w = where or _Where("<request>")
+    seen: dict[int, int] = {}
+    for i, ns in enumerate(c.namespaces):
+        if ns.nsid is None:
+            continue
+        if ns.nsid in seen:
+            raise w.error(f"{key}.namespaces[{i}].nsid",
+                          f"duplicate NSID {ns.nsid} (also namespaces[{seen[ns.nsid]}]) in controller {c.name!r}")
+        seen[ns.nsid] = i
+    free = (n for n in range(1, MAX_NSID + 1) if n not in seen)
+    for i, ns in enumerate(c.namespaces):
+        if ns.nsid is None:
+            ns.nsid = next(free, None)
+            if ns.nsid is None:
+                raise w.error(f"{key}.namespaces[{i}]", f"more than {MAX_NSID} namespaces")
+
+
+def controller_from_options(name: str, socket: str, opts: dict[str, Any], run_dir: str,
+                            source: str = "<request>") -> ControllerSpec:
+    """Build a ControllerSpec for ``controller.add`` through the TOML checks (key path ``params``)."""
+    return _build_controller(_Where(source), "params", {"name": name, "socket": socket, **opts}, run_dir)
+
+
+def _check_unique(where: _Where, cfg: DaemonConfig) -> None:
+    names: dict[str, int] = {}
+    socks: dict[str, int] = {cfg.rpc_socket: -1}
+    for i, c in enumerate(cfg.controllers):
+        if c.name in names:
+            raise where.error(f"controllers[{i}].name", f"duplicate controller name {c.name!r} "
+                                                        f"(also controllers[{names[c.name]}])")
+        names[c.name] = i
+        if c.socket in socks:
+            other = "the management socket" if socks[c.socket] < 0 else f"controllers[{socks[c.socket]}]"
+            raise where.error(f"controllers[{i}].socket", f"socket {c.socket!r} is already used by {other}")
+        socks[c.socket] = i
+
+
+def _build_daemon(where: _Where, t: dict[str, Any], environ: dict[str, str] | None) -> DaemonConfig:
+    _check_keys(where, "", t, _TOP_SCHEMA)
+    cfg = DaemonConfig(run_dir=t.get("run_dir") or default_run_dir(environ))
+    if not os.path.isabs(cfg.run_dir):
+        raise where.error("run_dir", f"{cfg.run_dir!r} must be an absolute path")
+    if "cores" in t:
+        try:
+            cfg.cores = parse_cores(t["cores"])
+        except ValueError as e:
+            raise where.error("cores", str(e)) from None
+    if "polling" in t:
+        try:
+            cfg.polling = Polling(t["polling"].lower())
+        except ValueError:
+            raise where.error("polling", f"{t['polling']!r}: use 'adaptive' or 'busy'") from None
+    cfg.poll_idle_us = _int_in(where, "poll_idle_us", t.get("poll_idle_us", cfg.poll_idle_us), 0, 10_000_000)
+    cfg.poll_sleep_us = _int_in(where, "poll_sleep_us", t.get("poll_sleep_us", cfg.poll_sleep_us), 1, 1_000_000)
+    level = t.get("log_level", cfg.log_level).lower()
+    if level not in LOG_LEVELS:
+        raise where.error("log_level", f"{t['log_level']!r}: use one of {', '.join(LOG_LEVELS)}")
+    cfg.log_level = level
+    for i, ct in enumerate(t.get("controllers", [])):
+        _check_type(where, f"controllers[{i}]", ct, (dict,))
+        cfg.controllers.append(_build_controller(where, f"controllers[{i}]", ct, cfg.run_dir))
+    _check_unique(where, cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def load_toml(path: str, environ: dict[str, str] | None = None) -> DaemonConfig:
+    """Read and validate a config file; every problem is a ConfigError naming file, key, line."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read config file: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+        table = tomllib.loads(text)
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, "", f"not UTF-8: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"\(at line (\d+), column \d+\)", str(e))
+        raise ConfigError(path, "", f"TOML syntax error: {e}", int(m.group(1)) if m else None) from None
+    cfg = _build_daemon(_Where(path, text), table, environ)
+    cfg.source = os.path.abspath(path)
+    return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vnvmed", description="Emulated NVMe controllers for VMs over vfio-user.",
+        epilog="KIND:ARG is ram:SIZE, null:SIZE or file:PATH; SIZE like 4096, 64M, 1G. "
+               "Flags override the config file.")
+    p.add_argument("--config", metavar="FILE", help="TOML config file (see contrib/vnvmed.toml)")
+    p.add_argument("--cores", metavar="LIST", help="worker cores, e.g. 0-3 or 1,3")
+    p.add_argument("--controller", metavar="NAME=SOCKET", action="append", default=[],
+                   help="add a controller (or move an existing one's socket); repeatable")
+    p.add_argument("--namespace", metavar="NAME=KIND:ARG", action="append", default=[],
+                   help="add a namespace to controller NAME; repeatable")
+    p.add_argument("--run-dir", metavar="DIR", help=f"runtime dir (default ${RUN_DIR_ENV} or {DEFAULT_RUN_DIR})")
+    p.add_argument("--log-level", choices=LOG_LEVELS, type=str.lower)
+    p.add_argument("--polling", choices=[x.value for x in Polling], type=str.lower)
+    return p
+
+
+def from_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> DaemonConfig:
+    """Command line (+ optional --config file) -> validated DaemonConfig. Flags win over the file.
+
+    argparse usage errors exit(2) as usual; semantic errors are ConfigError.
+    A controller named only on the command line that gets no --namespace is
+    given the default ``ram:1G`` namespace, so ``--controller c=/tmp/c.sock``
+    alone serves a disk.
+    """
+    a = build_parser().parse_args(argv)
+    where = _Where("<command line>")
+    cfg = load_toml(a.config, environ) if a.config else _build_daemon(where, {}, environ)
+    if a.run_dir:
+        if not os.path.isabs(a.run_dir):
+            a.run_dir = os.path.abspath(a.run_dir)
+        old = cfg.run_dir
+        cfg.run_dir = a.run_dir
+        for c in cfg.controllers:   # sockets placed relative to the old run dir follow it
+            if os.path.dirname(c.socket) == old:
+                c.socket = os.path.join(a.run_dir, os.path.basename(c.socket))
+    if a.cores:
+        try:
+            cfg.cores = parse_cores(a.cores)
+        except ValueError as e:
+            raise where.error("--cores", str(e)) from None
+    if a.log_level:
+        cfg.log_level = a.log_level
+    if a.polling:
+        cfg.polling = Polling(a.polling)
+    cli_ctrls: list[ControllerSpec] = []
+    for i, item in enumerate(a.controller):
+        name, eq, sock = item.partition("=")
+        if not eq:
+            raise where.error(f"--controller[{i}]", f"{item!r} must be NAME=SOCKET")
+        existing = cfg.controller(name)
+        if existing is not None:
+            existing.socket = os.path.abspath(sock)
+            continue
+        c = _build_controller(where, f"--controller[{i}]", {"name": name, "socket": os.path.abspath(sock)},
+                              cfg.run_dir)
+        cfg.controllers.append(c)
+        cli_ctrls.append(c)
+    for i, item in enumerate(a.namespace):
+        key = f"--namespace[{i}]"
+        name, eq, spec = item.partition("=")
+        if not eq:
+            raise where.error(key, f"{item!r} must be NAME=KIND:ARG")
+        c = cfg.controller(name)
+        if c is None:
+            raise where.error(key, f"no controller named {name!r}; add it with --controller {name}=SOCKET")
+        try:
+            ns = NamespaceSpec.parse(spec)
+        except ValueError as e:
+            raise where.error(f"{key}.kind", str(e)) from None
+        c.namespaces.append(check_namespace(ns, where, key))
+        assign_nsids(c, where, name)
+    for c in cli_ctrls:
+        if not c.namespaces:
+            c.namespaces.append(check_namespace(NamespaceSpec.parse(DEFAULT_NAMESPACE, nsid=1), where))
+    if not cfg.controllers:
+        cfg.controllers.append(default_controller(cfg.run_dir))
+    _check_unique(where, cfg)
+    return cfg
+
+
+def with_controller(cfg: DaemonConfig, c: ControllerSpec) -> DaemonConfig:
+    """A copy of cfg with c added, checked for duplicate name/socket (for controller.add)."""
+    new = replace(cfg, controllers=[*cfg.controllers, c])
+    _check_unique(_Where("<request>"), new)
+    return new
+
