@@ -1,0 +1,172 @@
+"""NVM I/O command execution: one SQE in, (status, DW0) out.
+
+Theory of operation
+-------------------
+`IoExecutor.execute(sqe)` is the data-path hot loop's only call.  The SQE (a view
+of guest memory) is cast to 16 dwords once and each field is read exactly once,
+then dispatched through a 256-slot list indexed by opcode (no dict lookups beyond
+the namespace).  Helpers raise `CommandError(status)`; execute turns it into the
+status.  Backend OSErrors become media errors (Unrecovered Read Error for reads,
+Write Fault for writes).  A DmaFault from helpers is a Data Transfer Error.
+`NeedsMessageDma` is the only exception that leaves execute: the caller may run
+the command again on the front-end's slow path (message-based DMA).
+
+Checks, in order: FUSE (not supported -> INVALID_FIELD), NSID (INVALID_NAMESPACE),
+MDTS for data-moving commands (INVALID_FIELD), SLBA+NLB on Python ints
+(LBA_OUT_OF_RANGE), write to read-only namespace (NAMESPACE_WRITE_PROTECTED), then
+the data pointer (PRP/SGL statuses).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from ..errors import CommandError
+from ..memory import DmaFault, GuestMemory, NeedsMessageDma
+from ..namespace import Namespace
+from ..prp import map_dptr
+from ..status import Status
+from .opcodes import NAMESPACE_WRITE_PROTECTED, IoOpcode
+
+BROADCAST_NSID = 0xFFFFFFFF
+DSM_ATTR_DEALLOCATE = 1 << 2
+WZ_DEAC = 1 << 25
+
+Result = tuple[int, int]
+_OK: Result = (0, 0)
+
+
+class IoExecutor:
+    def __init__(self, namespaces: dict[int, Namespace], mem: GuestMemory, mdts_bytes: int,
+                 page_size: int = 4096) -> None:
+        self.namespaces = namespaces   # shared reference: attach/detach is seen at once
+        self.mem = mem
+        self.mdts_bytes = mdts_bytes   # 0 = no limit
+        self.page_size = page_size
+        table: list[Callable[[memoryview], Result] | None] = [None] * 256
+        table[IoOpcode.FLUSH] = self._flush
+        table[IoOpcode.WRITE] = self._write
+        table[IoOpcode.READ] = self._read
+        table[IoOpcode.COMPARE] = self._compare
+        table[IoOpcode.WRITE_ZEROES] = self._write_zeroes
+        table[IoOpcode.DATASET_MANAGEMENT] = self._dsm
+        self._table = table
+
+    def set_memory(self, mem: GuestMemory) -> None:
+        self.mem = mem
+
+    # -- entry ------------------------------------------------------------------
+    def execute(self, sqe: memoryview) -> Result:
+        d = sqe if sqe.format == "I" else sqe.cast("I")
+        dw0 = d[0]
+        opc = dw0 & 0xFF
+        handler = self._table[opc]
+        if handler is None:
+            return (Status.INVALID_OPCODE, 0)
+        if dw0 & 0x300:
+            return (Status.INVALID_FIELD, 0)
+        try:
+            return handler(d)
+        except CommandError as e:
+            return (e.status, 0)
+        except NeedsMessageDma:
+            raise
+        except DmaFault:
+            return (Status.DATA_TRANSFER_ERROR, 0)
+        except OSError:
+            if opc == IoOpcode.READ or opc == IoOpcode.COMPARE:
+                return (Status.UNRECOVERED_READ_ERROR, 0)
+            return (Status.WRITE_FAULT, 0)
+
+    # -- helpers ----------------------------------------------------------------
+    def _ns(self, nsid: int) -> Namespace:
+        ns = self.namespaces.get(nsid)
+        if ns is None:
+            raise CommandError(Status.INVALID_NAMESPACE, f"nsid {nsid}")
+        return ns
+
+    def _rw_range(self, d: memoryview, ns: Namespace, mdts: bool) -> tuple[int, int]:
+        slba = d[10] | (d[11] << 32)
+        nlb = (d[12] & 0xFFFF) + 1
+        length = nlb << ns.lba_shift
+        if mdts and self.mdts_bytes and length > self.mdts_bytes:
+            raise CommandError(Status.INVALID_FIELD, "transfer exceeds MDTS")
+        if slba + nlb > ns.blocks:
+            raise CommandError(Status.LBA_OUT_OF_RANGE)
+        return slba << ns.lba_shift, length
+
+    # -- commands ---------------------------------------------------------------
+    def _read(self, d: memoryview) -> Result:
+        ns = self._ns(d[1])
+        off, length = self._rw_range(d, ns, True)
+        views = map_dptr(self.mem, d, length, True, self.page_size)
+        ns.backend.read_into(off, views)
+        return _OK
+
+    def _write(self, d: memoryview) -> Result:
+        ns = self._ns(d[1])
+        off, length = self._rw_range(d, ns, True)
+        if ns.read_only:
+            return (NAMESPACE_WRITE_PROTECTED, 0)
+        views = map_dptr(self.mem, d, length, False, self.page_size)
+        ns.backend.write_from(off, views)
+        if d[12] & (1 << 30):          # FUA: make this write durable before completing
+            ns.backend.flush()
+        return _OK
+
+    def _compare(self, d: memoryview) -> Result:
+        ns = self._ns(d[1])
+        off, length = self._rw_range(d, ns, True)
+        views = map_dptr(self.mem, d, length, False, self.page_size)
+        stored = bytearray(length)
+        ns.backend.read_into(off, [memoryview(stored)])
+        pos = 0
+        for v in views:
+            n = len(v)
+            if stored[pos:pos + n] != v:
+                return (Status.COMPARE_FAILURE, 0)
+            pos += n
+        return _OK
+
+    def _write_zeroes(self, d: memoryview) -> Result:
+        ns = self._ns(d[1])
+        off, length = self._rw_range(d, ns, False)   # Write Zeroes moves no data: no MDTS
+        if ns.read_only:
+            return (NAMESPACE_WRITE_PROTECTED, 0)
+        if d[12] & WZ_DEAC:
+            ns.backend.discard(off, length)          # every backend reads discarded blocks as zero
+        else:
+            ns.backend.write_zeroes(off, length)
+        return _OK
+
+    def _flush(self, d: memoryview) -> Result:
+        nsid = d[1]
+        if nsid == BROADCAST_NSID:
+            seen: set[int] = set()
+            for ns in self.namespaces.values():
+                if id(ns.backend) not in seen:
+                    seen.add(id(ns.backend))
+                    ns.backend.flush()
+            return _OK
+        self._ns(nsid).backend.flush()
+        return _OK
+
+    def _dsm(self, d: memoryview) -> Result:
+        ns = self._ns(d[1])
+        nr = (d[10] & 0xFF) + 1                       # up to 256 ranges
+        if not d[11] & DSM_ATTR_DEALLOCATE:
+            return _OK                                # IDR/IDW are hints only
+        if ns.read_only:
+            return (NAMESPACE_WRITE_PROTECTED, 0)
+        views = map_dptr(self.mem, d, nr * 16, False, self.page_size)   # read-only views
+        raw = b"".join(views) if len(views) > 1 else bytes(views[0])
+        words = memoryview(raw).cast("I")
+        ranges: list[tuple[int, int]] = []
+        for i in range(nr):
+            nlb = words[4 * i + 1]
+            slba = words[4 * i + 2] | (words[4 * i + 3] << 32)
+            if nlb == 0:
+                continue
+            ranges.append(ns.byte_range(slba, nlb))   # LBA_OUT_OF_RANGE before touching data
+        for off, length in ranges:
+            ns.backend.discard(off, length)
+        return _OK
