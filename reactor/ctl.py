@@ -1,0 +1,289 @@
+"""vnvmectl: the management client. Talks JSON-RPC to ``$VNVMED_RUN_DIR/vnvmed.rpc``.
+
+Exit status: 0 success, 1 the daemon refused (its message is printed) or is
+not reachable, 2 usage error (argparse).  Output is a table for humans; with
+``--json`` the server's result is printed as JSON for scripts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+from typing import Any, Sequence, TextIO
+
+from reactor.config import DEFAULT_RUN_DIR, RPC_SOCKET_NAME, RUN_DIR_ENV
+from reactor.mgmt import jsonrpc as rpc
+
+
+class DaemonUnreachable(Exception):
+    pass
+
+
+class RpcClient:
+    """Blocking JSON-RPC client over the management socket (one request at a time)."""
+
+    def __init__(self, path: str, timeout: float = 30.0) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._buf = b""
+        self._next_id = 1
+
+    def __enter__(self) -> "RpcClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _connect(self) -> socket.socket:
+        if self._sock is None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(self.timeout)
+            try:
+                s.connect(self.path)
+            except FileNotFoundError:
+                s.close()
+                raise DaemonUnreachable(f"vnvmed is not running: no management socket at {self.path} "
+                                        f"(start vnvmed, or point --rpc / ${RUN_DIR_ENV} at its run dir)") from None
+            except ConnectionRefusedError:
+                s.close()
+                raise DaemonUnreachable(f"vnvmed is not running: {self.path} refuses connections "
+                                        "(stale socket from a daemon that exited?)") from None
+            except PermissionError:
+                s.close()
+                raise DaemonUnreachable(f"permission denied on {self.path}: the management socket is "
+                                        "mode 0600, run vnvmectl as the daemon's user (e.g. root)") from None
+            except OSError as e:
+                s.close()
+                raise DaemonUnreachable(f"cannot connect to {self.path}: {e.strerror or e}") from None
+            self._sock = s
+        return self._sock
+
+    def call(self, method: str, **params: Any) -> Any:
+        s = self._connect()
+        rid = self._next_id
+        self._next_id += 1
+        try:
+            s.sendall(rpc.encode(rpc.make_request(method, params, rid)))
+            while b"\n" not in self._buf:
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise DaemonUnreachable(f"vnvmed closed the connection on {self.path} without answering")
+                self._buf += chunk
+        except socket.timeout:
+            raise DaemonUnreachable(f"vnvmed did not answer {method} within {self.timeout:g} s") from None
+        except (BrokenPipeError, ConnectionResetError):
+            raise DaemonUnreachable(f"vnvmed dropped the connection on {self.path}") from None
+        line, _, self._buf = self._buf.partition(b"\n")
+        return rpc.parse_reply(line, rid)
+
+
+# --------------------------------------------------------------------------- formatting
+
+def fmt_size(n: Any) -> str:
+    if not isinstance(n, int) or isinstance(n, bool):
+        return "-" if n is None else str(n)
+    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, (list, dict)):
+        return json.dumps(v, separators=(",", ":"))
+    return str(v)
+
+
+def format_controllers(ctrls: list[dict[str, Any]]) -> str:
+    if not ctrls:
+        return "no controllers"
+    rows = []
+    for c in ctrls:
+        nss = c.get("namespaces") or []
+        ns = ", ".join(f"{n.get('nsid', '?')}={n.get('kind', '?')}:{n.get('arg', '?')}"
+                       f"({fmt_size(n.get('size'))}/{n.get('block_size', '?')})" for n in nss) or "-"
+        q = c.get("queues")
+        queues = str(len(q)) if isinstance(q, list) else _cell(q)
+        rows.append([_cell(c.get("name")), _cell(c.get("state")), _cell(c.get("client_connected")),
+                     queues, _cell(c.get("socket")), ns])
+    return table(rows, ["NAME", "STATE", "CLIENT", "QUEUES", "SOCKET", "NAMESPACES (nsid=spec(size/bs))"])
+
+
+def format_records(recs: list[dict[str, Any]]) -> str:
+    if not recs:
+        return "none"
+    cols: list[str] = []
+    for r in recs:
+        cols.extend(k for k in r if k not in cols)
+    return table([[_cell(r.get(k)) for k in cols] for r in recs], [k.upper() for k in cols])
+
+
+def format_tree(obj: Any, prefix: str = "") -> str:
+    """Nested dicts/lists as ``a.b.c: value`` lines, sorted: readable and grep-able."""
+    lines: list[str] = []
+
+    def walk(o: Any, p: str) -> None:
+        if isinstance(o, dict) and o:
+            for k in sorted(o, key=str):
+                walk(o[k], f"{p}.{k}" if p else str(k))
+        elif isinstance(o, list) and o and any(isinstance(x, (dict, list)) for x in o):
+            for i, x in enumerate(o):
+                walk(x, f"{p}[{i}]")
+        else:
+            lines.append(f"{p or 'result'}: {_cell(o)}")
+
+    walk(obj, prefix)
+    return "\n".join(lines)
+
+
+def format_result(obj: Any) -> str:
+    if isinstance(obj, dict):
+        return format_tree(obj) if obj else "ok"
+    return _cell(obj) if obj is not None else "ok"
+
+
+# --------------------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print the raw result as JSON")
+    p = argparse.ArgumentParser(prog="vnvmectl", parents=[common],
+                                description="Manage a running vnvmed over its management socket.")
+    p.add_argument("--rpc", metavar="PATH", help=f"management socket (default ${RUN_DIR_ENV}/{RPC_SOCKET_NAME}, "
+                                                 f"else {DEFAULT_RUN_DIR}/{RPC_SOCKET_NAME})")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for an answer (default 30)")
+    sub = p.add_subparsers(dest="group", required=True, metavar="{controller,namespace,stats,workers}")
+
+    ctrl = sub.add_parser("controller", help="list/add/remove controllers").add_subparsers(
+        dest="cmd", required=True)
+    ctrl.add_parser("list", parents=[common], help="list controllers")
+    add = ctrl.add_parser("add", parents=[common], help="add a controller on a new vfio-user socket")
+    add.add_argument("name")
+    add.add_argument("--socket", required=True, help="socket path (relative: to the current directory)")
+    add.add_argument("--serial")
+    add.add_argument("--model")
+    add.add_argument("--max-io-queues", type=int)
+    add.add_argument("--mqes", type=int, help="CAP.MQES: max queue entries - 1")
+    add.add_argument("--mdts", type=int)
+    add.add_argument("--socket-mode", help="octal, e.g. 0660")
+    add.add_argument("--socket-owner")
+    add.add_argument("--socket-group")
+    rm = ctrl.add_parser("remove", parents=[common], help="remove a controller")
+    rm.add_argument("name")
+    rm.add_argument("--force", action="store_true", help="even if a VM is connected")
+
+    ns = sub.add_parser("namespace", help="add/remove/resize namespaces").add_subparsers(dest="cmd", required=True)
+    nadd = ns.add_parser("add", parents=[common], help="attach KIND:ARG (ram:SIZE, null:SIZE, file:PATH)")
+    nadd.add_argument("ctrl")
+    nadd.add_argument("spec", metavar="KIND:ARG")
+    nadd.add_argument("--nsid", type=int)
+    nadd.add_argument("--block-size", type=int, default=512)
+    nadd.add_argument("--read-only", action="store_true")
+    nrm = ns.add_parser("remove", parents=[common], help="detach a namespace")
+    nrm.add_argument("ctrl")
+    nrm.add_argument("nsid", type=int)
+    nrs = ns.add_parser("resize", parents=[common], help="resize a namespace")
+    nrs.add_argument("ctrl")
+    nrs.add_argument("nsid", type=int)
+    nrs.add_argument("size", help="new size, e.g. 2G")
+
+    st = sub.add_parser("stats", parents=[common], help="counters (all controllers, or one)")
+    st.add_argument("ctrl", nargs="?")
+    sub.add_parser("workers", parents=[common], help="worker processes and their queues")
+    return p
+
+
+def rpc_path(arg: str | None, environ: dict[str, str] | None = None) -> str:
+    env = os.environ if environ is None else environ
+    if arg:
+        return arg
+    return os.path.join(env.get(RUN_DIR_ENV) or DEFAULT_RUN_DIR, RPC_SOCKET_NAME)
+
+
+def _absolute_spec(spec: str) -> str:
+    # The daemon's cwd is not ours (under systemd it is /): anchor file paths here.
+    kind, sep, arg = spec.partition(":")
+    if sep and kind.strip().lower() == "file" and arg and not os.path.isabs(arg):
+        return f"{kind}:{os.path.abspath(arg)}"
+    return spec
+
+
+def request_for(a: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """Parsed command line -> (method, params) on the wire."""
+    key = (a.group, getattr(a, "cmd", None))
+    if key == ("controller", "list"):
+        return "controller.list", {}
+    if key == ("controller", "add"):
+        params: dict[str, Any] = {"name": a.name, "socket": os.path.abspath(a.socket)}
+        for opt in ("serial", "model", "max_io_queues", "mqes", "mdts", "socket_mode", "socket_owner",
+                    "socket_group"):
+            if getattr(a, opt) is not None:
+                params[opt] = getattr(a, opt)
+        return "controller.add", params
+    if key == ("controller", "remove"):
+        return "controller.remove", {"name": a.name, "force": a.force}
+    if key == ("namespace", "add"):
+        params = {"ctrl": a.ctrl, "spec": _absolute_spec(a.spec), "block_size": a.block_size,
+                  "read_only": a.read_only}
+        if a.nsid is not None:
+            params["nsid"] = a.nsid
+        return "namespace.add", params
+    if key == ("namespace", "remove"):
+        return "namespace.remove", {"ctrl": a.ctrl, "nsid": a.nsid}
+    if key == ("namespace", "resize"):
+        return "namespace.resize", {"ctrl": a.ctrl, "nsid": a.nsid, "size": a.size}
+    if a.group == "stats":
+        return "stats", ({"ctrl": a.ctrl} if a.ctrl else {})
+    return "workers", {}
+
+
+def render(method: str, value: Any) -> str:
+    if method == "controller.list" and isinstance(value, list):
+        return format_controllers(value)
+    if method == "workers" and isinstance(value, list):
+        return format_records(value)
+    return format_result(value)
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    a = build_parser().parse_args(argv)
+    method, params = request_for(a)
+    try:
+        with RpcClient(rpc_path(a.rpc), a.timeout) as client:
+            value = client.call(method, **params)
+    except DaemonUnreachable as e:
+        print(f"vnvmectl: {e}", file=err)
+        return 1
+    except rpc.RpcError as e:
+        print(f"vnvmectl: {method}: {e.message}", file=err)
+        return 1
+    if getattr(a, "json", False):
+        print(json.dumps(value, indent=2, sort_keys=True), file=out)
+    else:
+        print(render(method, value), file=out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
