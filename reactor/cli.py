@@ -1,0 +1,28 @@
+"""`vnvmed` command line: parse the config (file + flags), run the supervisor."""
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Sequence
+
+from reactor.config import ConfigError, from_args
+from reactor.logsetup import setup_logging
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        cfg = from_args(argv)
+    except ConfigError as e:
+        print(f"vnvmed: {e}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level)
+    from reactor.supervisor import Supervisor
+    try:
+        return asyncio.run(Supervisor(cfg).run())
+    except ValueError as e:  # e.g. an unavailable core list
+        print(f"vnvmed: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

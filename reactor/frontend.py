@@ -1,0 +1,160 @@
+"""Front-end process: one per controller; owns its vfio-user socket and control path.
+
+It runs an asyncio loop with: the vfio-user server (requests in order, quiesce via the
+coordinator), the admin-queue poller, the worker links (rings), and the supervisor's
+control socket (new/lost workers, management requests, stop).
+"""
+from __future__ import annotations
+
+import asyncio
+import grp
+import logging
+import os
+import pwd
+import signal
+import socket
+from typing import Any
+
+from backends.base import open_backend
+from nvme.config import ControllerConfig
+from nvme.namespace import Namespace
+from nvme.state import NamespaceInfo
+from reactor import ipc
+from reactor.channel import Channel
+from reactor.nvmefn import NvmeFunction
+from reactor.proctitle import set_process_name
+from reactor.server import VfioUserServer
+from reactor.workerlink import WorkerLink
+
+log = logging.getLogger("vnvmed.frontend")
+
+
+def make_namespace(info: dict[str, Any]) -> Namespace:
+    ni = NamespaceInfo(nsid=info["nsid"], block_size=info["block_size"], blocks=info["blocks"],
+                       read_only=info.get("read_only", False), backend=info["backend"])
+    return Namespace(ni, open_backend(ni.backend))
+
+
+def controller_config(spec: Any) -> ControllerConfig:
+    return ControllerConfig(serial=spec.serial, model=spec.model, max_io_queues=spec.max_io_queues,
+                            mqes=spec.mqes + 1, mdts=spec.mdts,
+                            subnqn=f"nqn.2024-01.io.vnvmed:{spec.name}")
+
+
+class FrontEnd:
+    def __init__(self, spec: Any, namespaces: list[dict[str, Any]],
+                 worker_socks: dict[int, socket.socket], sup: socket.socket,
+                 opts: dict[str, Any]) -> None:
+        self.spec = spec
+        self.ns_wire = namespaces
+        self.worker_socks = worker_socks
+        self.sup = sup
+        self.opts = opts
+        self.stop = asyncio.Event()
+        self.fn: NvmeFunction | None = None
+        self.server: VfioUserServer | None = None
+
+    def _link(self, wid: int, sock: socket.socket) -> None:
+        assert self.fn is not None
+        loop = asyncio.get_running_loop()
+        prefix = f"/{self.opts['prefix']}-ring-{self.spec.name}-w{wid}-{os.getpid()}"
+        chan = Channel.create(sock, prefix)
+        link = WorkerLink(wid, chan, self.fn.on_worker_message)
+        link.start(loop)
+        self.fn.add_worker(link)
+
+    async def main(self) -> None:
+        loop = asyncio.get_running_loop()
+        namespaces = {ns["nsid"]: make_namespace(ns) for ns in self.ns_wire}
+        cfg = controller_config(self.spec)
+        self.fn = NvmeFunction(self.spec.name, cfg, namespaces, cfg.max_transfer())
+        for wid, sock in sorted(self.worker_socks.items()):
+            self._link(wid, sock)
+        self.server = VfioUserServer(self.spec.socket, self.fn, mode=self.spec.socket_mode)
+        await self.server.start()
+        self._chown(self.spec.socket)
+        self.sup.setblocking(False)
+        loop.add_reader(self.sup.fileno(), self._control)
+        loop.add_signal_handler(signal.SIGTERM, self.stop.set)
+        ipc.send(self.sup, {"op": "listening", "name": self.spec.name})
+        tasks = [asyncio.ensure_future(self.server.serve_forever()),
+                 asyncio.ensure_future(self.fn.admin_loop())]
+        await self.stop.wait()
+        for t in tasks:
+            t.cancel()
+        await self.server.close()
+        self.fn.close()
+        for link in list(self.fn.links.values()):
+            link.stop(loop)
+            link.chan.close(unlink=True)
+        for ns in namespaces.values():
+            ns.backend.close()
+
+    def _chown(self, path: str) -> None:
+        uid = pwd.getpwnam(self.spec.socket_owner).pw_uid if self.spec.socket_owner else -1
+        gid = grp.getgrnam(self.spec.socket_group).gr_gid if self.spec.socket_group else -1
+        if uid != -1 or gid != -1:
+            os.chown(path, uid, gid)
+
+    def _control(self) -> None:
+        while True:
+            try:
+                msg, fds = ipc.recv(self.sup)
+            except (BlockingIOError, InterruptedError):
+                return
+            if msg is None:  # supervisor died: nobody manages us any more
+                self.stop.set()
+                return
+            try:
+                self._handle(msg, fds)
+            except Exception as e:
+                log.exception("%s: control message %r", self.spec.name, msg.get("op"))
+                if "id" in msg:
+                    ipc.send(self.sup, {"op": "reply", "id": msg["id"], "error": str(e)})
+
+    def _handle(self, msg: dict[str, Any], fds: list[int]) -> None:
+        assert self.fn is not None
+        op = msg.get("op")
+        if op == "worker":  # a (re)started worker: a new channel to it
+            wid = int(msg["wid"])
+            old = self.fn.links.get(wid)
+            if old is not None:
+                old.stop(asyncio.get_running_loop())
+                old.chan.close(unlink=True)
+            self.fn.worker_lost(wid)
+            self._link(wid, socket.socket(fileno=fds[0]))
+        elif op == "stop":
+            self.stop.set()
+        elif op == "call":
+            result = self._call(msg["method"], msg.get("params") or {})
+            ipc.send(self.sup, {"op": "reply", "id": msg["id"], "result": result})
+        else:
+            ipc.close_fds(fds)
+            log.error("%s: unexpected control message %r", self.spec.name, op)
+
+    def _call(self, method: str, p: dict[str, Any]) -> Any:
+        fn = self.fn
+        assert fn is not None
+        if method == "info":
+            return fn.info()
+        if method == "ns_add":
+            ns = make_namespace(p["ns"])
+            fn.add_namespace(ns)
+            return {"nsid": ns.info.nsid}
+        if method == "ns_remove":
+            fn.remove_namespace(int(p["nsid"]))
+            return {"nsid": p["nsid"]}
+        if method == "ns_resize":
+            fn.resize_namespace(int(p["nsid"]), int(p["blocks"]))
+            return {"nsid": p["nsid"], "blocks": p["blocks"]}
+        raise ValueError(f"unknown front-end call {method!r}")
+
+
+def run(spec: Any, namespaces: list[dict[str, Any]], worker_socks: dict[int, socket.socket],
+        sup: socket.socket, opts: dict[str, Any]) -> None:
+    """multiprocessing (spawn) entry point."""
+    set_process_name(f"vnvmed: frontend {spec.name}")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from reactor.logsetup import setup_logging
+    setup_logging(opts.get("log_level", "info"))
+    asyncio.run(FrontEnd(spec, namespaces, worker_socks, sup, opts).main())

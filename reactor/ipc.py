@@ -1,0 +1,70 @@
+"""Control messages between vnvmed's own processes: msgpack over SOCK_SEQPACKET, fds attached.
+
+Theory of operation: every control channel (supervisor<->worker, supervisor<->front-end,
+front-end<->worker fd side-channel) is an AF_UNIX SOCK_SEQPACKET socketpair.  SEQPACKET
+keeps message boundaries, so one `sendmsg` is one message with its fds (SCM_RIGHTS)
+and nothing needs framing.  These channels carry rare control traffic; the busy
+front-end<->worker traffic goes through the shared-memory rings (reactor/shm/ring.py).
+
+fd ownership: `send` never closes the caller's fds (the kernel dups them into the
+message); `recv` returns fds the caller now owns and must close.  Received fds of a
+message the caller cannot use must be closed by the caller (see `close_fds`).
+"""
+from __future__ import annotations
+
+import array
+import os
+import socket
+from typing import Any
+
+import msgpack
+
+MAX_MSG = 1 << 20
+MAX_FDS = 250  # below the kernel's SCM_MAX_FD (253)
+
+
+def pair() -> tuple[socket.socket, socket.socket]:
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+def send(sock: socket.socket, msg: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
+    data = msgpack.packb(msg, use_bin_type=True)
+    if len(data) > MAX_MSG:
+        raise ValueError(f"control message of {len(data)} bytes is too large")
+    if len(fds) > MAX_FDS:
+        raise ValueError("too many fds in one control message")
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    sock.sendmsg([data], anc)
+
+
+def recv(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
+    """One message and its fds; (None, []) when the peer closed.  Raises BlockingIOError if none."""
+    fds = array.array("i")
+    data, anc, flags, _ = sock.recvmsg(MAX_MSG, socket.CMSG_SPACE(MAX_FDS * fds.itemsize))
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
+    got = list(fds)
+    if not data:
+        close_fds(got)
+        return None, []
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        close_fds(got)
+        raise ValueError("truncated control message")
+    try:
+        msg = msgpack.unpackb(data, raw=False)
+    except Exception as e:  # a peer we spawned sent garbage: our bug, say so
+        close_fds(got)
+        raise ValueError(f"undecodable control message: {e}") from e
+    if not isinstance(msg, dict):
+        close_fds(got)
+        raise ValueError("control message is not a map")
+    return msg, got
+
+
+def close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

@@ -1,0 +1,458 @@
+"""The NVMe PCI function a front-end serves: vfio-user device + controller hooks.
+
+This is where the pure pieces meet the processes: `pci.config` answers config space,
+`nvme.controller.Controller` owns registers and the admin queue, and every I/O queue
+lives in a worker (placement + worker links).  BAR layout (what QEMU maps well):
+
+    BAR0  16 KiB, 64-bit: registers 0x0-0xfff (trapped: REGION_READ/WRITE, 4/8-byte),
+          doorbells 0x1000-0x3fff (sparse-mmap area backed by a memfd, so guest
+          doorbell writes land in shared memory that workers poll; writes that do
+          arrive as REGION_WRITE are stored into the same page and wake the worker)
+    BAR4  MSI-X table (QEMU emulates it; never mmapped)   BAR5  MSI-X PBA
+    CONFIG 4 KiB extended config space
+
+Interrupt routing: MSI-X eventfds (per vector) win over INTx; the routing table is
+pushed to workers whenever it changes, so a worker writes the eventfd of the CQ's
+vector itself.  The admin CQ (vector 0) is signalled from here.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import mmap
+import os
+from typing import Any
+
+from nvme.config import ControllerConfig
+from nvme.controller import Controller
+from nvme.namespace import Namespace
+from nvme.state import CqState, ShadowDoorbells, SqState
+from pci.config import PciConfig
+from reactor.coordinator import Coordinator
+from reactor.device import DeviceInfo, IrqInfo, RegionInfo
+from reactor.guestmem import MappedGuestMemory
+from reactor.placement import Placement
+from reactor.slowpath import SlowPath
+from reactor.workerlink import WorkerLink
+from vfio_user.errors import ProtocolError
+from vfio_user.wire import DeviceFlag, Irq, IrqInfoFlag, IrqSetFlag, Region, RegionFlag
+
+import errno
+
+log = logging.getLogger("vnvmed.frontend")
+
+BAR0_SIZE = 0x4000
+DB_OFFSET = 0x1000
+REG_CC = 0x14
+REG_NSSR = 0x20
+NUM_REGIONS = 9
+NUM_IRQS = 5
+
+
+class NvmeFunction:
+    def __init__(self, name: str, cfg: ControllerConfig, namespaces: dict[int, Namespace],
+                 mdts_bytes: int, quiesce_timeout: float = 2.0) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.mdts_bytes = mdts_bytes
+        self.bar_fd = os.memfd_create(f"vnvmed-{name}-bar0", os.MFD_CLOEXEC)
+        os.ftruncate(self.bar_fd, BAR0_SIZE)
+        self.bar = mmap.mmap(self.bar_fd, BAR0_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.db_words = memoryview(self.bar)[DB_OFFSET:].cast("I")
+        self.pci = PciConfig(bar0_size=BAR0_SIZE, msix_vectors=cfg.msix_vectors)
+        self.mem = MappedGuestMemory()
+        self.namespaces = namespaces
+        self.ctrl = Controller(cfg, namespaces, memoryview(self.bar)[DB_OFFSET:], self.mem, self)
+        self.links: dict[int, WorkerLink] = {}
+        self.placement = Placement([])
+        self.coord = Coordinator(self._request, self._send, self._quiesce_timeout, quiesce_timeout)
+        self.session: Any = None
+        self.msix_fds: dict[int, int] = {}
+        self.intx_fd: int | None = None
+        self.intx_unmask_fd: int | None = None
+        self.other_fds: dict[int, int] = {}
+        self.intx_masked = False
+        self.routes: dict[int, int] = {}
+        self.shadow = ShadowDoorbells()
+        self.coalescing: tuple[int, int, list[int]] | None = None
+        self.admin_kick = asyncio.Event()
+        self.slow = SlowPath(self)
+        self.fatal_reason: str | None = None
+
+    # ------------------------------------------------------------------ workers
+    def add_worker(self, link: WorkerLink) -> None:
+        self.links[link.wid] = link
+        self.placement.set_workers(sorted(self.links))
+        link.send({"op": "hello", "db_size": BAR0_SIZE, "mdts": self.mdts_bytes,
+                   "ns": [self._ns_wire(ns) for ns in self.namespaces.values()]}, [self.bar_fd])
+        for entry in self.mem.regions():
+            link.send(self._map_msg(*entry), [entry[3]] if entry[3] is not None else None)
+        self._push_routes_to(link)
+        if self.shadow.enabled:
+            link.send({"op": "shadow", "dbbuf": self.shadow.dbbuf, "eventidx": self.shadow.eventidx})
+        if self.coalescing is not None:
+            thr, t, ex = self.coalescing
+            link.send({"op": "coalesce", "thr": thr, "time": t, "exempt": ex})
+
+    def worker_lost(self, wid: int) -> None:
+        """A worker died: its queues are gone, so this controller cannot go on (CFS)."""
+        link = self.links.pop(wid, None)
+        had_queues = wid in self.placement.busy_workers()
+        self.placement.set_workers(sorted(self.links))
+        if link is not None and had_queues:
+            self._fatal(f"worker {wid} died while holding queues")
+
+    @staticmethod
+    def _ns_wire(ns: Namespace) -> dict[str, Any]:
+        i = ns.info
+        return {"nsid": i.nsid, "block_size": i.block_size, "blocks": i.blocks,
+                "read_only": i.read_only, "backend": i.backend}
+
+    def _request(self, wid: int, msg: dict) -> "asyncio.Future[dict]":
+        return self.links[wid].request(msg)
+
+    def _send(self, wid: int, msg: dict) -> None:
+        link = self.links.get(wid)
+        if link is not None:
+            link.send(msg)
+
+    def _broadcast(self, msg: dict, fds: list[int] | None = None) -> None:
+        for link in self.links.values():
+            link.send(dict(msg), fds)
+
+    def _sync(self, wid: int, msg: dict) -> dict:
+        try:
+            return self.links[wid].request_sync(msg)
+        except (TimeoutError, ConnectionError, KeyError) as e:
+            self._fatal(f"worker {wid}: {e}")
+            return {}
+
+    def _quiesce_timeout(self, late: list[int]) -> None:
+        self._fatal(f"workers {late} did not quiesce in time")
+
+    def _fatal(self, reason: str) -> None:
+        log.error("%s: controller fatal: %s", self.name, reason)
+        self.fatal_reason = reason
+        self.ctrl.set_fatal(reason)
+
+    def on_worker_message(self, wid: int, msg: dict) -> None:
+        op = msg.get("op")
+        if op == "dberr":
+            self.ctrl.doorbell_error(int(msg["info"]), int(msg["qid"]))
+        elif op == "slow":
+            self.slow.submit(wid, int(msg["sqid"]), bytes(msg["sqe"]))
+        elif op == "fault":
+            self._fatal(f"worker {wid}: {msg.get('reason')}")
+        else:
+            log.error("%s: unexpected message %r from worker %d", self.name, op, wid)
+
+    # ------------------------------------------------------------------ vfio-user device
+    def device_info(self) -> DeviceInfo:
+        return DeviceInfo(flags=DeviceFlag.RESET | DeviceFlag.PCI, num_regions=NUM_REGIONS,
+                          num_irqs=NUM_IRQS)
+
+    def region_info(self, index: int) -> RegionInfo:
+        rw = RegionFlag.READ | RegionFlag.WRITE
+        if index == Region.BAR0:
+            return RegionInfo(index=index, size=BAR0_SIZE, flags=rw | RegionFlag.MMAP,
+                              sparse=[(DB_OFFSET, BAR0_SIZE - DB_OFFSET)], fd=self.bar_fd)
+        if index in (Region.BAR4, Region.BAR5):
+            return RegionInfo(index=index, size=0x1000, flags=rw)
+        if index == Region.CONFIG:
+            return RegionInfo(index=index, size=0x1000, flags=rw)
+        if 0 <= index < NUM_REGIONS:
+            return RegionInfo(index=index, size=0, flags=0)
+        raise ProtocolError(errno.EINVAL, f"no region {index}")
+
+    def irq_info(self, index: int) -> IrqInfo:
+        counts = {Irq.INTX: 1, Irq.MSI: 0, Irq.MSIX: self.cfg.msix_vectors, Irq.ERR: 1, Irq.REQ: 1}
+        if index not in counts:
+            raise ProtocolError(errno.EINVAL, f"no irq index {index}")
+        flags = IrqInfoFlag.EVENTFD
+        if index == Irq.INTX:
+            flags |= IrqInfoFlag.MASKABLE | IrqInfoFlag.AUTOMASKED
+        elif index == Irq.MSIX:
+            flags |= IrqInfoFlag.NORESIZE * 0
+        return IrqInfo(index=index, count=counts[index], flags=flags)
+
+    def needs_quiesce(self, region: int, offset: int, data: bytes) -> bool:
+        if region != Region.BAR0 or len(data) not in (4, 8):
+            return False
+        value = int.from_bytes(data[:4], "little")
+        if offset == REG_CC:
+            return self.ctrl.cc_write_tears_down(value)
+        return offset == REG_NSSR
+
+    async def quiesce(self) -> None:
+        await self.coord.quiesce(self.placement.busy_workers() & set(self.links))
+
+    async def resume(self) -> None:
+        self.coord.resume()
+        self.admin_kick.set()
+
+    def region_read(self, region: int, offset: int, count: int) -> bytes:
+        if region == Region.CONFIG:
+            return self.pci.read(offset, count)
+        if region == Region.BAR0:
+            if offset < DB_OFFSET:
+                if count not in (4, 8) or offset % 4 or offset + count > DB_OFFSET:
+                    raise ProtocolError(errno.EINVAL, f"BAR0 register read of {count} bytes at {offset:#x}")
+                try:
+                    return self.ctrl.read_register(offset, count).to_bytes(count, "little")
+                except Exception as e:
+                    raise ProtocolError(errno.EINVAL, str(e)) from None
+            # Doorbells are write-only (spec); reads return 0 rather than stale values.
+            self._check_doorbell_access(offset, count)
+            return bytes(count)
+        if region in (Region.BAR4, Region.BAR5):
+            if offset < 0 or count <= 0 or offset + count > 0x1000:
+                raise ProtocolError(errno.EINVAL, "MSI-X BAR access out of range")
+            return bytes(count)  # table is emulated by the client; nothing pending in PBA
+        raise ProtocolError(errno.EINVAL, f"region {region} is not readable")
+
+    def region_write(self, region: int, offset: int, data: bytes) -> None:
+        if region == Region.CONFIG:
+            self.pci.write(offset, data)
+            self._update_routes()
+            return
+        if region == Region.BAR0:
+            n = len(data)
+            if offset < DB_OFFSET:
+                if n not in (4, 8) or offset % 4 or offset + n > DB_OFFSET:
+                    raise ProtocolError(errno.EINVAL, f"BAR0 register write of {n} bytes at {offset:#x}")
+                try:
+                    self.ctrl.write_register(offset, n, int.from_bytes(data, "little"))
+                except Exception as e:
+                    raise ProtocolError(errno.EINVAL, str(e)) from None
+                self.admin_kick.set()
+                return
+            self._check_doorbell_access(offset, n)
+            if n != 4:
+                raise ProtocolError(errno.EINVAL, "doorbells take 4-byte writes only")
+            # One aligned 32-bit store: workers read this word at any instant.
+            idx = (offset - DB_OFFSET) // 4
+            self.db_words[idx] = int.from_bytes(data, "little")
+            qid = idx // 2
+            if qid == 0:
+                self.admin_kick.set()
+            else:
+                w = self.placement.worker_of_sq(qid) if idx % 2 == 0 else self.placement.worker_of_cq(qid)
+                if w is not None and w in self.links:
+                    self.links[w].chan.kick()
+            return
+        if region in (Region.BAR4, Region.BAR5):
+            if offset < 0 or offset + len(data) > 0x1000:
+                raise ProtocolError(errno.EINVAL, "MSI-X BAR access out of range")
+            return
+        raise ProtocolError(errno.EINVAL, f"region {region} is not writable")
+
+    @staticmethod
+    def _check_doorbell_access(offset: int, count: int) -> None:
+        if offset % 4 or offset < DB_OFFSET or offset + count > BAR0_SIZE or count <= 0:
+            raise ProtocolError(errno.EINVAL, f"doorbell access of {count} bytes at {offset:#x}")
+
+    # DMA: called by the pipeline while quiesced ------------------------------------
+    def _map_msg(self, iova: int, size: int, offset: int, fd: int | None, r: bool, w: bool) -> dict:
+        return {"op": "map", "iova": iova, "size": size, "off": offset, "r": r, "w": w}
+
+    def dma_mapped(self, iova: int, size: int, offset: int, fd: int | None,
+                   readable: bool, writable: bool) -> None:
+        self._broadcast(self._map_msg(iova, size, offset, fd, readable, writable),
+                        [fd] if fd is not None else None)
+
+    def dma_unmapped(self, iova: int, size: int) -> None:
+        self._broadcast({"op": "unmap", "iova": iova, "size": size})
+
+    # IRQs -----------------------------------------------------------------------------
+    def set_irqs(self, index: int, flags: int, start: int, count: int, fds: list[int],
+                 data: bytes) -> None:
+        action = flags & (IrqSetFlag.ACTION_MASK | IrqSetFlag.ACTION_UNMASK | IrqSetFlag.ACTION_TRIGGER)
+        if index == Irq.MSIX and action == IrqSetFlag.ACTION_TRIGGER:
+            if flags & IrqSetFlag.DATA_NONE and count == 0:
+                self._close_all(self.msix_fds)
+            elif flags & IrqSetFlag.DATA_EVENTFD:
+                for i in range(count):
+                    old = self.msix_fds.pop(start + i, None)
+                    if old is not None:
+                        os.close(old)
+                    if fds and fds[i] >= 0:
+                        self.msix_fds[start + i] = fds[i]
+            elif flags & (IrqSetFlag.DATA_NONE | IrqSetFlag.DATA_BOOL):
+                self._fire_msix(start, count, flags, data)
+        elif index == Irq.INTX:
+            if action == IrqSetFlag.ACTION_TRIGGER:
+                if flags & IrqSetFlag.DATA_EVENTFD:
+                    self._replace("intx_fd", fds[0] if fds else None)
+                elif flags & IrqSetFlag.DATA_NONE and count == 0:
+                    self._replace("intx_fd", None)
+                    self._replace("intx_unmask_fd", None)
+            elif action == IrqSetFlag.ACTION_UNMASK:
+                if flags & IrqSetFlag.DATA_EVENTFD:
+                    self._replace("intx_unmask_fd", fds[0] if fds else None)
+                else:
+                    self.intx_masked = False
+            elif action == IrqSetFlag.ACTION_MASK and not flags & IrqSetFlag.DATA_EVENTFD:
+                self.intx_masked = True
+        else:
+            # MSI (count 0), ERR and REQ: keep the eventfds (closed on teardown); unused.
+            for i, fd in enumerate(fds):
+                old = self.other_fds.pop((index << 16) + start + i, None)
+                if old is not None:
+                    os.close(old)
+                self.other_fds[(index << 16) + start + i] = fd
+        self._update_routes()
+
+    def _fire_msix(self, start: int, count: int, flags: int, data: bytes) -> None:
+        for i in range(count):
+            if flags & IrqSetFlag.DATA_BOOL and not (i < len(data) and data[i]):
+                continue
+            fd = self.msix_fds.get(start + i)
+            if fd is not None:
+                os.eventfd_write(fd, 1)
+
+    def _replace(self, attr: str, fd: int | None) -> None:
+        old = getattr(self, attr)
+        if old is not None and old != fd:
+            os.close(old)
+        setattr(self, attr, fd)
+
+    @staticmethod
+    def _close_all(table: dict[int, int]) -> None:
+        for fd in table.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        table.clear()
+
+    def _compute_routes(self) -> dict[int, int]:
+        if self.msix_fds:
+            return dict(self.msix_fds)
+        if self.intx_fd is not None and not self.pci.intx_disabled and not self.intx_masked:
+            return {v: self.intx_fd for v in range(self.cfg.msix_vectors)}
+        return {}
+
+    def _update_routes(self) -> None:
+        routes = self._compute_routes()
+        if routes != self.routes:
+            self.routes = routes
+            for link in self.links.values():
+                self._push_routes_to(link)
+
+    def _push_routes_to(self, link: WorkerLink) -> None:
+        fds = sorted(set(self.routes.values()))
+        index = {fd: i for i, fd in enumerate(fds)}
+        link.send({"op": "irqs", "vec": [[v, index[fd]] for v, fd in sorted(self.routes.items())]},
+                  fds or None)
+
+    # ControllerHooks ------------------------------------------------------------------
+    def irq(self, vector: int) -> None:
+        fd = self.routes.get(vector)
+        if fd is not None:
+            try:
+                os.eventfd_write(fd, 1)
+            except OSError:
+                pass
+
+    def io_cq_created(self, cq: CqState) -> None:
+        w = self.placement.place_cq(cq.cqid)
+        self._sync(w, {"op": "add_cq", "cq": cq.to_dict()})
+
+    def io_sq_created(self, sq: SqState) -> None:
+        w = self.placement.place_sq(sq.sqid, sq.cqid)
+        self._sync(w, {"op": "add_sq", "sq": sq.to_dict()})
+
+    def io_sq_deleted(self, sqid: int) -> None:
+        w = self.placement.remove_sq(sqid)
+        if w is not None and w in self.links:
+            self._sync(w, {"op": "del_sq", "sqid": sqid})
+
+    def io_cq_deleted(self, cqid: int) -> None:
+        w = self.placement.remove_cq(cqid)
+        if w is not None and w in self.links:
+            self._sync(w, {"op": "del_cq", "cqid": cqid})
+
+    def shadow_doorbells_changed(self, shadow: ShadowDoorbells) -> None:
+        self.shadow = shadow
+        self._broadcast({"op": "shadow", "dbbuf": shadow.dbbuf, "eventidx": shadow.eventidx})
+
+    def coalescing_changed(self, threshold: int, time_100us: int, exempt_vectors: set[int]) -> None:
+        self.coalescing = (threshold, time_100us, sorted(exempt_vectors))
+        self._broadcast({"op": "coalesce", "thr": threshold, "time": time_100us,
+                         "exempt": sorted(exempt_vectors)})
+
+    def fatal(self, reason: str) -> None:
+        log.error("%s: controller fatal: %s", self.name, reason)
+        self.fatal_reason = reason
+
+    # lifecycle --------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.ctrl.reset()
+        self.pci.reset()
+        self._update_routes()
+
+    def client_connected(self, session: Any) -> None:
+        self.session = session
+        self.mem = session.memory
+        self.ctrl.set_memory(self.mem)
+        self.slow.set_session(session)
+
+    def client_disconnected(self) -> None:
+        # The next client is a new VM (or a restarted QEMU): it starts from power-on.
+        # Queues are torn down before the memory they live in goes away.
+        try:
+            self.ctrl.reset()
+        except Exception:
+            log.exception("%s: reset on disconnect", self.name)
+        self.pci.reset()
+        self._broadcast({"op": "unmap", "all": True})
+        self._close_all(self.msix_fds)
+        self._replace("intx_fd", None)
+        self._replace("intx_unmask_fd", None)
+        self._close_all(self.other_fds)
+        self.intx_masked = False
+        self._update_routes()
+        self.session = None
+        self.slow.set_session(None)
+        self.mem = MappedGuestMemory()
+        self.ctrl.set_memory(self.mem)
+
+    def device_feature(self, flags: int, data: bytes) -> bytes:
+        raise ProtocolError(errno.ENOTSUP, "no device features (migration is not implemented yet)")
+
+    def mig_data_read(self, size: int) -> bytes:
+        raise ProtocolError(errno.EINVAL, "migration is not implemented yet")
+
+    def mig_data_write(self, data: bytes) -> None:
+        raise ProtocolError(errno.EINVAL, "migration is not implemented yet")
+
+    # the admin poller ---------------------------------------------------------------------
+    async def admin_loop(self, min_interval: float = 0.0002, max_interval: float = 0.01) -> None:
+        """Run the admin queue: adaptive polling (the admin doorbell is in mmapped memory)."""
+        interval = max_interval
+        while True:
+            n = 0
+            if not self.coord.quiesced and self.session is not None:
+                try:
+                    n = self.ctrl.poll_admin()
+                    self.ctrl.scan_doorbells()
+                except Exception:
+                    log.exception("%s: admin queue failed", self.name)
+                    self._fatal("admin queue processing failed")
+            interval = min_interval if n else min(interval * 2, max_interval)
+            self.admin_kick.clear()
+            try:
+                await asyncio.wait_for(self.admin_kick.wait(), interval)
+            except asyncio.TimeoutError:
+                pass
+
+    def close(self) -> None:
+        for link in self.links.values():
+            try:
+                link.send({"op": "bye"})
+            except Exception:
+                pass
+        self._close_all(self.msix_fds)
+        self._replace("intx_fd", None)
+        self._replace("intx_unmask_fd", None)
+        self._close_all(self.other_fds)

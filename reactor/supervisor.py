@@ -1,0 +1,498 @@
+"""The supervisor: the daemon's main process.
+
+It owns the configuration, the namespaces' backends (it creates RAM namespaces in
+shared memory and is the one that unlinks them), one worker process per core (pinned)
+and one front-end process per controller, plus the management socket.  Children are
+started with the multiprocessing *spawn* context (no fork after threads); each gets a
+SOCK_SEQPACKET control socket (reactor/ipc.py).  For every (front-end, worker) pair the
+supervisor makes the socketpair their channel starts from.
+
+Faults: a worker that dies is restarted on its core; every front-end gets a channel
+to the new one, and controllers that had queues on the dead worker go fatal
+(CSTS.CFS) — the guest resets them and goes on.  A front-end that dies is restarted
+and serves its socket again.  SIGTERM: STOPPING=1, stop the front-ends (they close
+their sockets and release the workers), stop the workers, destroy backends, exit 0.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from backends.base import Backend, create_backend
+from reactor import ipc, notify
+from reactor.config import (ConfigError, ControllerSpec, DaemonConfig, NamespaceSpec,
+                            assign_nsids, check_namespace, controller_from_options, with_controller)
+from reactor.cores import parse_cores
+from reactor.mgmt.jsonrpc import MgmtError
+from reactor.mgmt.server import MgmtServer
+from reactor.shm.names import cleanup_stale, instance_prefix
+
+log = logging.getLogger("vnvmed")
+CTX = multiprocessing.get_context("spawn")
+
+
+@dataclass
+class WorkerProc:
+    wid: int
+    core: int
+    proc: Any = None
+    ctl: socket.socket | None = None
+    restarts: int = 0
+
+
+@dataclass
+class FrontProc:
+    spec: ControllerSpec
+    backends: dict[int, Backend] = field(default_factory=dict)
+    proc: Any = None
+    ctl: socket.socket | None = None
+    listening: asyncio.Future | None = None
+    restarts: int = 0
+    stopping: bool = False
+
+
+class Supervisor:
+    def __init__(self, cfg: DaemonConfig) -> None:
+        self.cfg = cfg
+        self.workers: dict[int, WorkerProc] = {}
+        self.fronts: dict[str, FrontProc] = {}
+        self.prefix = ""
+        self.stopping = False
+        self._ids = itertools.count(1)
+        self._calls: dict[int, asyncio.Future] = {}
+        self._pongs: dict[int, asyncio.Future] = {}
+        self.mgmt: MgmtServer | None = None
+        self.done = asyncio.Event() if False else None  # created in the loop
+
+    # ------------------------------------------------------------------ set-up
+    def _opts(self) -> dict[str, Any]:
+        c = self.cfg
+        return {"prefix": self.prefix, "log_level": c.log_level, "polling": str(c.polling.value),
+                "spin_polls": 200, "idle_min_us": 50, "idle_max_us": int(c.poll_sleep_us)}
+
+    def _cores(self) -> list[int]:
+        allowed = os.sched_getaffinity(0)
+        if self.cfg.cores is None:
+            return sorted(allowed)
+        return parse_cores(",".join(str(c) for c in self.cfg.cores), allowed)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.done = asyncio.Event()
+        cores = self._cores()
+        os.makedirs(self.cfg.run_dir, mode=0o755, exist_ok=True)
+        for name in cleanup_stale(self.cfg.run_dir):
+            log.info("removed stale shared memory %s of a dead instance", name)
+        self.prefix = instance_prefix(self.cfg.run_dir, os.getpid())
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        try:
+            for wid, core in enumerate(cores):
+                self.workers[wid] = WorkerProc(wid, core)
+                self._start_worker(self.workers[wid])
+            for spec in self.cfg.controllers:
+                await self._add_front(spec)
+            self.mgmt = MgmtServer(self, self.cfg.rpc_socket)
+            await self.mgmt.start()
+        except Exception as e:
+            log.error("start-up failed: %s", e)
+            await self._shutdown()
+            return 1
+        socks = ", ".join(f"{f.spec.name}={f.spec.socket}" for f in self.fronts.values())
+        log.info("vnvmed ready: %d controller(s) [%s], %d worker(s) on cores %s, rpc %s",
+                 len(self.fronts), socks, len(self.workers), ",".join(map(str, cores)),
+                 self.cfg.rpc_socket)
+        notify.ready()
+        notify.status(f"serving {len(self.fronts)} controller(s) on {len(self.workers)} worker(s)")
+        wd = asyncio.ensure_future(self._watchdog())
+        await self.done.wait()
+        wd.cancel()
+        notify.stopping()
+        log.info("stopping")
+        await self._shutdown()
+        log.info("stopped")
+        return 0
+
+    def request_stop(self) -> None:
+        if not self.stopping:
+            self.stopping = True
+            assert self.done is not None
+            self.done.set()
+
+    async def _watchdog(self) -> None:
+        interval = notify.watchdog_interval()
+        if not interval:
+            return
+        while True:
+            await asyncio.sleep(interval / 2)
+            if await self._workers_responsive(timeout=interval / 4):
+                notify.watchdog()
+
+    async def _workers_responsive(self, timeout: float) -> bool:
+        res = await asyncio.gather(*(self._ping(w, timeout) for w in self.workers.values()),
+                                   return_exceptions=True)
+        return all(isinstance(r, dict) for r in res)
+
+    # ------------------------------------------------------------------ workers
+    def _start_worker(self, w: WorkerProc) -> None:
+        from workers.main import run as worker_run
+        mine, theirs = ipc.pair()
+        w.proc = CTX.Process(target=worker_run, args=(w.wid, w.core, theirs, self._opts()),
+                             name=f"vnvmed-worker{w.wid}", daemon=False)
+        w.proc.start()
+        theirs.close()
+        w.ctl = mine
+        mine.setblocking(False)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(mine.fileno(), self._worker_readable, w)
+        loop.add_reader(w.proc.sentinel, self._worker_exited, w)
+
+    def _worker_readable(self, w: WorkerProc) -> None:
+        assert w.ctl is not None
+        while True:
+            try:
+                msg, fds = ipc.recv(w.ctl)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            ipc.close_fds(fds)
+            if msg is None:
+                asyncio.get_running_loop().remove_reader(w.ctl.fileno())
+                return
+            if msg.get("op") == "pong":
+                fut = self._pongs.pop(w.wid, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+
+    async def _ping(self, w: WorkerProc, timeout: float = 1.0) -> dict:
+        fut = asyncio.get_running_loop().create_future()
+        self._pongs[w.wid] = fut
+        assert w.ctl is not None
+        ipc.send(w.ctl, {"op": "ping"})
+        return await asyncio.wait_for(fut, timeout)
+
+    def _worker_exited(self, w: WorkerProc) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(w.proc.sentinel)
+        if w.ctl is not None:
+            try:
+                loop.remove_reader(w.ctl.fileno())
+            except Exception:
+                pass
+            w.ctl.close()
+            w.ctl = None
+        if self.stopping:
+            return
+        log.error("worker %d (core %d, pid %d) died with exit code %s: restarting it", w.wid,
+                  w.core, w.proc.pid, w.proc.exitcode)
+        w.restarts += 1
+        self._start_worker(w)
+        for f in self.fronts.values():
+            if f.ctl is not None and not f.stopping:
+                a, b = ipc.pair()
+                assert w.ctl is not None
+                ipc.send(w.ctl, {"op": "channel", "name": f.spec.name}, [b.fileno()])
+                ipc.send(f.ctl, {"op": "worker", "wid": w.wid}, [a.fileno()])
+                a.close()
+                b.close()
+
+    # ------------------------------------------------------------------ front-ends
+    def _create_backends(self, spec: ControllerSpec) -> dict[int, Backend]:
+        made: dict[int, Backend] = {}
+        try:
+            for ns in spec.namespaces:
+                assert ns.nsid is not None
+                made[ns.nsid] = create_backend(str(ns.kind.value), ns.arg,
+                                               name_prefix=f"{self.prefix}-{spec.name}",
+                                               read_only=ns.read_only)
+        except Exception:
+            for b in made.values():
+                b.destroy()
+            raise
+        return made
+
+    @staticmethod
+    def _ns_wire(ns: NamespaceSpec, b: Backend) -> dict[str, Any]:
+        assert ns.nsid is not None
+        return {"nsid": ns.nsid, "block_size": ns.block_size, "blocks": b.size // ns.block_size,
+                "read_only": ns.read_only, "backend": b.spec()}
+
+    async def _add_front(self, spec: ControllerSpec) -> FrontProc:
+        f = FrontProc(spec)
+        f.backends = self._create_backends(spec)
+        self.fronts[spec.name] = f
+        try:
+            await self._start_front(f)
+        except Exception:
+            self.fronts.pop(spec.name, None)
+            for b in f.backends.values():
+                b.destroy()
+            raise
+        return f
+
+    async def _start_front(self, f: FrontProc) -> None:
+        from reactor.frontend import run as front_run
+        loop = asyncio.get_running_loop()
+        worker_socks: dict[int, socket.socket] = {}
+        for w in self.workers.values():
+            a, b = ipc.pair()
+            if w.ctl is not None:
+                ipc.send(w.ctl, {"op": "channel", "name": f.spec.name}, [b.fileno()])
+            b.close()
+            worker_socks[w.wid] = a
+        mine, theirs = ipc.pair()
+        nss = [self._ns_wire(ns, f.backends[ns.nsid]) for ns in f.spec.namespaces if ns.nsid is not None]
+        f.proc = CTX.Process(target=front_run, args=(f.spec, nss, worker_socks, theirs, self._opts()),
+                             name=f"vnvmed-frontend-{f.spec.name}")
+        f.proc.start()
+        theirs.close()
+        for s in worker_socks.values():
+            s.close()
+        f.ctl = mine
+        mine.setblocking(False)
+        f.listening = loop.create_future()
+        loop.add_reader(mine.fileno(), self._front_readable, f)
+        loop.add_reader(f.proc.sentinel, self._front_exited, f)
+        try:
+            await asyncio.wait_for(asyncio.shield(f.listening), 30)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"controller {f.spec.name}: front-end did not start listening") from None
+
+    def _front_readable(self, f: FrontProc) -> None:
+        assert f.ctl is not None
+        while True:
+            try:
+                msg, fds = ipc.recv(f.ctl)
+            except (BlockingIOError, InterruptedError, OSError):
+                return
+            ipc.close_fds(fds)
+            if msg is None:
+                asyncio.get_running_loop().remove_reader(f.ctl.fileno())
+                return
+            op = msg.get("op")
+            if op == "listening" and f.listening is not None and not f.listening.done():
+                f.listening.set_result(True)
+            elif op == "reply":
+                fut = self._calls.pop(msg.get("id"), None)
+                if fut is not None and not fut.done():
+                    if "error" in msg:
+                        fut.set_exception(MgmtError(str(msg["error"])))
+                    else:
+                        fut.set_result(msg.get("result"))
+
+    def _front_exited(self, f: FrontProc) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(f.proc.sentinel)
+        if f.ctl is not None:
+            try:
+                loop.remove_reader(f.ctl.fileno())
+            except Exception:
+                pass
+            f.ctl.close()
+            f.ctl = None
+        if f.listening is not None and not f.listening.done():
+            f.listening.set_exception(RuntimeError(
+                f"controller {f.spec.name}: front-end exited with code {f.proc.exitcode} during start-up"))
+            return
+        if self.stopping or f.stopping:
+            return
+        log.error("front-end of %s (pid %d) died with exit code %s: restarting it", f.spec.name,
+                  f.proc.pid, f.proc.exitcode)
+        for w in self.workers.values():
+            if w.ctl is not None:
+                ipc.send(w.ctl, {"op": "drop", "name": f.spec.name})
+        f.restarts += 1
+        asyncio.ensure_future(self._start_front(f))
+
+    async def _call(self, f: FrontProc, method: str, params: dict[str, Any] | None = None,
+                    timeout: float = 5.0) -> Any:
+        if f.ctl is None:
+            raise MgmtError(f"controller {f.spec.name} is restarting; try again")
+        i = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._calls[i] = fut
+        ipc.send(f.ctl, {"op": "call", "id": i, "method": method, "params": params or {}})
+        return await asyncio.wait_for(fut, timeout)
+
+    async def _stop_front(self, f: FrontProc, timeout: float = 10.0) -> None:
+        f.stopping = True
+        if f.ctl is not None:
+            try:
+                ipc.send(f.ctl, {"op": "stop"})
+            except OSError:
+                pass
+        deadline = time.monotonic() + timeout
+        while f.proc is not None and f.proc.is_alive() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if f.proc is not None and f.proc.is_alive():
+            log.error("front-end of %s did not stop: killing it", f.spec.name)
+            f.proc.kill()
+        for w in self.workers.values():
+            if w.ctl is not None:
+                ipc.send(w.ctl, {"op": "drop", "name": f.spec.name})
+        for b in f.backends.values():
+            b.destroy()
+
+    async def _shutdown(self) -> None:
+        self.stopping = True
+        if self.mgmt is not None:
+            await self.mgmt.close()
+        await asyncio.gather(*(self._stop_front(f) for f in self.fronts.values()))
+        for w in self.workers.values():
+            if w.ctl is not None:
+                try:
+                    ipc.send(w.ctl, {"op": "stop"})
+                except OSError:
+                    pass
+        deadline = time.monotonic() + 5
+        for w in self.workers.values():
+            while w.proc is not None and w.proc.is_alive() and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            if w.proc is not None and w.proc.is_alive():
+                w.proc.kill()
+        for name in cleanup_stale(self.cfg.run_dir):
+            log.info("removed leftover shared memory %s", name)
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the config file; add controllers that are new, remove those gone."""
+        if not self.cfg.source:
+            log.info("SIGHUP: no config file to reload")
+            return
+        from reactor.config import load_toml
+        try:
+            new = load_toml(self.cfg.source)
+        except ConfigError as e:
+            log.error("SIGHUP: config not reloaded: %s", e)
+            return
+        want = {c.name: c for c in new.controllers}
+        for name in list(self.fronts):
+            if name not in want:
+                await self.controller_remove(name, force=True)
+        for name, spec in want.items():
+            if name not in self.fronts:
+                try:
+                    await self._add_front(spec)
+                    self.cfg.controllers.append(spec)
+                except Exception as e:
+                    log.error("SIGHUP: controller %s not added: %s", name, e)
+        log.info("SIGHUP: configuration reloaded")
+
+    # ------------------------------------------------------------------ management API
+    def _front(self, name: str) -> FrontProc:
+        f = self.fronts.get(name)
+        if f is None:
+            raise MgmtError(f"no controller named {name!r} (see: vnvmectl controller list)")
+        return f
+
+    async def controller_list(self) -> list[dict]:
+        out = []
+        for f in self.fronts.values():
+            try:
+                info = await self._call(f, "info")
+            except Exception as e:
+                info = {"state": f"unavailable: {e}"}
+            out.append({"name": f.spec.name, "socket": f.spec.socket, "pid": f.proc.pid if f.proc else None,
+                        **info})
+        return out
+
+    async def controller_add(self, name: str, socket: str, **opts: Any) -> dict:
+        try:
+            spec = controller_from_options(name, socket, opts, self.cfg.run_dir)
+            cfg = with_controller(self.cfg, spec)
+        except (ConfigError, ValueError) as e:
+            raise MgmtError(str(e)) from None
+        if os.path.exists(spec.socket):
+            s = __import__("socket").socket(__import__("socket").AF_UNIX)
+            try:
+                s.connect(spec.socket)
+                raise MgmtError(f"socket path {spec.socket} is in use by a running server")
+            except OSError:
+                pass
+            finally:
+                s.close()
+        try:
+            await self._add_front(spec)
+        except Exception as e:
+            raise MgmtError(f"controller {name} not added: {e}") from None
+        self.cfg = cfg
+        return {"name": name, "socket": spec.socket}
+
+    async def controller_remove(self, name: str, force: bool = False) -> dict:
+        f = self._front(name)
+        if not force:
+            info = await self._call(f, "info")
+            if info.get("client_connected"):
+                raise MgmtError(f"controller {name} has a client attached; use --force to remove it anyway")
+        await self._stop_front(f)
+        self.fronts.pop(name, None)
+        self.cfg.controllers = [c for c in self.cfg.controllers if c.name != name]
+        return {"name": name, "removed": True}
+
+    async def namespace_add(self, ctrl: str, spec: str, nsid: int | None = None, block_size: int = 512,
+                            read_only: bool = False) -> dict:
+        f = self._front(ctrl)
+        try:
+            ns = check_namespace(NamespaceSpec.parse(spec, nsid=nsid, block_size=block_size,
+                                                     read_only=read_only))
+        except (ConfigError, ValueError) as e:
+            raise MgmtError(str(e)) from None
+        used = {n.nsid for n in f.spec.namespaces}
+        if ns.nsid is None:
+            ns.nsid = next(i for i in itertools.count(1) if i not in used)
+        elif ns.nsid in used:
+            raise MgmtError(f"controller {ctrl} already has namespace {ns.nsid}; pick another nsid")
+        try:
+            b = create_backend(str(ns.kind.value), ns.arg, name_prefix=f"{self.prefix}-{ctrl}",
+                               read_only=ns.read_only)
+        except Exception as e:
+            raise MgmtError(f"namespace not added: {e}") from None
+        try:
+            await self._call(f, "ns_add", {"ns": self._ns_wire(ns, b)})
+        except Exception:
+            b.destroy()
+            raise
+        f.backends[ns.nsid] = b
+        f.spec.namespaces.append(ns)
+        return {"controller": ctrl, "nsid": ns.nsid, "size": b.size}
+
+    async def namespace_remove(self, ctrl: str, nsid: int) -> dict:
+        f = self._front(ctrl)
+        if nsid not in f.backends:
+            raise MgmtError(f"controller {ctrl} has no namespace {nsid}")
+        await self._call(f, "ns_remove", {"nsid": nsid})
+        f.backends.pop(nsid).destroy()
+        f.spec.namespaces = [n for n in f.spec.namespaces if n.nsid != nsid]
+        return {"controller": ctrl, "nsid": nsid, "removed": True}
+
+    async def namespace_resize(self, ctrl: str, nsid: int, size: str) -> dict:
+        raise MgmtError("namespace resize is not implemented yet")
+
+    async def stats(self, ctrl: str | None = None) -> dict:
+        fronts = [self._front(ctrl)] if ctrl else list(self.fronts.values())
+        out: dict[str, Any] = {"controllers": {}, "workers": await self.workers()}
+        for f in fronts:
+            out["controllers"][f.spec.name] = await self._call(f, "info")
+        return out
+
+    async def workers(self) -> list[dict]:
+        out = []
+        for w in self.workers.values():
+            row: dict[str, Any] = {"id": w.wid, "core": w.core, "pid": w.proc.pid if w.proc else None,
+                                   "alive": bool(w.proc and w.proc.is_alive()), "restarts": w.restarts}
+            try:
+                pong = await self._ping(w, 1.0)
+                row.update({k: pong.get(k) for k in ("polls", "idle", "sleeps", "queues", "slots")})
+            except Exception:
+                row["responsive"] = False
+            out.append(row)
+        return out

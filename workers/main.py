@@ -1,0 +1,178 @@
+"""Worker process: pinned to one core, polls the queue pairs it was given, sleeps when idle.
+
+Theory of operation (adaptive polling)
+--------------------------------------
+The guest rings doorbells by storing into the mmapped doorbell page: nothing traps,
+so the only way to see new work is to look.  A worker therefore busy-polls while
+there is work, keeps spinning for `spin_polls` empty rounds (cheap, catches the next
+request of a QD1 stream), then sleeps in `select()` with a timeout that doubles from
+`idle_min_us` to `idle_max_us`.  Any ring message (the front-end writes the ring's
+eventfd when we announced sleep) or a kick (a trapped doorbell write seen by the
+front-end) ends the sleep at once.  A sleeping worker never misses work: the worst
+case is one `idle_max_us` of extra latency after an idle period, which is also the
+bound on how stale our view of a mmapped doorbell can get.  `polling="busy"` never
+sleeps (lowest latency, one core at 100 %).
+
+Control: the supervisor talks to the worker over a SOCK_SEQPACKET socket (`ctl`):
+`channel` hands over a new front-end channel, `stop` ends the process.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+from typing import Any
+
+from reactor import ipc
+from reactor.channel import Channel
+from reactor.proctitle import set_process_name
+from workers.slot import Slot
+
+log = logging.getLogger("vnvmed.worker")
+
+
+class Worker:
+    def __init__(self, wid: int, ctl: socket.socket, opts: dict[str, Any]) -> None:
+        self.wid = wid
+        self.ctl = ctl
+        self.slots: list[Slot] = []
+        self.busy = opts.get("polling", "adaptive") == "busy"
+        self.spin_polls = int(opts.get("spin_polls", 200))
+        self.idle_min = int(opts.get("idle_min_us", 50)) / 1e6
+        self.idle_max = int(opts.get("idle_max_us", 5000)) / 1e6
+        self.stop = False
+        self.pending: list[tuple[str, socket.socket]] = []
+        self.polls = 0
+        self.idle_polls = 0
+        self.sleeps = 0
+
+    # --- supervisor control ---------------------------------------------------------
+    def _control(self) -> None:
+        while True:
+            try:
+                msg, fds = ipc.recv(self.ctl)
+            except (BlockingIOError, InterruptedError):
+                return
+            if msg is None:  # supervisor gone: nothing left to serve
+                self.stop = True
+                return
+            op = msg.get("op")
+            if op == "channel" and len(fds) == 1:
+                self.pending.append((str(msg.get("name")), socket.socket(fileno=fds[0])))
+            elif op == "drop":
+                for slot in self.slots:
+                    if slot.name == msg.get("name"):
+                        slot.close()
+                self.slots = [s for s in self.slots if not s.dead]
+            elif op == "stop":
+                self.stop = True
+            elif op == "ping":
+                ipc.send(self.ctl, {"op": "pong", "polls": self.polls, "idle": self.idle_polls,
+                                    "sleeps": self.sleeps,
+                                    "queues": sum(s.nqueues for s in self.slots),
+                                    "slots": {s.name: dict(s.stats, nqueues=s.nqueues) for s in self.slots}})
+            else:
+                ipc.close_fds(fds)
+                log.error("worker %d: unexpected control message %r", self.wid, op)
+
+    def _attach_pending(self) -> None:
+        still = []
+        for name, sock in self.pending:
+            try:
+                chan = Channel.try_attach(sock)
+            except Exception as e:
+                log.error("worker %d: channel from %s failed: %s", self.wid, name, e)
+                sock.close()
+                continue
+            if chan is None:
+                still.append((name, sock))
+            else:
+                self.slots.append(Slot(name, chan))
+        self.pending = still
+
+    # --- the loop ---------------------------------------------------------------------
+    def _messages(self) -> int:
+        n = 0
+        for slot in self.slots:
+            try:
+                msgs = slot.chan.recv_all()
+                for m in msgs:
+                    slot.handle(m)
+                n += len(msgs)
+                slot.check_quiesced()
+            except Exception:
+                # A front-end died or sent something we cannot process: drop its slot,
+                # the others keep running (the supervisor restarts the front-end).
+                log.exception("worker %d: dropping controller %s", self.wid, slot.name)
+                slot.close()
+        if any(s.dead for s in self.slots):
+            self.slots = [s for s in self.slots if not s.dead]
+        return n
+
+    def _sleep(self, timeout: float) -> None:
+        rings = [s.chan.rx for s in self.slots]
+        ready = True
+        for r in rings:
+            if not r.prepare_sleep():
+                ready = False
+        if ready:
+            self.sleeps += 1
+            try:
+                select.select([self.ctl] + rings + [s for _, s in self.pending], [], [], timeout)
+            except InterruptedError:
+                pass
+        for r in rings:
+            r.woke()
+
+    def run(self) -> None:
+        idle = 0
+        rounds = 0
+        self.ctl.setblocking(False)
+        while not self.stop:
+            work = 0
+            for slot in self.slots:
+                try:
+                    work += slot.poll()
+                except Exception:
+                    log.exception("worker %d: controller %s failed in poll", self.wid, slot.name)
+                    slot.chan.send({"op": "fault", "reason": "worker poll failed"})
+                    slot.paused = True
+            work += self._messages()
+            self.polls += 1
+            rounds += 1
+            if rounds & 1023 == 0:
+                self._control()
+                if self.pending:
+                    self._attach_pending()
+            if work:
+                idle = 0
+                continue
+            self.idle_polls += 1
+            idle += 1
+            if self.busy or idle < self.spin_polls:
+                continue
+            k = min(idle - self.spin_polls, 16)
+            self._sleep(min(self.idle_max, self.idle_min * (1 << k)))
+            self._control()
+            if self.pending:
+                self._attach_pending()
+        for slot in self.slots:
+            slot.close()
+
+
+def run(wid: int, core: int, ctl: socket.socket, opts: dict[str, Any]) -> None:
+    """multiprocessing (spawn) entry point."""
+    set_process_name(f"vnvmed: worker {wid}")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from reactor.logsetup import setup_logging
+    setup_logging(opts.get("log_level", "info"))
+    try:
+        os.sched_setaffinity(0, {core})
+    except OSError as e:
+        log.error("worker %d: cannot pin to core %d: %s", wid, core, e)
+        raise SystemExit(2)
+    w = Worker(wid, ctl, opts)
+    signal.signal(signal.SIGTERM, lambda *_: setattr(w, "stop", True))
+    w.run()

@@ -1,0 +1,254 @@
+"""Everything a worker holds for one controller: memory, doorbells, namespaces, queues.
+
+A slot is driven by the messages its front-end sends over the channel (see
+`reactor/channel.py` for the transport and `handle()` below for the vocabulary).  The
+data path itself is `nvme.qpair.QueueRunner` with `nvme.io.IoExecutor`; a command that
+touches guest memory mapped without an fd is parked and handed to the front-end
+(`slow`), which performs it with vfio-user DMA messages and answers `slow_done`.
+
+Quiesce (worker side of the coordinator's barrier): on `quiesce` the runner stops
+fetching new SQEs; once no command is parked the slot acks.  While quiesced the front-
+end may change the memory map; nothing here touches guest memory until `resume`.
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import time
+from typing import Any, Callable
+
+from backends.base import open_backend
+from nvme.doorbell import Doorbells
+from nvme.io import IoExecutor
+from nvme.memory import NeedsMessageDma
+from nvme.namespace import Namespace
+from nvme.qpair import QueueRunner
+from nvme.state import CqState, NamespaceInfo, ShadowDoorbells, SqState
+from reactor.channel import Channel
+from reactor.guestmem import MappedGuestMemory
+
+log = logging.getLogger("vnvmed.worker")
+DB_OFFSET = 0x1000  # doorbells start at BAR0 + 0x1000 (DSTRD 0)
+
+
+class Slot:
+    def __init__(self, name: str, chan: Channel) -> None:
+        self.name = name
+        self.chan = chan
+        self.mem = MappedGuestMemory()
+        self.db_map: mmap.mmap | None = None
+        self.namespaces: dict[int, Namespace] = {}
+        self.executor: IoExecutor | None = None
+        self.runner: QueueRunner | None = None
+        self.vectors: dict[int, int] = {}      # MSI-X vector -> eventfd (or INTx fd for all)
+        self.paused = False
+        self.quiesce_seq: int | None = None
+        self.nqueues = 0
+        self.stats = {"commands": 0, "slow": 0, "dberr": 0}
+        self.dead = False
+
+    # --- set-up ---------------------------------------------------------------------
+    def _hello(self, msg: dict[str, Any]) -> None:
+        (db_fd,) = self.chan.take_fds(msg["tok"])
+        try:
+            self.db_map = mmap.mmap(db_fd, msg["db_size"], mmap.MAP_SHARED,
+                                    mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(db_fd)
+        for info in msg["ns"]:
+            self._ns_add(info)
+        self.executor = IoExecutor(self.namespaces, self.mem, msg["mdts"])
+        self.runner = QueueRunner(doorbells=Doorbells(memoryview(self.db_map)[DB_OFFSET:]), mem=self.mem,
+                                  execute=self._execute, irq=self._irq,
+                                  doorbell_error=self._doorbell_error)
+
+    def _ns_add(self, info: dict[str, Any]) -> None:
+        ni = NamespaceInfo(**info)
+        old = self.namespaces.pop(ni.nsid, None)
+        if old is not None:
+            old.backend.close()
+        self.namespaces[ni.nsid] = Namespace(ni, open_backend(ni.backend))
+
+    # --- callbacks from the runner --------------------------------------------------
+    def _execute(self, sqe: memoryview, sqid: int) -> tuple[int, int] | None:
+        assert self.executor is not None
+        try:
+            return self.executor.execute(sqe)
+        except NeedsMessageDma:
+            self.stats["slow"] += 1
+            self.chan.send({"op": "slow", "sqid": sqid, "sqe": bytes(sqe)})
+            return None
+
+    def _irq(self, vector: int) -> None:
+        fd = self.vectors.get(vector)
+        if fd is not None:
+            try:
+                os.eventfd_write(fd, 1)
+            except OSError:
+                pass
+
+    def _doorbell_error(self, info: int, qid: int) -> None:
+        self.stats["dberr"] += 1
+        self.chan.send({"op": "dberr", "info": info, "qid": qid})
+
+    # --- the loop's entry points ----------------------------------------------------
+    def poll(self) -> int:
+        r = self.runner
+        if r is None or self.paused or self.nqueues == 0:
+            return 0
+        n = r.poll()
+        self.stats["commands"] += n
+        return n
+
+    def check_quiesced(self) -> None:
+        if self.quiesce_seq is not None and (self.runner is None or self.runner.inflight() == 0):
+            self.chan.send({"op": "ack", "seq": self.quiesce_seq})
+            self.quiesce_seq = None
+
+    def handle(self, msg: dict[str, Any]) -> None:
+        op = msg.get("op")
+        fn: Callable[[dict[str, Any]], None] | None = getattr(self, "_op_" + str(op), None)
+        if fn is None:
+            log.error("%s: unknown message %r from front-end", self.name, op)
+            return
+        fn(msg)
+
+    def _ack(self, msg: dict[str, Any], **extra: Any) -> None:
+        if "seq" in msg:
+            self.chan.send({"op": "ack", "seq": msg["seq"], **extra})
+
+    def _op_hello(self, msg: dict[str, Any]) -> None:
+        self._hello(msg)
+        self._ack(msg)
+
+    def _op_map(self, msg: dict[str, Any]) -> None:
+        fds = self.chan.take_fds(msg["tok"]) if "tok" in msg else []
+        fd = fds[0] if fds else None
+        try:
+            self.mem.map(msg["iova"], msg["size"], msg["off"], fd, msg["r"], msg["w"])
+        except Exception as e:  # the front-end mapped it already, so this is unexpected
+            log.error("%s: cannot map %#x+%#x: %s", self.name, msg["iova"], msg["size"], e)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        self._ack(msg)
+
+    def _op_unmap(self, msg: dict[str, Any]) -> None:
+        if msg.get("all"):
+            self.mem.unmap_all()
+        else:
+            try:
+                self.mem.unmap(msg["iova"], msg["size"])
+            except Exception as e:
+                log.error("%s: unmap %#x: %s", self.name, msg["iova"], e)
+        self._ack(msg)
+
+    def _op_irqs(self, msg: dict[str, Any]) -> None:
+        fds = self.chan.take_fds(msg["tok"]) if "tok" in msg else []
+        for fd in set(self.vectors.values()):
+            os.close(fd)
+        self.vectors = {}
+        # vec: list of (vector, index into fds)
+        for vector, idx in msg["vec"]:
+            self.vectors[vector] = os.dup(fds[idx])
+        for fd in fds:
+            os.close(fd)
+        self._ack(msg)
+
+    def _op_add_cq(self, msg: dict[str, Any]) -> None:
+        assert self.runner is not None
+        self.runner.add_cq(CqState.from_dict(msg["cq"]))
+        self.nqueues += 1
+        self._ack(msg)
+
+    def _op_add_sq(self, msg: dict[str, Any]) -> None:
+        assert self.runner is not None
+        self.runner.add_sq(SqState.from_dict(msg["sq"]))
+        self.nqueues += 1
+        self._ack(msg)
+
+    def _op_del_sq(self, msg: dict[str, Any]) -> None:
+        assert self.runner is not None
+        # Commands of this SQ that are parked on the slow path finish first (bounded).
+        deadline = time.monotonic() + 2.0
+        while self.runner.inflight() and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        sq = self.runner.remove_sq(msg["sqid"])
+        self.nqueues -= 1
+        self._ack(msg, sq=sq.to_dict())
+
+    def _op_del_cq(self, msg: dict[str, Any]) -> None:
+        assert self.runner is not None
+        cq = self.runner.remove_cq(msg["cqid"])
+        self.nqueues -= 1
+        self._ack(msg, cq=cq.to_dict())
+
+    def _op_shadow(self, msg: dict[str, Any]) -> None:
+        assert self.runner is not None
+        sh = ShadowDoorbells(msg["dbbuf"], msg["eventidx"]) if msg["dbbuf"] else None
+        self.runner.set_shadow(sh)
+        self._ack(msg)
+
+    def _op_coalesce(self, msg: dict[str, Any]) -> None:
+        assert self.runner is not None
+        self.runner.set_coalescing(msg["thr"], msg["time"], set(msg["exempt"]))
+        self._ack(msg)
+
+    def _op_quiesce(self, msg: dict[str, Any]) -> None:
+        self.paused = True
+        if self.runner is not None:
+            self.runner.pause_fetch(True)
+        self.quiesce_seq = msg["seq"]
+        self.check_quiesced()
+
+    def _op_resume(self, msg: dict[str, Any]) -> None:
+        self.paused = False
+        if self.runner is not None:
+            self.runner.pause_fetch(False)
+        self._ack(msg)
+
+    def _op_slow_done(self, msg: dict[str, Any]) -> None:
+        if self.runner is not None:
+            self.runner.complete(msg["sqid"], msg["cid"], msg["status"], msg["dw0"])
+
+    def _op_ns_add(self, msg: dict[str, Any]) -> None:
+        self._ns_add(msg["ns"])
+        self._ack(msg)
+
+    def _op_ns_del(self, msg: dict[str, Any]) -> None:
+        ns = self.namespaces.pop(msg["nsid"], None)
+        if ns is not None:
+            ns.backend.close()
+        self._ack(msg)
+
+    def _op_stats(self, msg: dict[str, Any]) -> None:
+        snap = self.runner.snapshot() if self.runner is not None else {}
+        self._ack(msg, stats=dict(self.stats, nqueues=self.nqueues, queues=snap))
+
+    def _op_bye(self, msg: dict[str, Any]) -> None:
+        self._ack(msg)
+        self.close()
+
+    def close(self) -> None:
+        if self.dead:
+            return
+        self.dead = True
+        self.runner = None
+        for fd in set(self.vectors.values()):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.vectors = {}
+        self.mem.unmap_all()
+        for ns in self.namespaces.values():
+            ns.backend.close()
+        self.namespaces = {}
+        if self.db_map is not None:
+            try:
+                self.db_map.close()
+            except BufferError:
+                pass  # a view is still alive somewhere; the mapping dies with the process
+            self.db_map = None
+        self.chan.close(unlink=False)
