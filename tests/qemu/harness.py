@@ -1,0 +1,412 @@
+"""Real-guest test harness: provision QEMU + images, boot guests, run vnvmed.
+
+Theory of operation
+    ``provision()`` runs ``tests/qemu/provision`` once per process (it is
+    idempotent and cached on disk, so a cached run costs well under a second)
+    and returns the paths it printed.  When QEMU cannot be provisioned (not
+    root, no apt, no network, ...) it skips with the script's reason, at module
+    level so a whole test file is skipped with one clear message; set
+    ``VNVMED_QEMU_REQUIRED=1`` to turn that skip into a failure (for CI runs
+    that must exercise the real guest).
+
+    ``start_guest()`` starts QEMU (TCG only: KVM cannot run Linux guests on
+    these machines) with guest RAM in a shared memfd, as the vfio-user client
+    needs, the serial console in ``console.log`` inside a work directory that
+    is kept, and every vfio-user socket as a JSON ``-device`` (the dotted form
+    is rejected by QEMU).  The guest's init (tests/qemu/guest/init) reads
+    ``vnv.KEY=VALUE`` kernel arguments, prints ``VNV-...`` lines and powers
+    off, so QEMU exits on its own; the harness only bounds it with a timeout
+    and kills it by its own PID.  ``GuestResult`` parses the console and its
+    ``fail()``/``expect()`` put the console tail into assertion messages.
+
+    ``start_vnvmed()`` runs ``bin/vnvmed`` from this checkout with
+    ``VNVMED_RUN_DIR`` set, waits for a log line containing "ready" and stops
+    it with SIGTERM (SIGKILL after a grace period) by PID.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+PROVISION = HERE / "provision"
+VNVMED = ROOT / "bin" / "vnvmed"
+
+# Cold provisioning (debootstrap + apt + image build) took ~75 s here; leave
+# room for a slow mirror.
+PROVISION_TIMEOUT = 900.0
+CONSOLE_TAIL_LINES = 60
+_VNV_RE = re.compile(r"VNV-[A-Z0-9-]+(?: .*)?$")
+
+
+# --------------------------------------------------------------- provisioning
+@dataclass(frozen=True, slots=True)
+class GuestEnv:
+    """Paths printed by tests/qemu/provision."""
+
+    qemu: str
+    qemu_version: str
+    kernel: str
+    kernel_release: str
+    initrd: str
+    boot_initrd: str
+    bootdisk: str
+
+
+class ProvisionError(RuntimeError):
+    """QEMU or the guest images could not be provisioned (reason in str())."""
+
+
+@functools.cache
+def _provision_cached() -> GuestEnv | str:
+    """Run the script once per process; a failure is cached as its reason."""
+    if sys.platform != "linux":
+        return "real-guest tests need Linux"
+    if os.geteuid() != 0:
+        return "provisioning QEMU needs root (apt-get, debootstrap, chroot)"
+    try:
+        proc = subprocess.run(
+            ["bash", str(PROVISION)], capture_output=True, text=True,
+            timeout=PROVISION_TIMEOUT, stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        return f"tests/qemu/provision did not finish in {PROVISION_TIMEOUT:.0f} s"
+    except OSError as exc:
+        return f"cannot run tests/qemu/provision: {exc}"
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
+        return f"tests/qemu/provision failed (exit {proc.returncode}): {tail}"
+    kv = dict(
+        line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line
+    )
+    try:
+        return GuestEnv(
+            qemu=kv["QEMU"], qemu_version=kv["QEMU_VERSION"], kernel=kv["KERNEL"],
+            kernel_release=kv["KERNEL_RELEASE"], initrd=kv["INITRD"],
+            boot_initrd=kv["BOOT_INITRD"], bootdisk=kv["BOOTDISK"],
+        )
+    except KeyError as exc:
+        return f"tests/qemu/provision printed no {exc.args[0]}= line"
+
+
+def provision() -> GuestEnv:
+    """Provision once per session; skip (module level) with the reason if impossible."""
+    res = _provision_cached()
+    if isinstance(res, GuestEnv):
+        return res
+    if os.environ.get("VNVMED_QEMU_REQUIRED") == "1":
+        raise ProvisionError(res)
+    pytest.skip(f"QEMU guest unavailable: {res}", allow_module_level=True)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# -------------------------------------------------------------- guest output
+@dataclass(frozen=True, slots=True)
+class VnvLine:
+    """One machine-readable console line: ``VNV-TAG rest``."""
+
+    tag: str
+    rest: str
+
+    def words(self) -> list[str]:
+        return self.rest.split()
+
+    def kv(self) -> dict[str, str]:
+        """key=value words (values without spaces, per the guest's convention)."""
+        return dict(w.split("=", 1) for w in self.rest.split() if "=" in w)
+
+
+def parse_console(text: str) -> list[VnvLine]:
+    """VNV- lines of a console log; firmware escape junk before a marker is cut."""
+    out = []
+    for raw in text.splitlines():
+        m = _VNV_RE.search(raw.rstrip("\r"))
+        if m:
+            tag, _, rest = m.group(0).partition(" ")
+            out.append(VnvLine(tag[4:], rest))
+    return out
+
+
+@dataclass(slots=True)
+class GuestResult:
+    console: str
+    lines: list[VnvLine]
+    returncode: int | None
+    timed_out: bool
+    elapsed: float
+    workdir: Path
+    qemu_log: str = ""
+    # Other logs (e.g. the vnvmed log) to show with a failure: name -> text.
+    attached: dict[str, str] = field(default_factory=dict)
+
+    # -- lookups
+    def tagged(self, tag: str) -> list[VnvLine]:
+        return [ln for ln in self.lines if ln.tag == tag]
+
+    def first(self, tag: str) -> VnvLine:
+        found = self.tagged(tag)
+        if not found:
+            self.fail(f"guest printed no VNV-{tag} line")
+        return found[0]
+
+    def json(self, what: str, name: str | None = None) -> list[Any]:
+        """Parsed ``VNV-JSON what name {...}`` documents."""
+        docs = []
+        for ln in self.tagged("JSON"):
+            w, _, rest = ln.rest.partition(" ")
+            n, _, doc = rest.partition(" ")
+            if w == what and (name is None or n == name):
+                try:
+                    docs.append(json.loads(doc))
+                except ValueError as exc:
+                    self.fail(f"bad JSON in VNV-JSON {w} {n}: {exc}")
+        return docs
+
+    @property
+    def workload_rc(self) -> int | None:
+        for ln in self.tagged("RESULT"):
+            return int(ln.kv().get("rc", "-1"))
+        return None
+
+    # -- assertions that carry the console
+    def tail(self, n: int = CONSOLE_TAIL_LINES) -> str:
+        return "\n".join(self.console.splitlines()[-n:])
+
+    def fail(self, msg: str) -> None:
+        extra = f"\n--- qemu stderr ---\n{self.qemu_log[-2000:]}" if self.qemu_log.strip() else ""
+        for name, text in self.attached.items():
+            extra += f"\n--- {name} (tail) ---\n{text[-3000:]}"
+        raise AssertionError(
+            f"{msg}\n(qemu rc={self.returncode} timed_out={self.timed_out} "
+            f"elapsed={self.elapsed:.1f}s workdir={self.workdir})\n"
+            f"--- guest console (tail) ---\n{self.tail()}{extra}"
+        )
+
+    def expect(self, cond: object, msg: str) -> None:
+        if not cond:
+            self.fail(msg)
+
+    def assert_ok(self) -> None:
+        """QEMU exited by itself, the workload returned 0, the guest reached VNV-END."""
+        self.expect(not self.timed_out, "guest timed out")
+        self.expect(self.tagged("END"), "guest did not reach VNV-END")
+        self.expect(self.workload_rc == 0, f"workload failed (rc={self.workload_rc})")
+        self.expect(not self.tagged("ERROR"), "guest reported VNV-ERROR")
+        self.expect(self.returncode == 0, f"qemu exited with {self.returncode}")
+
+
+# ------------------------------------------------------------------- guests
+def kernel_cmdline(workload: str, args: Mapping[str, object] | None) -> str:
+    parts = ["console=ttyS0", "loglevel=4", "panic=-1", f"vnv.wl={workload}"]
+    for k, v in (args or {}).items():
+        if not re.fullmatch(r"[a-z0-9_]+", k) or re.search(r"\s", str(v)):
+            raise ValueError(f"bad guest argument {k}={v!r}")
+        parts.append(f"vnv.{k}={v}")
+    return " ".join(parts)
+
+
+def vfio_user_device(socket_path: str | os.PathLike[str], bootindex: int | None = None) -> str:
+    """The JSON -device value (QEMU rejects the dotted socket.* form)."""
+    dev: dict[str, Any] = {"driver": "vfio-user-pci",
+                           "socket": {"path": os.fspath(socket_path), "type": "unix"}}
+    if bootindex is not None:
+        dev["bootindex"] = bootindex
+    return json.dumps(dev)
+
+
+class Guest:
+    """A running QEMU; ``wait()`` turns it into a GuestResult."""
+
+    def __init__(self, argv: list[str], workdir: Path) -> None:
+        self.workdir = workdir
+        self.console_path = workdir / "console.log"
+        self.qemu_log_path = workdir / "qemu.log"
+        self.argv = argv
+        self._t0 = time.monotonic()
+        with open(self.qemu_log_path, "wb") as log:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def console(self) -> str:
+        try:
+            return self.console_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_for(self, tag: str, timeout: float) -> VnvLine:
+        """Block until the console shows VNV-TAG (AssertionError with console otherwise)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for ln in parse_console(self.console()):
+                if ln.tag == tag:
+                    return ln
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                self.result().fail(f"guest never printed VNV-{tag}")
+            time.sleep(0.1)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal QEMU by its own PID (the wrapper execs, so this is QEMU)."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+            self.proc.wait(timeout=30)
+
+    def wait(self, timeout: float) -> GuestResult:
+        timed_out = False
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            self.kill()
+        return self.result(timed_out)
+
+    def result(self, timed_out: bool = False) -> GuestResult:
+        console = self.console()
+        try:
+            qlog = self.qemu_log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            qlog = ""
+        return GuestResult(console=console, lines=parse_console(console),
+                           returncode=self.proc.poll(), timed_out=timed_out,
+                           elapsed=time.monotonic() - self._t0, workdir=self.workdir,
+                           qemu_log=qlog)
+
+    def __enter__(self) -> "Guest":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+def start_guest(
+    *,
+    devices: Sequence[str | os.PathLike[str]] = (),
+    workload: str = "info",
+    args: Mapping[str, object] | None = None,
+    smp: int = 2,
+    mem: str = "512M",
+    workdir: str | os.PathLike[str] | None = None,
+    extra: Iterable[str] = (),
+    boot_disk: bool = False,
+    env: GuestEnv | None = None,
+) -> Guest:
+    """Start QEMU with a vfio-user-pci device per socket in ``devices``.
+
+    ``boot_disk=True``: no -kernel; the first device gets bootindex=0 and
+    SeaBIOS boots from it.  ``extra``: more QEMU arguments (e.g. a built-in
+    ``-device nvme``).
+    """
+    env = env or provision()
+    wd = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="vnv-guest-"))
+    wd.mkdir(parents=True, exist_ok=True)
+    argv = [
+        env.qemu, "-accel", "tcg", "-cpu", "max", "-smp", str(smp), "-m", mem,
+        "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
+        "-machine", "q35,memory-backend=mem",
+        "-nographic", "-nodefaults", "-no-reboot", "-monitor", "none",
+        "-serial", f"file:{wd / 'console.log'}",
+    ]
+    if not boot_disk:
+        argv += ["-kernel", env.kernel, "-initrd", env.initrd,
+                 "-append", kernel_cmdline(workload, args)]
+    for i, sock in enumerate(devices):
+        argv += ["-device", vfio_user_device(sock, 0 if boot_disk and i == 0 else None)]
+    argv += list(extra)
+    return Guest(argv, wd)
+
+
+def run_guest(*, timeout: float = 120.0, **kw: Any) -> GuestResult:
+    """start_guest(**kw), then wait at most ``timeout`` seconds."""
+    return start_guest(**kw).wait(timeout)
+
+
+# ------------------------------------------------------------------- vnvmed
+class Vnvmed:
+    """bin/vnvmed from this checkout, stopped by PID."""
+
+    def __init__(self, args: Sequence[str], run_dir: Path, log_path: Path,
+                 ready_timeout: float) -> None:
+        self.args = list(args)
+        self.run_dir = run_dir
+        self.log_path = log_path
+        run_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, VNVMED_RUN_DIR=str(run_dir), PYTHONUNBUFFERED="1")
+        with open(log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(VNVMED), *self.args], stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT),
+                start_new_session=True,
+            )
+        try:
+            self._wait_ready(ready_timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.log()
+            if any("ready" in ln.lower() for ln in text.splitlines()):
+                return
+            rc = self.proc.poll()
+            if rc is not None:
+                raise AssertionError(f"vnvmed exited ({rc}) before 'ready'; args={self.args}\n"
+                                     f"--- vnvmed log ---\n{text[-4000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"vnvmed not ready after {timeout:.0f} s; args={self.args}\n"
+                                     f"--- vnvmed log ---\n{text[-4000:]}")
+            time.sleep(0.05)
+
+    def stop(self, grace: float = 10.0) -> int | None:
+        """SIGTERM by PID, SIGKILL after ``grace`` s; returns the exit status."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        return self.proc.returncode
+
+    def __enter__(self) -> "Vnvmed":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_vnvmed(args: Sequence[str], *, run_dir: str | os.PathLike[str] | None = None,
+                 log_path: str | os.PathLike[str] | None = None,
+                 ready_timeout: float = 30.0) -> Vnvmed:
+    """Run bin/vnvmed ARGS with VNVMED_RUN_DIR=run_dir; returns once it logged 'ready'."""
+    rd = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="vnvmed-run-"))
+    lp = Path(log_path) if log_path is not None else rd / "vnvmed.log"
+    return Vnvmed(args, rd, lp, ready_timeout)
