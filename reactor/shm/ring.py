@@ -65,7 +65,10 @@ load. Python has no fence primitive; acquiring and releasing an uncontended
 sem_trywait/sem_post are ``lock``-prefixed instructions, and a locked
 instruction drains the store buffer. With the fences, at least one side sees the
 other's store: either the consumer sees the data and does not sleep, or the
-producer sees the flag and writes the eventfd.
+producer sees the flag and writes the eventfd. Where that reasoning does not
+hold (not x86-64, or a CPython whose locks are not semaphores), the module sets
+FENCE_IS_FULL_BARRIER = False and wait() caps each blocking poll at 10 ms, so a
+lost wake-up costs latency, never a hang.
 
 Ownership
 ---------
@@ -78,7 +81,9 @@ from __future__ import annotations
 
 import mmap
 import os
+import platform
 import select
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -98,6 +103,12 @@ _OFF_SLEEPING = 192
 WRAP = 0xFFFFFFFF
 MIN_CAPACITY = 64
 MAX_CAPACITY = 1 << 30   # keeps every length well inside u32
+
+# See "Sleeping without lost wake-ups": our fence is a lock round trip, a full
+# barrier only for semaphore-based locks on x86-64 (locked instructions).
+FENCE_IS_FULL_BARRIER = (sys.thread_info.lock == "semaphore"
+                         and platform.machine() in ("x86_64", "AMD64"))
+_SLEEP_CAP_MS = None if FENCE_IS_FULL_BARRIER else 10
 
 
 class RingCorrupt(Exception):
@@ -394,10 +405,12 @@ class Ring:
                 return True
             if self.prepare_sleep():
                 if deadline is None:
-                    ms = None
+                    ms = _SLEEP_CAP_MS
                 else:
                     left = deadline - time.monotonic()
                     ms = max(0, int(left * 1000 + 0.999)) if left > 0 else 0
+                    if _SLEEP_CAP_MS is not None:
+                        ms = min(ms, _SLEEP_CAP_MS)
                 try:
                     if ms != 0:
                         poller.poll(ms)

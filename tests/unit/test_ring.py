@@ -6,11 +6,13 @@ second mapping plays the misbehaving peer for the corruption tests.
 import itertools
 import mmap
 import os
+import platform
 import select
 
 import posix_ipc
 import pytest
 
+from reactor.shm import ring as ring_mod
 from reactor.shm.ring import HEADER_SIZE, Ring, RingCorrupt
 
 _seq = itertools.count()
@@ -259,3 +261,10 @@ def test_unlink_is_creator_only_and_removes_segment(name):
     assert not os.path.exists("/dev/shm" + name)
     with pytest.raises(ValueError, match="closed"):
         ring.put(1)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="fence reasoning is x86-64 specific")
+def test_fence_assumption_holds_here():
+    """On x86-64 CPython our lock round trip is a full barrier, so wait() may block unbounded."""
+    assert ring_mod.FENCE_IS_FULL_BARRIER
+    assert ring_mod._SLEEP_CAP_MS is None
