@@ -67,6 +67,9 @@ class NvmeFunction:
         self.placement = Placement([])
         self.coord = Coordinator(self._request, self._send, self._quiesce_timeout, quiesce_timeout)
         self.session: Any = None
+        # DMA regions as mapped by the client, with our own dup of each fd, so a worker
+        # that joins later (restart) gets the same memory map.
+        self.dma_regions: dict[tuple[int, int], tuple[int, int | None, bool, bool]] = {}
         self.msix_fds: dict[int, int] = {}
         self.intx_fd: int | None = None
         self.intx_unmask_fd: int | None = None
@@ -85,8 +88,8 @@ class NvmeFunction:
         self.placement.set_workers(sorted(self.links))
         link.send({"op": "hello", "db_size": BAR0_SIZE, "mdts": self.mdts_bytes,
                    "ns": [self._ns_wire(ns) for ns in self.namespaces.values()]}, [self.bar_fd])
-        for entry in self.mem.regions():
-            link.send(self._map_msg(*entry), [entry[3]] if entry[3] is not None else None)
+        for (iova, size), (offset, fd, r, w) in self.dma_regions.items():
+            link.send(self._map_msg(iova, size, offset, fd, r, w), [fd] if fd is not None else None)
         self._push_routes_to(link)
         if self.shadow.enabled:
             link.send({"op": "shadow", "dbbuf": self.shadow.dbbuf, "eventidx": self.shadow.eventidx})
@@ -154,14 +157,14 @@ class NvmeFunction:
     def region_info(self, index: int) -> RegionInfo:
         rw = RegionFlag.READ | RegionFlag.WRITE
         if index == Region.BAR0:
-            return RegionInfo(index=index, size=BAR0_SIZE, flags=rw | RegionFlag.MMAP,
-                              sparse=[(DB_OFFSET, BAR0_SIZE - DB_OFFSET)], fd=self.bar_fd)
+            return RegionInfo(size=BAR0_SIZE, flags=rw | RegionFlag.MMAP,
+                              sparse=((DB_OFFSET, BAR0_SIZE - DB_OFFSET),), fd=self.bar_fd)
         if index in (Region.BAR4, Region.BAR5):
-            return RegionInfo(index=index, size=0x1000, flags=rw)
+            return RegionInfo(size=0x1000, flags=rw)
         if index == Region.CONFIG:
-            return RegionInfo(index=index, size=0x1000, flags=rw)
+            return RegionInfo(size=0x1000, flags=rw)
         if 0 <= index < NUM_REGIONS:
-            return RegionInfo(index=index, size=0, flags=0)
+            return RegionInfo(size=0, flags=0)
         raise ProtocolError(errno.EINVAL, f"no region {index}")
 
     def irq_info(self, index: int) -> IrqInfo:
@@ -171,9 +174,7 @@ class NvmeFunction:
         flags = IrqInfoFlag.EVENTFD
         if index == Irq.INTX:
             flags |= IrqInfoFlag.MASKABLE | IrqInfoFlag.AUTOMASKED
-        elif index == Irq.MSIX:
-            flags |= IrqInfoFlag.NORESIZE * 0
-        return IrqInfo(index=index, count=counts[index], flags=flags)
+        return IrqInfo(count=counts[index], flags=flags)
 
     def needs_quiesce(self, region: int, offset: int, data: bytes) -> bool:
         if region != Region.BAR0 or len(data) not in (4, 8):
@@ -257,10 +258,15 @@ class NvmeFunction:
 
     def dma_mapped(self, iova: int, size: int, offset: int, fd: int | None,
                    readable: bool, writable: bool) -> None:
+        self.dma_regions[(iova, size)] = (offset, os.dup(fd) if fd is not None else None,
+                                          readable, writable)
         self._broadcast(self._map_msg(iova, size, offset, fd, readable, writable),
                         [fd] if fd is not None else None)
 
     def dma_unmapped(self, iova: int, size: int) -> None:
+        entry = self.dma_regions.pop((iova, size), None)
+        if entry is not None and entry[1] is not None:
+            os.close(entry[1])
         self._broadcast({"op": "unmap", "iova": iova, "size": size})
 
     # IRQs -----------------------------------------------------------------------------
@@ -425,6 +431,38 @@ class NvmeFunction:
 
     def mig_data_write(self, data: bytes) -> None:
         raise ProtocolError(errno.EINVAL, "migration is not implemented yet")
+
+    # management --------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        regs = {"cc": self.ctrl.read_register(0x14, 4), "csts": self.ctrl.read_register(0x1C, 4)}
+        return {"client_connected": self.session is not None,
+                "enabled": bool(regs["cc"] & 1), "ready": bool(regs["csts"] & 1),
+                "fatal": bool(regs["csts"] & 2) or self.fatal_reason is not None,
+                "fatal_reason": self.fatal_reason, "csts": regs["csts"],
+                "namespaces": [{"nsid": ns.info.nsid, "block_size": ns.info.block_size,
+                                "blocks": ns.info.blocks, "size": ns.info.blocks * ns.info.block_size,
+                                "kind": ns.info.backend.get("kind"), "read_only": ns.info.read_only}
+                               for ns in self.namespaces.values()],
+                "queues": {str(sq): w for sq, w in ((sq, self.placement.worker_of_sq(sq))
+                                                    for sq in self.placement.sq_cq)},
+                "slow_commands": self.slow.count, "quiesces": self.coord.count}
+
+    def add_namespace(self, ns: Namespace) -> None:
+        self._broadcast({"op": "ns_add", "ns": self._ns_wire(ns)})
+        self.namespaces[ns.info.nsid] = ns
+        self.ctrl.add_namespace(ns)
+
+    def remove_namespace(self, nsid: int) -> None:
+        ns = self.namespaces.get(nsid)
+        if ns is None:
+            raise ValueError(f"no namespace {nsid}")
+        self.ctrl.remove_namespace(nsid)
+        self.namespaces.pop(nsid, None)
+        self._broadcast({"op": "ns_del", "nsid": nsid})
+        ns.backend.close()
+
+    def resize_namespace(self, nsid: int, blocks: int) -> None:
+        raise ValueError("namespace resize is not implemented yet")
 
     # the admin poller ---------------------------------------------------------------------
     async def admin_loop(self, min_interval: float = 0.0002, max_interval: float = 0.01) -> None:
