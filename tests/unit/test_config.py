@@ -347,3 +347,14 @@ def test_controller_from_options_and_uniqueness() -> None:
     dup = C.controller_from_options("nvme0", "y.sock", {}, cfg.run_dir)
     with pytest.raises(ConfigError, match="duplicate controller name"):
         C.with_controller(cfg, dup)
+
+
+def test_contrib_example_loads_and_documents_every_key() -> None:
+    example = Path(__file__).resolve().parents[2] / "contrib" / "vnvmed.toml"
+    cfg = C.load_toml(str(example), {})
+    (c,) = cfg.controllers
+    assert c.socket == "/run/vnvmed/nvme0.sock" and [n.nsid for n in c.namespaces] == [1, 2]
+    text = example.read_text()
+    for key in (*C._TOP_SCHEMA, *C._CTRL_SCHEMA, *C._NS_SCHEMA):
+        if key not in ("controllers", "namespaces"):
+            assert f"{key} =" in text, f"{key} is not documented in contrib/vnvmed.toml"
