@@ -132,7 +132,18 @@ def _align8(n: int) -> int:
 
 
 class Ring:
-    """One direction of a message channel: one producer process, one consumer process."""
+    """One direction of a message channel: one producer process, one consumer process.
+
+    Sleeping on several rings and sockets at once (what worker loops do)::
+
+        if all(r.prepare_sleep() for r in rings):   # all(): stops at first False
+            select.select([*rings, *socks], [], [], timeout)
+        for r in rings:
+            r.woke()                                # always: clears every flag
+
+    A ring whose prepare_sleep() was not reached keeps its flag clear, so
+    calling woke() on it is harmless.
+    """
 
     name: str
     eventfd: int
@@ -212,6 +223,8 @@ class Ring:
         Raises RingCorrupt for a bad header, posix_ipc.ExistentialError if the
         segment does not exist; on failure the caller still owns ``eventfd``.
         """
+        # woke() drains with a read that must not block on an empty counter.
+        os.set_blocking(eventfd, False)
         shm = posix_ipc.SharedMemory(name)
         size = os.fstat(shm.fd).st_size
         if size < HEADER_SIZE + MIN_CAPACITY:

@@ -268,3 +268,36 @@ def test_fence_assumption_holds_here():
     """On x86-64 CPython our lock round trip is a full barrier, so wait() may block unbounded."""
     assert ring_mod.FENCE_IS_FULL_BARRIER
     assert ring_mod._SLEEP_CAP_MS is None
+
+
+def test_attach_makes_a_blocking_eventfd_non_blocking(name):
+    """woke() on an attacher given a blocking eventfd returns instead of hanging."""
+    ring = Ring.create(name, 4096)
+    efd = os.eventfd(0)  # blocking
+    other = Ring.attach(name, efd)
+    try:
+        assert other.prepare_sleep()
+        other.woke()  # would block forever in read() on a blocking, empty eventfd
+        assert not os.get_blocking(efd)
+    finally:
+        other.close(); ring.close(); ring.unlink()
+
+
+def test_select_over_several_rings_wakes_on_the_one_written(name):
+    """The documented multi-ring sleep pattern: a put on any ring makes select return it."""
+    rings = [Ring.create(f"{name}-{i}", 4096) for i in range(3)]
+    prods = [Ring.attach(r.name, os.dup(r.eventfd)) for r in rings]
+    try:
+        assert all(r.prepare_sleep() for r in rings)
+        prods[1].put("only here")
+        ready, _, _ = select.select(rings, [], [], 5)
+        for r in rings:
+            r.woke()
+        assert ready == [rings[1]]
+        assert [r.get() for r in rings] == [None, "only here", None]
+        assert not select.select(rings, [], [], 0)[0]
+    finally:
+        for p in prods:
+            p.close()
+        for r in rings:
+            r.close(); r.unlink()
