@@ -1,0 +1,395 @@
+"""QueueRunner: the poll engine for the SQs/CQs of ONE controller.
+
+Theory of operation
+-------------------
+Used by workers (I/O queues, IoExecutor plugged in) and by the front-end (admin
+queue, admin executor plugged in).  One `poll()` is one batch:
+
+1. For every CQ read the host's head once (shadow doorbell for I/O queues when
+   Doorbell Buffer Config is active, else the doorbell page) and validate it: it
+   must be < size and may only advance over entries we posted.  A bad value ->
+   doorbell_error(1, cqid) ONCE, the CQ is marked broken and skipped (its SQs are
+   not fetched) until the host writes a valid head.  Never spin on garbage.
+2. For every SQ (round robin start) read the tail once, validate (< size; bad ->
+   doorbell_error(1, sqid) once, skipped until fixed).  Then fetch at most
+   `cq free slots - parked commands on that CQ` SQEs, so a CQ can never overflow
+   (SQ-side flow control, as SPDK does).  Each SQE is read through the read-only SQ
+   view AFTER the tail that covers it was read, its CID read once, and handed to
+   `execute(sqe, sqid)`.  A result posts a CQE with SQHD = new head and SQID filled
+   in (DW3 written last, see nvme.ring); `None` parks the command: it keeps its CQ
+   slot reserved until `complete()`.
+3. Interrupts: at most one irq per CQ per batch, only if IEN and something was
+   posted, subject to Interrupt Coalescing (fire when THR+1 entries are pending or
+   TIME*100us passed since the first un-signalled one; admin CQ and exempt vectors
+   always fire at once).  `coalesce_deadline()` tells the poller when to come back.
+
+EventIdx rearm protocol (shadow doorbells, I/O SQs only): after consuming an SQ we
+store EventIdx = the tail we consumed up to (one 32-bit store), issue a full
+barrier, and re-read the shadow tail.  If it moved, the host may have published its
+tail before seeing our EventIdx and so not rung the real doorbell: `has_work()`
+stays true and the poller must poll again instead of sleeping.  CQ EventIdx is set
+to 0xFFFFFFFF ("never ring"): we read shadow CQ heads ourselves.
+
+Errors: guest input never raises out of poll().  An exception from `execute` other
+than a per-command status is our bug: logged and completed with INTERNAL_ERROR so
+the guest does not hang; NeedsMessageDma escaping execute (the worker should park
+and forward such commands) completes with DATA_TRANSFER_ERROR.  Queue memory that
+cannot be mapped on set_memory() is reported through `fault(qid, reason)` (the
+controller goes CFS) and the queue is skipped.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .doorbell import Doorbells, ShadowDoorbellView
+from .memory import DmaFault, GuestMemory, NeedsMessageDma
+from .ring import CQE_SIZE, SQE_SIZE, fetch_budget, post_cqe, valid_cq_head
+from .state import CqState, ShadowDoorbells, SqState
+from .status import Status
+
+log = logging.getLogger(__name__)
+
+ExecuteFn = Callable[[memoryview, int], "tuple[int, int] | None"]
+INVALID_DOORBELL_VALUE = 1
+_barrier_lock = threading.Lock()
+
+
+def full_barrier() -> None:
+    """A full memory fence: a mutex acquire/release is a locked RMW (mfence-strength on x86)."""
+    _barrier_lock.acquire()
+    _barrier_lock.release()
+
+
+@dataclass(slots=True, eq=False)
+class _Cq:
+    st: CqState
+    words: memoryview | None = None   # RW view of the ring, cast 'I'
+    inflight: int = 0                 # parked commands that will post here
+    pending: int = 0                  # posted, not yet signalled
+    first_ns: int = 0                 # when the oldest un-signalled entry was noticed
+    faulted: bool = False
+    nsq: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class _Sq:
+    st: SqState
+    cq: _Cq
+    words: memoryview | None = None   # RO view of the ring, cast 'I'
+    faulted: bool = False
+    parked: set[int] = field(default_factory=set)   # CIDs parked on this SQ
+
+
+class QueueRunner:
+    def __init__(self, *, doorbells: Doorbells, mem: GuestMemory, execute: ExecuteFn,
+                 irq: Callable[[int], None], doorbell_error: Callable[[int, int], None],
+                 shadow: ShadowDoorbells | None = None,
+                 fault: Callable[[int, str], None] | None = None, page_size: int = 4096) -> None:
+        self._db = doorbells
+        self._mem = mem
+        self._execute = execute
+        self._irq = irq
+        self._db_error = doorbell_error
+        self._fault = fault
+        self._page_size = page_size
+        self._cqs: dict[int, _Cq] = {}
+        self._sqs: dict[int, _Sq] = {}
+        self._order: list[_Sq] = []
+        self._rr = 0
+        self._dirty: list[_Cq] = []
+        self._paused = False
+        self._more = False
+        self._nparked = 0
+        self._thr = 0
+        self._time_ns = 0
+        self._exempt: set[int] = set()
+        self._shadow_cfg: ShadowDoorbells | None = None
+        self._shadow: ShadowDoorbellView | None = None
+        if shadow is not None and shadow.enabled:
+            self.set_shadow(shadow)
+
+    # -- queue set ----------------------------------------------------------
+    def add_cq(self, cq: CqState) -> None:
+        """Raises DmaFault if the ring is not mapped (the caller picks the status)."""
+        if cq.cqid in self._cqs or cq.cqid >= self._db.nqueues:
+            raise ValueError(f"CQ {cq.cqid} exists or has no doorbell")
+        words = self._mem.view(cq.base, cq.size * CQE_SIZE, write=True).cast("I")
+        c = _Cq(cq, words)
+        self._cqs[cq.cqid] = c
+        if self._shadow is not None and cq.cqid:
+            self._shadow.set_cq_eventidx(cq.cqid, 0xFFFFFFFF)
+
+    def add_sq(self, sq: SqState) -> None:
+        if sq.sqid in self._sqs or sq.sqid >= self._db.nqueues:
+            raise ValueError(f"SQ {sq.sqid} exists or has no doorbell")
+        cq = self._cqs.get(sq.cqid)
+        if cq is None:
+            raise ValueError(f"SQ {sq.sqid}: CQ {sq.cqid} does not exist")
+        words = self._mem.view(sq.base, sq.size * SQE_SIZE, write=False).cast("I")
+        s = _Sq(sq, cq, words)
+        cq.nsq += 1
+        self._sqs[sq.sqid] = s
+        self._order.append(s)
+        if self._shadow is not None and sq.sqid:
+            self._shadow.set_sq_eventidx(sq.sqid, sq.tail)
+
+    def remove_sq(self, sqid: int) -> SqState:
+        """Commands still parked on it complete with ABORTED_SQ_DELETION."""
+        s = self._sqs.pop(sqid)
+        self._order.remove(s)
+        cq = s.cq
+        cq.nsq -= 1
+        for cid in sorted(s.parked):
+            self._nparked -= 1
+            cq.inflight -= 1
+            self._post(cq, s, cid, Status.ABORTED_SQ_DELETION, 0)
+        s.parked.clear()
+        self._signal()
+        return s.st
+
+    def remove_cq(self, cqid: int) -> CqState:
+        c = self._cqs[cqid]
+        if c.nsq:
+            raise ValueError(f"CQ {cqid} still has SQs")
+        del self._cqs[cqid]
+        if c in self._dirty:
+            self._dirty.remove(c)
+        return c.st
+
+    # -- configuration --------------------------------------------------------
+    def set_memory(self, mem: GuestMemory) -> None:
+        """Re-map every ring after the DMA map changed (called while quiesced)."""
+        self._mem = mem
+        for c in self._cqs.values():
+            try:
+                c.words = mem.view(c.st.base, c.st.size * CQE_SIZE, write=True).cast("I")
+                c.faulted = False
+            except DmaFault as e:
+                self._queue_fault(c, c.st.cqid, f"CQ memory: {e}")
+        for s in self._sqs.values():
+            try:
+                s.words = mem.view(s.st.base, s.st.size * SQE_SIZE, write=False).cast("I")
+                s.faulted = False
+            except DmaFault as e:
+                self._queue_fault(s, s.st.sqid, f"SQ memory: {e}")
+        if self._shadow_cfg is not None:
+            try:
+                self._shadow = ShadowDoorbellView(mem, self._shadow_cfg, self._page_size)
+            except DmaFault:
+                log.info("shadow doorbell pages unmapped: back to the doorbell page")
+                self.set_shadow(None)
+
+    def _queue_fault(self, q: _Cq | _Sq, qid: int, reason: str) -> None:
+        q.words = None
+        q.faulted = True
+        if self._fault is not None:
+            self._fault(qid, reason)
+        else:
+            log.warning("queue %d faulted: %s", qid, reason)
+
+    def set_shadow(self, shadow: ShadowDoorbells | None) -> None:
+        """Enable (raises DmaFault if the pages are not mapped) or drop shadow doorbells.
+
+        Dropping copies our view of tails/heads back into the doorbell page so the
+        next poll does not see stale values there.
+        """
+        if shadow is None or not shadow.enabled:
+            if self._shadow is not None or self._shadow_cfg is not None:
+                for s in self._sqs.values():
+                    if s.st.sqid:
+                        self._db.set_sq_tail(s.st.sqid, s.st.tail)
+                for c in self._cqs.values():
+                    if c.st.cqid:
+                        self._db.set_cq_head(c.st.cqid, c.st.head)
+            self._shadow = None
+            self._shadow_cfg = None
+            return
+        view = ShadowDoorbellView(self._mem, shadow, self._page_size)
+        self._shadow, self._shadow_cfg = view, shadow
+        for s in self._sqs.values():
+            if s.st.sqid:
+                view.set_sq_eventidx(s.st.sqid, s.st.tail)
+        for c in self._cqs.values():
+            if c.st.cqid:
+                view.set_cq_eventidx(c.st.cqid, 0xFFFFFFFF)
+
+    def set_coalescing(self, threshold: int, time_100us: int, exempt_vectors: set[int]) -> None:
+        """Interrupt Coalescing feature (08h): THR (0's based) and TIME (100 us units)."""
+        self._thr = threshold & 0xFF
+        self._time_ns = (time_100us & 0xFF) * 100_000
+        self._exempt = set(exempt_vectors)
+
+    def pause_fetch(self, paused: bool) -> None:
+        self._paused = paused
+
+    # -- the batch --------------------------------------------------------------
+    def poll(self, budget: int = 256) -> int:
+        done = 0
+        self._more = False
+        db, sh = self._db, self._shadow
+        for c in self._cqs.values():
+            if c.faulted:
+                continue
+            qid = c.st.cqid
+            h = sh.cq_head(qid) if (sh is not None and qid) else db.cq_head(qid)
+            if h == c.st.head and not c.st.broken:
+                continue
+            if valid_cq_head(c.st, h):
+                c.st.head = h
+                c.st.broken = False
+            elif not c.st.broken:
+                c.st.broken = True
+                self._db_error(INVALID_DOORBELL_VALUE, qid)
+        if not self._paused and self._order:
+            order = self._order
+            n = len(order)
+            start = self._rr % n
+            self._rr = start + 1
+            for k in range(n):
+                s = order[(start + k) % n]
+                if done >= budget:
+                    self._more = True
+                    break
+                done += self._run_sq(s, budget - done, sh)
+        self._signal()
+        return done
+
+    def _run_sq(self, s: _Sq, budget: int, sh: ShadowDoorbellView | None) -> int:
+        st, c = s.st, s.cq
+        if s.faulted or c.faulted or c.st.broken:
+            return 0
+        qid = st.sqid
+        use_shadow = sh is not None and qid != 0
+        tail = sh.sq_tail(qid) if use_shadow else self._db.sq_tail(qid)
+        if tail != st.tail or st.broken:
+            if not 0 <= tail < st.size:
+                if not st.broken:
+                    st.broken = True
+                    self._db_error(INVALID_DOORBELL_VALUE, qid)
+                return 0
+            st.tail = tail
+            st.broken = False
+        n = fetch_budget(st, c.st, c.inflight)
+        if n > budget:
+            n = budget
+            self._more = True
+        done = 0
+        words = s.words
+        assert words is not None
+        size = st.size
+        for _ in range(n):
+            head = st.head
+            sqe = words[head << 4:(head + 1) << 4]
+            cid = sqe[0] >> 16
+            head += 1
+            if head == size:
+                head = 0
+            st.head = head
+            if self._nparked and cid in s.parked:
+                self._post(c, s, cid, Status.CID_CONFLICT, 0)
+                done += 1
+                continue
+            try:
+                res = self._execute(sqe, qid)
+            except NeedsMessageDma:
+                log.warning("SQ %d CID %d needs message DMA and was not parked", qid, cid)
+                res = (Status.DATA_TRANSFER_ERROR, 0)
+            except Exception:  # our bug, not the guest's: keep the guest alive
+                log.exception("executor failed on SQ %d CID %d", qid, cid)
+                res = (Status.INTERNAL_ERROR, 0)
+            if res is None:
+                s.parked.add(cid)
+                c.inflight += 1
+                self._nparked += 1
+                continue
+            self._post(c, s, cid, res[0], res[1])
+            done += 1
+        if use_shadow:
+            assert sh is not None
+            sh.set_sq_eventidx(qid, st.tail)
+            full_barrier()
+            if sh.sq_tail(qid) != st.tail:
+                self._more = True
+        if st.head != st.tail and not self._more:
+            self._more = fetch_budget(st, c.st, c.inflight) > 0
+        return done
+
+    def _post(self, c: _Cq, s: _Sq, cid: int, status: int, dw0: int) -> None:
+        if c.words is None:
+            return
+        post_cqe(c.words, c.st, dw0, s.st.head, s.st.sqid, cid, status)
+        if c.pending == 0:
+            c.first_ns = 0
+            self._dirty.append(c)
+        c.pending += 1
+
+    def _signal(self) -> None:
+        if not self._dirty:
+            return
+        keep: list[_Cq] = []
+        now = 0
+        for c in self._dirty:
+            st = c.st
+            if not st.ien:
+                c.pending = 0
+                continue
+            if (self._thr or self._time_ns) and st.cqid and st.iv not in self._exempt:
+                if c.pending <= self._thr:
+                    now = now or time.monotonic_ns()
+                    if c.first_ns == 0:
+                        c.first_ns = now
+                    if now - c.first_ns < self._time_ns:
+                        keep.append(c)
+                        continue
+            c.pending = 0
+            self._irq(st.iv)
+        self._dirty = keep
+
+    # -- parked commands ------------------------------------------------------
+    def complete(self, sqid: int, cid: int, status: int, dw0: int) -> None:
+        """Finish a parked command; unknown (sqid, cid) pairs are ignored (SQ deleted)."""
+        s = self._sqs.get(sqid)
+        if s is None or cid not in s.parked:
+            log.debug("complete() for unknown command SQ %d CID %d", sqid, cid)
+            return
+        s.parked.discard(cid)
+        s.cq.inflight -= 1
+        self._nparked -= 1
+        self._post(s.cq, s, cid, status, dw0)
+        self._signal()
+
+    def inflight(self) -> int:
+        return self._nparked
+
+    def has_work(self) -> bool:
+        """True if the last poll left work behind (budget, EventIdx race, pending SQEs)."""
+        return self._more
+
+    def coalesce_deadline(self) -> int | None:
+        """monotonic_ns by which poll() should run again to flush coalesced interrupts."""
+        if not self._dirty or not self._time_ns:
+            return None
+        firsts = [c.first_ns for c in self._dirty if c.first_ns]
+        return min(firsts) + self._time_ns if firsts else time.monotonic_ns()
+
+    # -- state ----------------------------------------------------------------
+    def cq_state(self, cqid: int) -> CqState:
+        return self._cqs[cqid].st
+
+    def sq_state(self, sqid: int) -> SqState:
+        return self._sqs[sqid].st
+
+    def snapshot(self) -> dict[str, Any]:
+        """Plain data (msgpack-able); restore by add_cq/add_sq of the records."""
+        return {
+            "cqs": [c.st.to_dict() for c in self._cqs.values()],
+            "sqs": [s.st.to_dict() for s in self._order],
+            "shadow": None if self._shadow_cfg is None else
+            {"dbbuf": self._shadow_cfg.dbbuf, "eventidx": self._shadow_cfg.eventidx},
+            "coalescing": {"thr": self._thr, "time_ns": self._time_ns, "exempt": sorted(self._exempt)},
+            "parked": [[s.st.sqid, cid] for s in self._order for cid in sorted(s.parked)],
+        }
