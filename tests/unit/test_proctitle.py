@@ -18,6 +18,7 @@ def _child(name, ready, done):
     ("worker 2", "vnvmed:worker2"),
     ("worker 123", "worker123"),
     ("supervisor", "supervisor"),
+    ("vnvmed: worker 7", "vnvmed:worker7"),
 ])
 def test_spawned_child_shows_name(name, comm):
     """comm (15 bytes) keeps the role word; cmdline carries 'vnvmed: <name>'."""
@@ -32,7 +33,8 @@ def test_spawned_child_shows_name(name, comm):
             assert f.read().rstrip("\n") == comm
         with open(f"/proc/{p.pid}/cmdline", "rb") as f:
             cmdline = f.read().replace(b"\0", b" ").decode()
-        assert f"vnvmed: {name}" in cmdline
+        role = name.removeprefix("vnvmed: ")
+        assert f"vnvmed: {role}" in cmdline and "vnvmed: vnvmed" not in cmdline
     finally:
         done.set()
         p.join(10)
