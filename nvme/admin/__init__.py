@@ -1,0 +1,1 @@
+"""Admin command set: one module per command family, dispatched from `table`."""
