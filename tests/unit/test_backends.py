@@ -7,6 +7,8 @@ import pytest
 from backends.base import Backend, create_backend, open_backend, parse_size
 from backends.file import FileBackend
 
+pytestmark = pytest.mark.timeout(20)
+
 PREFIX = f"vnvmedtest{os.getpid()}"
 
 

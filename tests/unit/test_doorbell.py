@@ -6,6 +6,8 @@ from nvme.doorbell import Doorbells, ShadowDoorbellView
 from nvme.memory import DmaFault, FlatMemory
 from nvme.state import ShadowDoorbells
 
+pytestmark = pytest.mark.timeout(20)
+
 
 def test_layout_dstrd0_over_shared_mapping():
     mm = mmap.mmap(-1, 4096)

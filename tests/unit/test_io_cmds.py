@@ -11,6 +11,8 @@ from nvme.namespace import Namespace
 from nvme.state import NamespaceInfo
 from nvme.status import Status
 
+pytestmark = pytest.mark.timeout(20)
+
 P = 4096
 RAM = 0x100000
 PREFIX = f"vnvmediot{os.getpid()}"

@@ -7,6 +7,8 @@ from nvme.memory import FlatMemory, NeedsMessageDma
 from nvme.prp import map_dptr, map_prp, prp_pages
 from nvme.status import Status
 
+pytestmark = pytest.mark.timeout(20)
+
 P = 4096
 
 

@@ -14,6 +14,8 @@ from nvme.qpair import QueueRunner
 from nvme.state import CqState, ShadowDoorbells, SqState
 from nvme.status import Status
 
+pytestmark = pytest.mark.timeout(20)
+
 P = 4096
 RAM = 0x100000
 SQ1, CQ1, SQ2, CQ2, DATA, DBBUF, EVIDX = (RAM + i * P for i in range(7))

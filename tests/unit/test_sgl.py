@@ -7,6 +7,8 @@ from nvme.memory import FlatMemory
 from nvme.sgl import map_sgl
 from nvme.status import Status
 
+pytestmark = pytest.mark.timeout(20)
+
 BASE = 0x200000
 
 
