@@ -385,6 +385,15 @@ def _ascii_field(where: _Where, key: str, v: str, limit: int) -> str:
     return v
 
 
+def _socket_path(where: _Where, key: str, sock: str, base: str) -> str:
+    if not sock or "\0" in sock:
+        raise where.error(key, "empty or contains NUL")
+    sock = os.path.normpath(os.path.join(base, sock))   # relative -> inside base (the run dir)
+    if len(os.fsencode(sock)) > 107:   # sockaddr_un.sun_path is 108 bytes incl. NUL
+        raise where.error(key, f"path {sock!r} is longer than the 107 bytes a UNIX socket allows")
+    return sock
+
+
 def _build_controller(where: _Where, key: str, t: dict[str, Any], run_dir: str,
                       allow_no_namespaces: bool = True) -> ControllerSpec:
     _check_keys(where, key, t, _CTRL_SCHEMA)
@@ -395,13 +404,7 @@ def _build_controller(where: _Where, key: str, t: dict[str, Any], run_dir: str,
     if not _NAME_RE.match(name):
         raise where.error(f"{key}.name", f"bad name {name!r}: letters, digits, '_', '.', '-' (max 64), "
                                          "starting with a letter or digit")
-    sock = t["socket"]
-    if not sock or "\0" in sock:
-        raise where.error(f"{key}.socket", "empty or contains NUL")
-    sock = os.path.normpath(os.path.join(run_dir, sock))   # relative -> inside the run dir
-    if len(os.fsencode(sock)) > 107:   # sockaddr_un.sun_path is 108 bytes incl. NUL
-        raise where.error(f"{key}.socket", f"path {sock!r} is longer than the 107 bytes a UNIX socket allows")
-    c = ControllerSpec(name, sock)
+    c = ControllerSpec(name, _socket_path(where, f"{key}.socket", t["socket"], run_dir))
     c.serial = _ascii_field(where, f"{key}.serial", t.get("serial", _default_serial(name)), 20)
     c.model = _ascii_field(where, f"{key}.model", t.get("model", c.model), 40)
     c.max_io_queues = _int_in(where, f"{key}.max_io_queues", t.get("max_io_queues", c.max_io_queues), 1, 1024)
@@ -559,7 +562,7 @@ def from_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None 
             raise where.error(f"--controller[{i}]", f"{item!r} must be NAME=SOCKET")
         existing = cfg.controller(name)
         if existing is not None:
-            existing.socket = os.path.abspath(sock)
+            existing.socket = _socket_path(where, f"--controller[{i}]", sock, os.getcwd())
             continue
         c = _build_controller(where, f"--controller[{i}]", {"name": name, "socket": os.path.abspath(sock)},
                               cfg.run_dir)

@@ -303,6 +303,7 @@ def test_cli_run_dir_moves_relative_sockets(tmp_path: Path) -> None:
     (["--controller", "nosocket"], "--controller[0]"),
     (["--controller", "a=/tmp/s.sock", "--controller", "b=/tmp/s.sock"], "controllers[1].socket"),
     (["--cores", "x"], "--cores"),
+    (["--controller", "c=/tmp/" + "x" * 120], "--controller[0].socket"),
 ])
 def test_cli_errors(argv: list[str], key: str) -> None:
     with pytest.raises(ConfigError) as ei:
