@@ -179,7 +179,7 @@ class ControllerSpec:
     mdts: int = 5                         # Identify MDTS: 2^mdts * 4 KiB per command, 0 = no limit
     socket_owner: str | None = None
     socket_group: str | None = None
-    socket_mode: int = 0o660              # QEMU usually runs as another user in our group
+    socket_mode: int = 0o600              # owner only by default; widen with socket_mode/socket_group
     namespaces: list[NamespaceSpec] = field(default_factory=list)
 
 
