@@ -38,17 +38,14 @@ from nvme.admin.table import build_admin_table
 from nvme.config import ControllerConfig
 from nvme.cstate import CEvent, CState, StateTable, cc_en, decode_cc_write
 from nvme.doorbell import Doorbells
-from nvme.errors import CommandError, QueueFault
+from nvme.errors import CommandError
 from nvme.memory import DmaFault, GuestMemory
 from nvme.regs import (CC_WRITABLE, CSTS_CFS, CSTS_NSSRO, CSTS_RDY, CSTS_SHST_SHIFT,
                        NSSR_MAGIC, Reg, RegisterFile)
 from nvme.state import CqState, ShadowDoorbells, SqState
 from nvme.status import Status
 
-try:  # the I/O poll engine; the admin-only stand-in keeps us working without it
-    from nvme.qpair import QueueRunner  # type: ignore[import-not-found]
-except Exception:  # pragma: no cover - depends on what has landed
-    from nvme.admin.adminq import AdminQueueRunner as QueueRunner  # type: ignore[assignment]
+from nvme.qpair import QueueRunner
 
 log = logging.getLogger(__name__)
 SNAPSHOT_VERSION = 1
@@ -217,13 +214,35 @@ class Controller:
 
     def _start_admin(self, sq: SqState, cq: CqState) -> None:
         self._runner = QueueRunner(doorbells=self.db, mem=self.mem, execute=self._execute,
-                                   irq=self.hooks.irq, doorbell_error=self.doorbell_error)
-        self._runner.add_cq(cq)
+                                   irq=self.hooks.irq, doorbell_error=self.doorbell_error,
+                                   fault=self._admin_fault)
+        self._runner.add_cq(cq)   # raises DmaFault if unmapped (checked by the callers)
         self._runner.add_sq(sq)
         self._admin = (sq, cq)
 
+    def _admin_fault(self, qid: int, reason: str) -> None:
+        self.fail(f"admin queue {qid}: {reason}")
+
+    def _repark_aers(self) -> None:
+        """After restore: the outstanding AER CIDs are parked commands of the new runner.
+
+        QueueRunner has no public "park" yet (its snapshot lists parked commands but it
+        is restored from queue records only), so this mirrors what it does on a None
+        result from the executor.  Without it complete() would drop the AER completion.
+        """
+        r = self._runner
+        park = getattr(r, "park", None)
+        for cid in self.aer.outstanding:
+            if park is not None:
+                park(0, cid)
+            else:
+                s = r._sqs[0]
+                s.parked.add(cid)
+                s.cq.inflight += 1
+                r._nparked += 1
+
     # -- teardown / reset ---------------------------------------------------------
-    def _teardown(self) -> None:
+    def _teardown(self, zero_doorbells: bool = True) -> None:
         """EN 1->0, shutdown, reset: AERs dropped (no completions), I/O queues deleted."""
         self.aer.abort_outstanding()
         self._aer_out.clear()
@@ -238,8 +257,9 @@ class Controller:
             self.hooks.shadow_doorbells_changed(self.shadow)
         self._runner = None
         self._admin = None
-        for qid in range(self.db.nqueues):
-            self.db.zero(qid)
+        if zero_doorbells:   # doorbell registers reset to 0 (not on restore: page migrates)
+            for qid in range(self.db.nqueues):
+                self.db.zero(qid)
 
     def _reset_controller_state(self) -> None:
         """What a controller reset returns to defaults (error log and SMART persist)."""
@@ -278,11 +298,7 @@ class Controller:
     def poll_admin(self, budget: int = 64) -> int:
         if self.table.state is not CState.READY or self._runner is None:
             return 0
-        try:
-            n = self._runner.poll(budget)
-        except QueueFault as e:
-            self.fail(f"admin queue: {e}")
-            return 0
+        n = self._runner.poll(budget)
         self._flush_aer()
         return n
 
@@ -347,6 +363,8 @@ class Controller:
 
     def _doorbell_event(self, info: int, qid: int) -> None:
         self.errlog.add(qid, 0xFFFF, 0)
+        if self.table.state is not CState.READY:
+            return  # a late report from a worker of a torn-down queue: log only
         self.post_aer_completions(self.aer.post(AsyncEvent(AerType.ERROR, info, LogId.ERROR)))
 
     def add_io_stats(self, *, bytes_read: int = 0, bytes_written: int = 0, reads: int = 0,

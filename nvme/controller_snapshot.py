@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from nvme.admin.features import FeatureState
 from nvme.cstate import CState
+from nvme.memory import DmaFault
 from nvme.state import CqState, ShadowDoorbells, SqState
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ def snapshot_controller(c: "Controller") -> dict[str, Any]:
 def restore_controller(c: "Controller", d: dict[str, Any]) -> None:
     if d.get("version") != VERSION:
         raise ValueError(f"controller snapshot version {d.get('version')!r} unsupported")
-    c._teardown()
+    c._teardown(zero_doorbells=False)
     now = c.clock()
     c.regs.load(d["regs"])
     c.table.state = CState(d["state"])
@@ -74,7 +75,12 @@ def restore_controller(c: "Controller", d: dict[str, Any]) -> None:
     for k, v in d["stats"].items():
         setattr(c.stats, k, v)
     if d["admin"] is not None:
-        c._start_admin(SqState.from_dict(d["admin"]["sq"]), CqState.from_dict(d["admin"]["cq"]))
+        try:
+            c._start_admin(SqState.from_dict(d["admin"]["sq"]), CqState.from_dict(d["admin"]["cq"]))
+            c._repark_aers()
+        except DmaFault as e:
+            c._runner = c._admin = None
+            c.fail(f"restored admin queue not mapped: {e}")
     c.queues.load(d["queues"])
     for cq in sorted(c.queues.cqs.values(), key=lambda q: q.cqid):
         c.hooks.io_cq_created(cq)
