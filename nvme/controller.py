@@ -269,7 +269,7 @@ class Controller:
 
     def _flush_namespaces(self) -> None:
         for ns in self.namespaces.values():
-            flush = getattr(ns, "flush", None)
+            flush = getattr(ns, "flush", None) or getattr(getattr(ns, "backend", None), "flush", None)
             if callable(flush):
                 try:
                     flush()

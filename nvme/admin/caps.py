@@ -3,13 +3,15 @@
 One source feeds three consumers: admin dispatch (an opcode not in the admin table
 is INVALID_OPCODE), the Commands Supported and Effects log (05h), and Identify
 (OACS for admin, ONCS for the optional I/O commands).  The I/O half comes from the
-I/O command set; `DEFAULT_IO_EFFECTS` is only what we assume until it is passed in.
+I/O command set (nvme.io.opcodes), so ONCS and log 05h match what workers dispatch.
 """
 from __future__ import annotations
 
 import struct
 from enum import IntEnum
 from typing import Iterable, Mapping
+
+from nvme.io.opcodes import IO_COMMAND_EFFECTS
 
 # Commands Supported and Effects entry bits (NVMe Base 1.4 figure 210)
 CSUPP = 1 << 0   # command supported
@@ -46,13 +48,8 @@ class IoOpcode(IntEnum):
     COPY = 0x19
 
 
-DEFAULT_IO_EFFECTS: dict[int, int] = {
-    IoOpcode.FLUSH: CSUPP,
-    IoOpcode.WRITE: CSUPP | LBCC,
-    IoOpcode.READ: CSUPP,
-    IoOpcode.WRITE_ZEROES: CSUPP | LBCC,
-    IoOpcode.DATASET_MANAGEMENT: CSUPP | LBCC,
-}
+# The I/O command set's own table (what its executor dispatches) is the default.
+DEFAULT_IO_EFFECTS: dict[int, int] = dict(IO_COMMAND_EFFECTS)
 
 # ONCS bit for each optional I/O command (NVMe Base 1.4 Identify Controller byte 521:520)
 _ONCS_BITS = {

@@ -11,6 +11,7 @@ from enum import IntEnum
 from typing import TYPE_CHECKING
 
 from nvme.errors import CommandError
+from nvme.io import opcodes as io_opcodes
 from nvme.status import Status
 
 from .caps import AdminOpcode, oncs
@@ -69,8 +70,9 @@ def identify_controller(c: "Controller") -> bytes:
     b[513] = 0x44                                       # CQES: 16 bytes
     struct.pack_into("<I", b, 516, cfg.max_namespaces)  # NN
     struct.pack_into("<H", b, 520, oncs(c.io_effects))
-    b[525] = 0x01                                       # VWC present
-    struct.pack_into("<I", b, 536, 0x1)                 # SGLS: supported, no alignment
+    struct.pack_into("<H", b, 522, io_opcodes.FUSES)
+    b[525] = io_opcodes.VWC                             # VWC as the I/O executor implements it
+    struct.pack_into("<I", b, 536, io_opcodes.SGLS)     # SGLS as nvme.sgl walks them
     nqn = cfg.subnqn.encode()
     b[768:768 + len(nqn)] = nqn
     struct.pack_into("<H", b, 2048, 2500)               # PSD0: MP 25.00 W

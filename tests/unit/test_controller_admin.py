@@ -23,7 +23,7 @@ def test_identify_controller_fields():
     assert d[512] == 0x66 and d[513] == 0x44
     assert struct.unpack_from("<I", d, 516)[0] == 32               # NN
     oncs = struct.unpack_from("<H", d, 520)[0]
-    assert oncs & (1 << 2) and oncs & (1 << 3) and not oncs & 1   # DSM, write zeroes, no compare
+    assert oncs & (1 << 2) and oncs & (1 << 3) and oncs & 1 and oncs & (1 << 6)  # DSM, WZ, compare, timestamp
     assert d[525] & 1 and struct.unpack_from("<I", d, 536)[0] & 3
     assert d[768:768 + 10] == b"nqn.test:x" and d[778] == 0
 
