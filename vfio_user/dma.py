@@ -67,7 +67,16 @@ class DmaTable:
         self._entries.insert(i, entry)
         return entry
 
+    def lookup_exact(self, iova: int, size: int) -> DmaEntry:
+        """The entry mapped exactly as [iova, iova+size); ENOENT / EINVAL otherwise."""
+        return self._entries[self._exact(iova, size)]
+
     def remove(self, iova: int, size: int) -> DmaEntry:
+        i = self._exact(iova, size)
+        del self._starts[i]
+        return self._entries.pop(i)
+
+    def _exact(self, iova: int, size: int) -> int:
         i = bisect.bisect_left(self._starts, iova)
         if i == len(self._starts) or self._starts[i] != iova:
             raise ProtocolError(errno.ENOENT, f"no DMA region at {iova:#x}")
@@ -75,8 +84,7 @@ class DmaTable:
             raise ProtocolError(errno.EINVAL,
                                 f"DMA unmap {iova:#x}+{size:#x} != region size "
                                 f"{self._entries[i].size:#x}")
-        del self._starts[i]
-        return self._entries.pop(i)
+        return i
 
     def remove_all(self) -> list[DmaEntry]:
         out = self._entries

@@ -1,0 +1,192 @@
+"""Guest memory mapped from the client's DMA_MAP fds: a `nvme.memory.GuestMemory`.
+
+Theory of operation
+-------------------
+Each DMA_MAP with an fd becomes a MAP_SHARED mmap of that fd.  The mapping starts
+at the map's file offset rounded down to the mapping granularity
+(`max(st_blksize, ALLOCATIONGRANULARITY)`: on hugetlbfs st_blksize is the huge page
+size) and covers `[offset, offset + size)`.  Before mapping we check
+`offset + size <= fstat(fd).st_size`: touching a page past the end of the file
+raises SIGBUS, which kills a Python process.  A memfd that is not sealed against
+shrinking (F_SEAL_SHRINK) could still be truncated later by the client; such a
+mapping is accepted but flagged (`Mapping.shrinkable`) so callers can decide how much
+to trust it.
+
+`view(addr, length, write)` is the hot path: a bisect in the `DmaTable`, permission
+checks, and a slice of a memoryview kept for the whole mapping.  Read views are
+read-only.  A region mapped without an fd raises `NeedsMessageDma` (it can only be
+reached with DMA_READ/DMA_WRITE messages); every other refusal is `DmaFault`.
+
+Unmapping and exported views: `mmap.close()` fails with BufferError while any
+memoryview of it is alive.  We release our base view and close the mmap; if a caller
+still holds a view, the mmap is parked (`zombies`) instead of closed: its pages stay
+mapped, so the stale view can never touch unmapped memory (no use-after-munmap), and
+we retry the close on every later map/unmap and `collect()`.  Callers should drop
+views as soon as a command is done.
+
+fd ownership: `map()` does not take the caller's fd; Python's mmap keeps its own dup
+while the mapping lives.  The same class serves the front-end and the workers (which
+receive the same fds over a socket).
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import mmap
+import os
+from dataclasses import dataclass
+
+from nvme.memory import DmaFault, NeedsMessageDma
+from vfio_user.dma import DmaTable
+from vfio_user.errors import ProtocolError
+
+log = logging.getLogger(__name__)
+
+_F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
+_F_SEAL_SHRINK = getattr(fcntl, "F_SEAL_SHRINK", 0x2)
+
+
+@dataclass(slots=True)
+class Mapping:
+    mm: mmap.mmap | None          # None: mapped without fd
+    base: memoryview | None       # view of exactly [offset, offset+size) of the file
+    readable: bool
+    writable: bool
+    shrinkable: bool = False
+
+
+def _granularity(st: os.stat_result) -> int:
+    g = max(mmap.ALLOCATIONGRANULARITY, st.st_blksize or 0)
+    # Round up to a multiple of the allocation granularity (mmap's offset rule).
+    a = mmap.ALLOCATIONGRANULARITY
+    return (g + a - 1) // a * a
+
+
+class MappedGuestMemory:
+    def __init__(self, max_regions: int = 65535) -> None:
+        self.table = DmaTable(max_regions=max_regions)
+        self.zombies: list[mmap.mmap] = []
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    # ------------------------------------------------------------------ map
+    def map(self, iova: int, size: int, offset: int, fd: int | None,
+            readable: bool, writable: bool) -> None:
+        """Map [iova, iova+size) onto fd at offset (or record an fd-less region).
+
+        Raises ProtocolError: EINVAL (bad range, past the end of the file, fd not
+        mappable), EEXIST (overlap), ENOSPC (too many regions).
+        """
+        self.collect()
+        if not (readable or writable):
+            raise ProtocolError(errno.EINVAL, "DMA region neither readable nor writable")
+        if offset < 0:
+            raise ProtocolError(errno.EINVAL, "negative file offset")
+        # Refuse bad ranges/overlaps before creating any mapping.
+        entry = self.table.add(iova, size, readable, writable, None)
+        try:
+            entry.handle = self._make_mapping(size, offset, fd, readable, writable)
+        except BaseException:
+            self.table.remove(iova, size)
+            raise
+
+    @staticmethod
+    def _make_mapping(size: int, offset: int, fd: int | None,
+                      readable: bool, writable: bool) -> Mapping:
+        if fd is None:
+            return Mapping(None, None, readable, writable)
+        try:
+            st = os.fstat(fd)
+        except OSError as e:
+            raise ProtocolError(errno.EINVAL, f"DMA fd unusable: {e}") from e
+        if offset + size > st.st_size:
+            # A mapping past the end of the file would SIGBUS on first touch.
+            raise ProtocolError(errno.EINVAL,
+                                f"DMA map {offset:#x}+{size:#x} past end of fd ({st.st_size:#x})")
+        gran = _granularity(st)
+        start = offset - offset % gran
+        delta = offset - start
+        prot = (mmap.PROT_READ if readable or writable else 0) | (mmap.PROT_WRITE if writable else 0)
+        try:
+            mm = mmap.mmap(fd, delta + size, flags=mmap.MAP_SHARED, prot=prot, offset=start)
+        except (OSError, ValueError, OverflowError) as e:
+            raise ProtocolError(getattr(e, "errno", None) or errno.EINVAL,
+                                f"mmap of DMA fd failed: {e}") from e
+        shrinkable = True
+        try:
+            shrinkable = not (fcntl.fcntl(fd, _F_GET_SEALS) & _F_SEAL_SHRINK)
+        except OSError:
+            pass        # not a memfd: a regular/hugetlbfs file, can be truncated too
+        base = memoryview(mm)[delta:delta + size]
+        return Mapping(mm, base, readable, writable, shrinkable)
+
+    # ---------------------------------------------------------------- unmap
+    def unmap(self, iova: int, size: int) -> None:
+        """Remove exactly one mapped range (ENOENT / EINVAL otherwise)."""
+        entry = self.table.remove(iova, size)
+        self._close(entry.handle)
+        self.collect()
+
+    def unmap_all(self) -> None:
+        for entry in self.table.remove_all():
+            self._close(entry.handle)
+        self.collect()
+
+    def _close(self, m: Mapping | None) -> None:
+        if m is None or m.mm is None:
+            return
+        if m.base is not None:
+            try:
+                m.base.release()   # fails only if someone re-exported *this* object
+            except BufferError:
+                pass
+            m.base = None
+        try:
+            m.mm.close()
+        except BufferError:
+            # A caller still holds a view: keep the pages mapped until it is gone.
+            self.zombies.append(m.mm)
+
+    def collect(self) -> int:
+        """Retry closing parked mappings; returns how many are still parked."""
+        still = []
+        for mm in self.zombies:
+            try:
+                mm.close()
+            except BufferError:
+                still.append(mm)
+        self.zombies = still
+        return len(still)
+
+    # ----------------------------------------------------------------- view
+    def mapping_at(self, addr: int) -> Mapping:
+        entry, _ = self._find(addr, 0)
+        return entry.handle
+
+    def _find(self, addr: int, length: int):
+        try:
+            return self.table.find(addr, length)
+        except ProtocolError:
+            raise DmaFault(addr, length, "not inside one mapped region") from None
+
+    def view(self, addr: int, length: int, write: bool = False) -> memoryview:
+        entry, off = self._find(addr, length)
+        m: Mapping = entry.handle
+        if write and not m.writable:
+            raise DmaFault(addr, length, "region is read-only")
+        if not write and not m.readable:
+            raise DmaFault(addr, length, "region is write-only")
+        if m.base is None:
+            raise NeedsMessageDma(addr, length, "mapped without fd")
+        v = m.base[off:off + length]
+        return v if write else v.toreadonly()
+
+    def read(self, addr: int, length: int) -> bytes:
+        with self.view(addr, length) as v:
+            return bytes(v)
+
+    def write(self, addr: int, data: bytes) -> None:
+        with self.view(addr, len(data), write=True) as v:
+            v[:] = data

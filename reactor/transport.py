@@ -1,0 +1,101 @@
+"""The vfio-user socket edge: framing of (bytes, fds) and asyncio send/receive.
+
+Theory of operation
+-------------------
+Framing (bytes + fds -> messages, fd attribution and ownership) is sans-I/O in
+`vfio_user.framing` and re-exported here.
+
+`Transport` wraps a non-blocking socket for asyncio: `recv_chunk()` awaits
+readability and does one `recvmsg` (MSG_CMSG_CLOEXEC); `send()` does `sendmsg` with
+the fds on the first byte and finishes partial writes when the socket drains.
+Sends are serialised with a lock so a DMA request never interleaves with a reply.
+"""
+from __future__ import annotations
+
+import array
+import asyncio
+import socket
+
+from vfio_user.framing import Frame, Framer, close_fds
+from vfio_user.wire import Header
+
+__all__ = ["Frame", "Framer", "Transport", "close_fds"]
+
+# SCM_MAX_FD is 253 on Linux: room for every fd a single sendmsg can carry, so we
+# see (and refuse) an over-long fd list instead of the kernel truncating it.
+_MAX_FDS_PER_RECV = 253
+RECV_CHUNK = 256 * 1024
+
+
+class Transport:
+    """A connected non-blocking AF_UNIX stream socket, used from one event loop."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._send_lock = asyncio.Lock()
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def _wait(self, writer: bool) -> None:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        fd = self.sock.fileno()
+        add, remove = ((loop.add_writer, loop.remove_writer) if writer
+                       else (loop.add_reader, loop.remove_reader))
+        add(fd, lambda: fut.done() or fut.set_result(None))
+        try:
+            await fut
+        finally:
+            remove(fd)
+
+    async def recv_chunk(self) -> tuple[bytes, list[int], bool]:
+        """One recvmsg: (data, fds, fds_truncated).  b"" means EOF."""
+        space = socket.CMSG_SPACE(_MAX_FDS_PER_RECV * 4)
+        while True:
+            if self._closed:
+                return b"", [], False
+            try:
+                data, anc, flags, _ = self.sock.recvmsg(RECV_CHUNK, space,
+                                                        socket.MSG_CMSG_CLOEXEC)
+            except (BlockingIOError, InterruptedError):
+                await self._wait(writer=False)
+                continue
+            except (ConnectionResetError, OSError):
+                return b"", [], False
+            fds: list[int] = []
+            for level, kind, cdata in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    a = array.array("i")
+                    a.frombytes(cdata[:len(cdata) - len(cdata) % a.itemsize])
+                    fds.extend(a)
+            return data, fds, bool(flags & socket.MSG_CTRUNC)
+
+    async def send(self, header: Header, payload: bytes = b"",
+                   fds: list[int] | tuple[int, ...] = ()) -> None:
+        """Send one whole message; the fds go with its first byte.  We keep our fds."""
+        data = memoryview(header.encode() + payload)
+        async with self._send_lock:
+            anc = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+                   if fds else [])
+            while data:
+                if self._closed:
+                    raise ConnectionError("transport closed")
+                try:
+                    n = self.sock.sendmsg([data], anc)
+                except (BlockingIOError, InterruptedError):
+                    await self._wait(writer=True)
+                    continue
+                anc = []          # fds went with the first byte sent
+                data = data[n:]
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                self.sock.close()
+            except OSError:
+                pass

@@ -1,0 +1,101 @@
+"""Sans-I/O framing of a vfio-user byte stream with SCM_RIGHTS fds.
+
+`Framer.feed(chunk, fds)` appends bytes and returns every message that is now
+complete.  File descriptors arrive as SCM_RIGHTS with some `recvmsg` chunk; the
+kernel never merges a chunk that carries fds with bytes sent before it, so the fds
+of a chunk belong to the message that contains the chunk's *first byte* (the
+message the peer attached them to).  The framer records the stream offset of each
+chunk's fds and hands them out with the message covering that offset.
+
+fd ownership: every fd fed in is either handed out inside a `Frame` (the receiver
+then owns it: `take_fds()` or `close()`) or closed by the framer (on a framing
+error, on `close()`).  Nothing leaks.
+
+A header whose size is < 16 or above the limit, or whose type bits are garbage,
+means the stream can no longer be trusted: `StreamError`, and the caller drops the
+connection.  Used by the server transport and by the test client.
+"""
+from __future__ import annotations
+
+import os
+from collections import deque
+from dataclasses import dataclass, field
+
+from .wire import HEADER_SIZE, Header
+
+
+def close_fds(fds: list[int] | tuple[int, ...]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+@dataclass(slots=True)
+class Frame:
+    header: Header
+    payload: bytes
+    fds: list[int] = field(default_factory=list)
+    fds_truncated: bool = False   # the kernel dropped some (MSG_CTRUNC)
+
+    def take_fds(self) -> list[int]:
+        """Hand over ownership of the fds; the frame no longer closes them."""
+        fds, self.fds = self.fds, []
+        return fds
+
+    def close(self) -> None:
+        close_fds(self.fds)
+        self.fds = []
+
+
+class Framer:
+    """Bytes + fds in, complete `Frame`s out.  Sans-I/O."""
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self._buf = bytearray()
+        self._base = 0                                  # stream offset of _buf[0]
+        self._fds: deque[tuple[int, list[int], bool]] = deque()  # (offset, fds, ctrunc)
+
+    def feed(self, data: bytes, fds: list[int] | None = None,
+             truncated: bool = False) -> list[Frame]:
+        if fds or truncated:
+            # fds of an empty chunk (EOF) belong to nothing: close them.
+            if not data:
+                close_fds(fds or [])
+            else:
+                self._fds.append((self._base + len(self._buf), list(fds or []), truncated))
+        self._buf += data
+        out: list[Frame] = []
+        try:
+            while len(self._buf) >= HEADER_SIZE:
+                hdr = Header.decode(self._buf)
+                hdr.validate_framing(self.max_size)
+                if len(self._buf) < hdr.size:
+                    break
+                end = self._base + hdr.size
+                frame = Frame(hdr, bytes(self._buf[HEADER_SIZE:hdr.size]))
+                while self._fds and self._fds[0][0] < end:
+                    _, f, trunc = self._fds.popleft()
+                    frame.fds.extend(f)
+                    frame.fds_truncated |= trunc
+                del self._buf[:hdr.size]
+                self._base = end
+                out.append(frame)
+        except Exception:
+            for f in out:
+                f.close()
+            self.close()
+            raise
+        return out
+
+    @property
+    def pending_bytes(self) -> int:
+        return len(self._buf)
+
+    def close(self) -> None:
+        """Drop buffered bytes and close every fd not yet handed out."""
+        while self._fds:
+            close_fds(self._fds.popleft()[1])
+        self._buf.clear()
