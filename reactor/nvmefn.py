@@ -134,9 +134,7 @@ class NvmeFunction:
         self._fatal(f"workers {late} did not quiesce in time")
 
     def _fatal(self, reason: str) -> None:
-        log.error("%s: controller fatal: %s", self.name, reason)
-        self.fatal_reason = reason
-        self.ctrl.set_fatal(reason)
+        self.ctrl.fail(reason)   # CSTS.CFS; calls back fatal() below
 
     def on_worker_message(self, wid: int, msg: dict) -> None:
         op = msg.get("op")
@@ -179,10 +177,7 @@ class NvmeFunction:
     def needs_quiesce(self, region: int, offset: int, data: bytes) -> bool:
         if region != Region.BAR0 or len(data) not in (4, 8):
             return False
-        value = int.from_bytes(data[:4], "little")
-        if offset == REG_CC:
-            return self.ctrl.cc_write_tears_down(value)
-        return offset == REG_NSSR
+        return self.ctrl.register_write_tears_down(offset, len(data), int.from_bytes(data, "little"))
 
     async def quiesce(self) -> None:
         await self.coord.quiesce(self.placement.busy_workers() & set(self.links))

@@ -100,9 +100,14 @@ class WorkerLink:
             left = deadline - time.monotonic()
             if left <= 0:
                 self._waiting.pop(seq, None)
+                while not self.chan.rx.prepare_sleep():
+                    self.drain()
                 raise TimeoutError(f"worker {self.wid} did not answer {msg.get('op')}")
             if self.chan.rx.prepare_sleep():
                 select.select([self.chan.rx], [], [], min(left, 0.05))
             self.chan.rx.woke()
+            self.drain()
+        # Re-arm: the asyncio reader only sees our eventfd if the ring knows we sleep.
+        while not self.chan.rx.prepare_sleep():
             self.drain()
         return self._acks.pop(seq)
