@@ -25,10 +25,12 @@ Theory of operation
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,7 +38,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import pytest
 
@@ -169,11 +171,37 @@ class GuestResult:
             w, _, rest = ln.rest.partition(" ")
             n, _, doc = rest.partition(" ")
             if w == what and (name is None or n == name):
+                # Tools may put a warning before the document (fio does).
+                brace = min((i for i in (doc.find("{"), doc.find("[")) if i >= 0), default=0)
                 try:
-                    docs.append(json.loads(doc))
+                    docs.append(json.loads(doc[brace:]))
                 except ValueError as exc:
                     self.fail(f"bad JSON in VNV-JSON {w} {n}: {exc}")
         return docs
+
+    def attrs(self) -> dict[str, dict[str, str]]:
+        """``VNV-ATTR ctrl key=value...`` lines as {ctrl: {key: value}} (values may hold spaces)."""
+        out: dict[str, dict[str, str]] = {}
+        for ln in self.tagged("ATTR"):
+            ctrl, _, kv = ln.rest.partition(" ")
+            key, _, value = kv.partition("=")
+            out.setdefault(ctrl, {})[key] = value
+        return out
+
+    def after_end(self) -> str:
+        """Console text after VNV-END: the kernel's own shutdown path."""
+        idx = self.console.rfind("VNV-END")
+        return self.console[idx:] if idx >= 0 else ""
+
+    def irq_delta(self) -> dict[str, int]:
+        """Interrupts per queue between ``VNV-IRQ before`` and ``VNV-IRQ after``."""
+        snap: dict[str, dict[str, int]] = {"before": {}, "after": {}}
+        for ln in self.tagged("IRQ"):
+            tag, _, _ = ln.rest.partition(" ")
+            kv = ln.kv()
+            if tag in snap:
+                snap[tag][kv["queue"]] = int(kv["count"])
+        return {q: n - snap["before"].get(q, 0) for q, n in snap["after"].items()}
 
     @property
     def workload_rc(self) -> int | None:
@@ -182,8 +210,10 @@ class GuestResult:
         return None
 
     # -- assertions that carry the console
-    def tail(self, n: int = CONSOLE_TAIL_LINES) -> str:
-        return "\n".join(self.console.splitlines()[-n:])
+    def tail(self, n: int = CONSOLE_TAIL_LINES, width: int = 400) -> str:
+        """Last n console lines, each cut to ``width`` (JSON lines are long)."""
+        return "\n".join(ln if len(ln) <= width else ln[:width] + " [...]"
+                         for ln in self.console.splitlines()[-n:])
 
     def fail(self, msg: str) -> None:
         extra = f"\n--- qemu stderr ---\n{self.qemu_log[-2000:]}" if self.qemu_log.strip() else ""
@@ -230,8 +260,9 @@ def vfio_user_device(socket_path: str | os.PathLike[str], bootindex: int | None 
 class Guest:
     """A running QEMU; ``wait()`` turns it into a GuestResult."""
 
-    def __init__(self, argv: list[str], workdir: Path) -> None:
+    def __init__(self, argv: list[str], workdir: Path, daemon: "Vnvmed | None" = None) -> None:
         self.workdir = workdir
+        self.daemon = daemon
         self.console_path = workdir / "console.log"
         self.qemu_log_path = workdir / "qemu.log"
         self.argv = argv
@@ -283,10 +314,14 @@ class Guest:
             qlog = self.qemu_log_path.read_text(errors="replace")
         except FileNotFoundError:
             qlog = ""
-        return GuestResult(console=console, lines=parse_console(console),
-                           returncode=self.proc.poll(), timed_out=timed_out,
-                           elapsed=time.monotonic() - self._t0, workdir=self.workdir,
-                           qemu_log=qlog)
+        res = GuestResult(console=console, lines=parse_console(console),
+                          returncode=self.proc.poll(), timed_out=timed_out,
+                          elapsed=time.monotonic() - self._t0, workdir=self.workdir,
+                          qemu_log=qlog)
+        if self.daemon is not None:
+            alive = "running" if self.daemon.proc.poll() is None else f"exited {self.daemon.proc.returncode}"
+            res.attached[f"vnvmed log ({alive})"] = self.daemon.log()
+        return res
 
     def __enter__(self) -> "Guest":
         return self
@@ -306,12 +341,13 @@ def start_guest(
     extra: Iterable[str] = (),
     boot_disk: bool = False,
     env: GuestEnv | None = None,
+    daemon: "Vnvmed | None" = None,
 ) -> Guest:
     """Start QEMU with a vfio-user-pci device per socket in ``devices``.
 
     ``boot_disk=True``: no -kernel; the first device gets bootindex=0 and
     SeaBIOS boots from it.  ``extra``: more QEMU arguments (e.g. a built-in
-    ``-device nvme``).
+    ``-device nvme``).  ``daemon``: its log is shown with any failure.
     """
     env = env or provision()
     wd = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="vnv-guest-"))
@@ -329,7 +365,7 @@ def start_guest(
     for i, sock in enumerate(devices):
         argv += ["-device", vfio_user_device(sock, 0 if boot_disk and i == 0 else None)]
     argv += list(extra)
-    return Guest(argv, wd)
+    return Guest(argv, wd, daemon)
 
 
 def run_guest(*, timeout: float = 120.0, **kw: Any) -> GuestResult:
@@ -401,6 +437,34 @@ class Vnvmed:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def short_tmpdir(prefix: str = "vnv-") -> Path:
+    """A short directory under /tmp: UNIX socket paths must fit in 108 bytes."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+@contextlib.contextmanager
+def vnvmed_controller(namespaces: Sequence[str], *, name: str = "nvme0", cores: str = "0",
+                      extra: Sequence[str] = (), ready_timeout: float = 30.0
+                      ) -> Iterator[tuple[Vnvmed, Path]]:
+    """One controller NAME with ``--namespace NAME=<spec>`` per entry; yields (daemon, socket).
+
+    Runs exactly ``bin/vnvmed --cores C --controller NAME=SOCK --namespace NAME=SPEC...``;
+    the run dir (socket, log) is removed afterwards.
+    """
+    rd = short_tmpdir()
+    sock = rd / f"{name}.sock"
+    args = ["--cores", cores, "--controller", f"{name}={sock}"]
+    for spec in namespaces:
+        args += ["--namespace", f"{name}={spec}"]
+    args += list(extra)
+    try:
+        with start_vnvmed(args, run_dir=rd / "run", log_path=rd / "vnvmed.log",
+                          ready_timeout=ready_timeout) as daemon:
+            yield daemon, sock
+    finally:
+        shutil.rmtree(rd, ignore_errors=True)
 
 
 def start_vnvmed(args: Sequence[str], *, run_dir: str | os.PathLike[str] | None = None,

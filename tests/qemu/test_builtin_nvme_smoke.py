@@ -7,6 +7,7 @@ against vnvmed in the other test files.
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 from pathlib import Path
 
@@ -39,11 +40,10 @@ def test_info_sees_builtin_controller(tmp_path: Path) -> None:
     res = harness.run_guest(workload="info", args={"nns": 1}, workdir=tmp_path,
                             extra=builtin_nvme(blank(tmp_path)), timeout=60)
     res.assert_ok()
-    attrs = {ln.words()[0] + "." + ln.rest.split(" ", 1)[1].split("=", 1)[0]:
-             ln.rest.split("=", 1)[1] for ln in res.tagged("ATTR")}
-    res.expect(attrs.get("nvme0.serial") == SERIAL, f"serial: {attrs}")
-    res.expect(attrs.get("nvme0.model") == "QEMU NVMe Ctrl", f"model: {attrs}")
-    res.expect(attrs.get("nvme0.state") == "live", f"state: {attrs}")
+    attrs = res.attrs().get("nvme0", {})
+    res.expect(attrs.get("serial") == SERIAL, f"serial: {attrs}")
+    res.expect(attrs.get("model") == "QEMU NVMe Ctrl", f"model: {attrs}")
+    res.expect(attrs.get("state") == "live", f"state: {attrs}")
     ns = res.tagged("NS")
     res.expect(len(ns) == 1, f"namespaces: {ns}")
     res.expect(int(ns[0].kv()["bytes"]) == DISK_BYTES, f"namespace size: {ns[0]}")
@@ -80,3 +80,35 @@ def test_seabios_boots_bootdisk_from_builtin_nvme(tmp_path: Path) -> None:
                             extra=builtin_nvme(img, bootindex=0), timeout=60)
     res.expect(res.tagged("BOOT-OK"), "no VNV-BOOT-OK marker")
     res.expect(not res.timed_out and res.returncode == 0, "guest did not power off")
+
+
+def test_fio_verify_uses_two_io_queues(tmp_path: Path) -> None:
+    res = harness.run_guest(workload="fio", args={"mb": 8, "rt": 10, "nns": 1}, workdir=tmp_path,
+                            extra=builtin_nvme(blank(tmp_path)), timeout=80)
+    res.assert_ok()
+    (doc,) = res.json("fio")
+    job = doc["jobs"][0]
+    res.expect(job["error"] == 0 and job["write"]["iops"] > 0, f"fio job: error={job['error']}")
+    res.expect(int(res.first("FIO").kv()["write_iops"]) > 0, "no IOPS reported")
+    delta = res.irq_delta()
+    res.expect(delta.get("nvme0q1", 0) > 0 and delta.get("nvme0q2", 0) > 0,
+               f"both I/O queues should complete I/O: {delta}")
+
+
+def test_reset_mid_workload_then_verify(tmp_path: Path) -> None:
+    res = harness.run_guest(workload="reset", args={"mb": 8, "rate": 500, "nns": 1},
+                            workdir=tmp_path, extra=builtin_nvme(blank(tmp_path)), timeout=80)
+    res.assert_ok()
+    kv = res.first("RESET").kv()
+    res.expect(kv["rc"] == "0" and kv["busy"] == "1", f"reset during I/O: {kv}")
+    res.expect(res.first("RESET-VERIFY").kv()["rc"] == "0", "verify pass after reset failed")
+
+
+def test_clean_shutdown(tmp_path: Path) -> None:
+    res = harness.run_guest(workload="shutdown", args={"nns": 1}, workdir=tmp_path,
+                            extra=builtin_nvme(blank(tmp_path)), timeout=60)
+    res.assert_ok()
+    tail = res.after_end()
+    res.expect("reboot: Power down" in tail, "guest did not power off")
+    res.expect(not re.search(r"nvme.*(shutdown|timeout|abort)", tail, re.I),
+               "nvme shutdown complained")
