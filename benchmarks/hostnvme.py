@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import mmap
 import os
+import select
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vfio_user.client import VfioUserClient as Client
+from vfio_user.wire import DmaMapFlag, IrqSetFlag
 
 PAGE = 4096
+MSIX_INDEX = 2   # VFIO_PCI_MSIX_IRQ_INDEX
+# SGL descriptor type bytes (type in bits 7:4, subtype 0 = address)
+SGL_DATA_BLOCK, SGL_BIT_BUCKET, SGL_SEGMENT, SGL_LAST_SEGMENT = 0x00, 0x10, 0x20, 0x30
 REG_CAP, REG_VS, REG_CC, REG_CSTS, REG_AQA, REG_ASQ, REG_ACQ = 0, 8, 0x14, 0x1C, 0x24, 0x28, 0x30
 DB = 0x1000
 
@@ -56,6 +61,40 @@ class Queue:
     head: int = 0
     phase: int = 1
     sq_head: int = 0
+    iv: int = 0
+    ien: bool = False
+
+
+@dataclass(slots=True)
+class Cqe:
+    cid: int
+    status: int     # SCT << 8 | SC (the 15 bits above the phase, i.e. incl. CRD/M/DNR)
+    dw0: int
+    sqhd: int
+    sqid: int
+
+    @property
+    def sc(self) -> int:
+        return self.status & 0xFF
+
+    @property
+    def sct(self) -> int:
+        return (self.status >> 8) & 7
+
+    @property
+    def code(self) -> int:
+        """(SCT << 8) | SC, without CRD/More/DNR: compare with nvme.status.Status values."""
+        return self.status & 0x7FF
+
+
+def status_code(status: int) -> int:
+    """SCT/SC of a raw 15-bit status (drops CRD, More and DNR)."""
+    return status & 0x7FF
+
+
+def sgl_desc(addr: int, length: int, type_byte: int = SGL_DATA_BLOCK) -> bytes:
+    """One 16-byte SGL descriptor: address, length, 3 reserved bytes, type/subtype."""
+    return struct.pack("<QI3xB", addr, length, type_byte)
 
 
 class HostNvme:
@@ -69,6 +108,40 @@ class HostNvme:
         self.db = memoryview(self.bar).cast("I") if self.bar is not None else None
         self.queues: dict[int, Queue] = {}
         self._cid = 0
+        # Completions reaped while waiting for another CID (e.g. an AER that fired
+        # while an admin command was outstanding), per queue, in arrival order.
+        self.stray: dict[int, list[Cqe]] = {}
+        self.regions: list[GuestRam] = []     # extra DMA regions (add_region)
+        self.irq_fds: list[int] = []
+
+    # memory ---------------------------------------------------------------------------
+    def add_region(self, base: int, size: int, writable: bool = True) -> GuestRam:
+        """Map a second memfd at iova `base`; READ only if not `writable` (PRP lists, SGLs).
+
+        We keep a read-write mapping on our side (the "guest" fills it); only the
+        device's view is read-only.
+        """
+        r = GuestRam(size, base)
+        flags = DmaMapFlag.READ | (DmaMapFlag.WRITE if writable else 0)
+        try:
+            self.c.dma_map(base, size, r.fd, 0, flags=flags)
+        except BaseException:
+            r.close()
+            raise
+        self.regions.append(r)
+        return r
+
+    def fill(self, addr: int, data: bytes) -> None:
+        self._ram_of(addr).view(addr, len(data))[:] = data
+
+    def read(self, addr: int, n: int) -> bytes:
+        return bytes(self._ram_of(addr).view(addr, n))
+
+    def _ram_of(self, addr: int) -> GuestRam:
+        for r in [self.ram, *self.regions]:
+            if r.base <= addr < r.base + r.size:
+                return r
+        raise ValueError(f"{addr:#x} is not in any region of ours")
 
     # registers -------------------------------------------------------------------------
     def reg_read(self, off: int, size: int = 4) -> int:
@@ -77,12 +150,20 @@ class HostNvme:
     def reg_write(self, off: int, value: int, size: int = 4) -> None:
         self.c.region_write(0, off, value.to_bytes(size, "little"))
 
-    def ring(self, qid: int, value: int, cq: bool = False, trapped: bool = False) -> None:
+    def ring(self, qid: int, value: int, cq: bool = False, trapped: bool | None = None) -> None:
+        """Doorbell write: into the mmapped page (a guest MMIO) or as a trapped REGION_WRITE.
+
+        `trapped=None` uses the instance default `self.trapped` (False: mmapped).
+        """
         off = DB + (2 * qid + (1 if cq else 0)) * 4
+        if trapped is None:
+            trapped = self.trapped
         if trapped or self.db is None:
             self.c.region_write(0, off, value.to_bytes(4, "little"))
         else:
             self.db[off // 4] = value   # one aligned 32-bit store, as a guest MMIO write
+
+    trapped = False
 
     def wait_csts(self, mask: int, want: int, timeout: float = 5.0) -> int:
         deadline = time.monotonic() + timeout
@@ -95,8 +176,9 @@ class HostNvme:
             time.sleep(0.001)
 
     def enable(self, depth: int = 32) -> None:
-        q = Queue(0, depth, self.ram.alloc(depth * 64), self.ram.alloc(depth * 16))
+        q = Queue(0, depth, self.ram.alloc(depth * 64), self.ram.alloc(depth * 16), ien=True)
         self.queues[0] = q
+        self.stray.clear()
         self.reg_write(REG_AQA, ((depth - 1) << 16) | (depth - 1))
         self.reg_write(REG_ASQ, q.sq, 8)
         self.reg_write(REG_ACQ, q.cq, 8)
@@ -107,6 +189,13 @@ class HostNvme:
         self.reg_write(REG_CC, 0)
         self.wait_csts(1, 0)
         self.queues.clear()
+        self.stray.clear()
+
+    def shutdown(self, abrupt: bool = False, timeout: float = 5.0) -> int:
+        """CC.SHN = 01b (normal) or 10b (abrupt); returns CSTS once SHST = 10b."""
+        cc = self.reg_read(REG_CC)
+        self.reg_write(REG_CC, (cc & ~(3 << 14)) | ((2 if abrupt else 1) << 14))
+        return self.wait_csts(3 << 2, 2 << 2, timeout)
 
     # commands ----------------------------------------------------------------------------
     def next_cid(self) -> int:
@@ -114,8 +203,12 @@ class HostNvme:
         return self._cid
 
     def sqe(self, opcode: int, cid: int, nsid: int = 0, prp1: int = 0, prp2: int = 0,
-            cdw: tuple[int, ...] = (), psdt: int = 0, fuse: int = 0) -> bytes:
+            cdw: tuple[int, ...] = (), psdt: int = 0, fuse: int = 0,
+            dptr: bytes | None = None) -> bytes:
+        """A 64-byte SQE; `dptr` (16 bytes, e.g. an SGL descriptor) replaces PRP1/PRP2."""
         dw = list(cdw) + [0] * (6 - len(cdw))
+        if dptr is not None:
+            prp1, prp2 = struct.unpack("<QQ", dptr)
         return struct.pack("<BBHIQQQQ6I", opcode, (psdt << 6) | fuse, cid, nsid, 0, 0, prp1, prp2, *dw)
 
     def submit(self, qid: int, entry: bytes, ring: bool = True) -> None:
@@ -125,19 +218,27 @@ class HostNvme:
         if ring:
             self.ring(qid, q.tail)
 
-    def reap(self, qid: int, n: int = 1, timeout: float = 5.0) -> list[tuple[int, int, int, int]]:
-        """(cid, status, dw0, sqhd) of the next n completions (status without phase)."""
+    def reap_cqes(self, qid: int, n: int = 1, timeout: float = 5.0) -> list[Cqe]:
+        """The next n completions of CQ `qid`, in order (head doorbell rung after each)."""
         q = self.queues[qid]
-        out = []
+        out: list[Cqe] = []
         deadline = time.monotonic() + timeout
+        spins = 0
         while len(out) < n:
-            e = self.ram.view(q.cq + q.head * 16, 16)
-            dw0, _, sqhd_sqid, dw3 = struct.unpack("<IIII", e)
+            e = self.ram.view(q.cq + q.head * 16, 16).cast("I")
+            dw3 = e[3]          # the phase word first: one aligned load
             if (dw3 >> 16) & 1 != q.phase:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"queue {qid}: {len(out)}/{n} completions")
+                e.release()
+                spins += 1
+                if spins & 0x3FF == 0:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"queue {qid}: {len(out)}/{n} completions")
+                    time.sleep(0.0001)  # leave the daemon some CPU on a 2-core box
                 continue
-            out.append((dw3 & 0xFFFF, (dw3 >> 17) & 0x7FFF, dw0, sqhd_sqid & 0xFFFF))
+            dw0, sqhd_sqid = e[0], e[2]
+            e.release()
+            out.append(Cqe(dw3 & 0xFFFF, (dw3 >> 17) & 0x7FFF, dw0, sqhd_sqid & 0xFFFF,
+                           sqhd_sqid >> 16))
             q.sq_head = sqhd_sqid & 0xFFFF
             q.head += 1
             if q.head == q.depth:
@@ -146,13 +247,46 @@ class HostNvme:
             self.ring(qid, q.head, cq=True)
         return out
 
+    def reap(self, qid: int, n: int = 1, timeout: float = 5.0) -> list[tuple[int, int, int, int]]:
+        """(cid, status, dw0, sqhd) of the next n completions (status without phase)."""
+        return [(e.cid, e.status, e.dw0, e.sqhd) for e in self.reap_cqes(qid, n, timeout)]
+
+    def wait_cid(self, qid: int, cid: int, timeout: float = 5.0) -> Cqe:
+        """The completion of `cid` on CQ `qid`; others seen meanwhile go to self.stray."""
+        stash = self.stray.setdefault(qid, [])
+        for i, e in enumerate(stash):
+            if e.cid == cid:
+                return stash.pop(i)
+        deadline = time.monotonic() + timeout
+        while True:
+            e = self.reap_cqes(qid, 1, max(0.0, deadline - time.monotonic()))[0]
+            if e.cid == cid:
+                return e
+            stash.append(e)
+
+    def poll_cqe(self, qid: int) -> Cqe | None:
+        """A completion if one is there now (stray ones first), else None."""
+        stash = self.stray.get(qid)
+        if stash:
+            return stash.pop(0)
+        q = self.queues[qid]
+        e = self.ram.view(q.cq + q.head * 16, 16).cast("I")
+        ready = (e[3] >> 16) & 1 == q.phase
+        e.release()
+        return self.reap_cqes(qid, 1)[0] if ready else None
+
+    def command(self, qid: int, opcode: int, nsid: int = 0, prp1: int = 0, prp2: int = 0,
+                cdw: tuple[int, ...] = (), psdt: int = 0, fuse: int = 0,
+                dptr: bytes | None = None, timeout: float = 5.0) -> Cqe:
+        """Submit one command on `qid` and wait for its completion."""
+        cid = self.next_cid()
+        self.submit(qid, self.sqe(opcode, cid, nsid, prp1, prp2, cdw, psdt, fuse, dptr))
+        return self.wait_cid(qid, cid, timeout)
+
     def admin(self, opcode: int, nsid: int = 0, prp1: int = 0, prp2: int = 0,
               cdw: tuple[int, ...] = ()) -> tuple[int, int]:
-        cid = self.next_cid()
-        self.submit(0, self.sqe(opcode, cid, nsid, prp1, prp2, cdw))
-        got = self.reap(0)[0]
-        assert got[0] == cid, f"admin completion for cid {got[0]}, expected {cid}"
-        return got[1], got[2]
+        e = self.command(0, opcode, nsid, prp1, prp2, cdw)
+        return e.status, e.dw0
 
     def identify(self, cns: int, nsid: int = 0) -> bytes:
         buf = self.ram.alloc(PAGE)
@@ -161,8 +295,23 @@ class HostNvme:
             raise RuntimeError(f"identify cns {cns}: status {st:#x}")
         return bytes(self.ram.view(buf, PAGE))
 
+    def get_log_page(self, lid: int, nbytes: int, nsid: int = 0xFFFFFFFF, rae: bool = False,
+                     offset: int = 0) -> tuple[int, bytes]:
+        """Get Log Page (02h): (status, data); NUMD is 0's based dwords."""
+        buf = self.ram.alloc(max(nbytes, PAGE))
+        numd = nbytes // 4 - 1
+        cdw10 = lid | (int(rae) << 15) | ((numd & 0xFFFF) << 16)
+        st, _ = self.admin(0x02, nsid, buf, 0, (cdw10, numd >> 16, offset & 0xFFFFFFFF, offset >> 32))
+        return st, bytes(self.ram.view(buf, nbytes))
+
+    def submit_aer(self) -> int:
+        """Post an Asynchronous Event Request (0Ch); returns its CID (completes later)."""
+        cid = self.next_cid()
+        self.submit(0, self.sqe(0x0C, cid))
+        return cid
+
     def create_io_queue(self, qid: int, depth: int, iv: int = 0, ien: bool = False) -> Queue:
-        q = Queue(qid, depth, self.ram.alloc(depth * 64), self.ram.alloc(depth * 16))
+        q = Queue(qid, depth, self.ram.alloc(depth * 64), self.ram.alloc(depth * 16), iv=iv, ien=ien)
         st, _ = self.admin(0x05, 0, q.cq, 0, (((depth - 1) << 16) | qid, (iv << 16) | (2 if ien else 0) | 1))
         if st:
             raise RuntimeError(f"create CQ {qid}: status {st:#x}")
@@ -179,26 +328,103 @@ class HostNvme:
         assert st == 0, f"delete CQ {qid}: {st:#x}"
         del self.queues[qid]
 
+    # data pointers -------------------------------------------------------------------------
+    def prps(self, buf: int, nbytes: int, list_ram: GuestRam | None = None) -> tuple[int, int]:
+        """PRP1/PRP2 for `nbytes` at `buf` (PRP1 may carry an offset; the rest page aligned).
+
+        More than two pages need a PRP list: it is written into `list_ram` (default our
+        RAM), chained across list pages when it does not fit in one.
+        """
+        first = min(nbytes, PAGE - (buf % PAGE))
+        rest = nbytes - first
+        if rest <= 0:
+            return buf, 0
+        nxt = buf + first
+        if rest <= PAGE:
+            return buf, nxt
+        ents = [nxt + PAGE * i for i in range((rest + PAGE - 1) // PAGE)]
+        ram = list_ram or self.ram
+        per = PAGE // 8
+        pages: list[list[int]] = []
+        while ents:
+            if len(ents) <= per:
+                pages.append(ents)
+                ents = []
+            else:
+                pages.append(ents[:per - 1])
+                ents = ents[per - 1:]
+        addrs = [ram.alloc(PAGE) for _ in pages]
+        for i, (addr, chunk) in enumerate(zip(addrs, pages)):
+            words = chunk + ([addrs[i + 1]] if i + 1 < len(addrs) else [])
+            ram.view(addr, 8 * len(words))[:] = struct.pack(f"<{len(words)}Q", *words)
+        return buf, addrs[0]
+
+    def io(self, qid: int, opcode: int, nsid: int, slba: int, nblocks: int, prp1: int = 0,
+           prp2: int = 0, psdt: int = 0, dptr: bytes | None = None, cdw12_flags: int = 0,
+           timeout: float = 5.0) -> Cqe:
+        """One NVM command with an explicit data pointer (PRPs or an SGL in `dptr`)."""
+        return self.command(qid, opcode, nsid, prp1, prp2,
+                            (slba & 0xFFFFFFFF, slba >> 32, ((nblocks - 1) & 0xFFFF) | cdw12_flags),
+                            psdt, 0, dptr, timeout)
+
     def rw(self, qid: int, write: bool, nsid: int, slba: int, nblocks: int, buf: int,
-           block_size: int = 512) -> int:
+           block_size: int = 512, list_ram: GuestRam | None = None) -> int:
         """One read/write with PRPs for a page-aligned buffer; returns the status."""
-        nbytes = nblocks * block_size
-        prp1 = buf
-        prp2 = 0
-        pages = (nbytes + PAGE - 1) // PAGE
-        if pages == 2:
-            prp2 = buf + PAGE
-        elif pages > 2:
-            lst = self.ram.alloc(PAGE)
-            ents = [buf + PAGE * i for i in range(1, pages)]
-            self.ram.view(lst, 8 * len(ents))[:] = struct.pack(f"<{len(ents)}Q", *ents)
-            prp2 = lst
-        cid = self.next_cid()
-        self.submit(qid, self.sqe(0x01 if write else 0x02, cid, nsid, prp1, prp2,
-                                  (slba & 0xFFFFFFFF, slba >> 32, nblocks - 1)))
-        got = self.reap(qid)[0]
-        assert got[0] == cid
-        return got[1]
+        prp1, prp2 = self.prps(buf, nblocks * block_size, list_ram)
+        return self.io(qid, 0x01 if write else 0x02, nsid, slba, nblocks, prp1, prp2).status
+
+    def sgl_rw(self, qid: int, write: bool, nsid: int, slba: int, nblocks: int,
+               chunks: list[tuple[int, int]], seg_ram: GuestRam | None = None,
+               per_segment: int = 0) -> int:
+        """Read/write with an SGL over data `chunks` [(addr, len)]; returns the status.
+
+        One chunk: a Data Block descriptor in the SQE.  Several: descriptor lists in
+        `seg_ram`; with `per_segment` > 0 the data descriptors are split over Segment
+        lists of that many, chained, the last list reached through a Last Segment.
+        """
+        if len(chunks) == 1:
+            dptr = sgl_desc(chunks[0][0], chunks[0][1])
+        else:
+            ram = seg_ram or self.ram
+            per = per_segment or len(chunks)
+            groups = [chunks[i:i + per] for i in range(0, len(chunks), per)]
+            addrs = [ram.alloc(16 * (len(g) + 1), 16) for g in groups]
+            for i, g in enumerate(groups):
+                body = b"".join(sgl_desc(a, n) for a, n in g)
+                if i + 1 < len(groups):
+                    nxt = groups[i + 1]
+                    kind = SGL_LAST_SEGMENT if i + 2 == len(groups) else SGL_SEGMENT
+                    body += sgl_desc(addrs[i + 1], 16 * len(nxt), kind)
+                ram.view(addrs[i], len(body))[:] = body
+            first = 16 * len(groups[0]) + (16 if len(groups) > 1 else 0)
+            # A list that holds a segment descriptor must itself be a (plain) Segment.
+            dptr = sgl_desc(addrs[0], first, SGL_LAST_SEGMENT if len(groups) == 1 else SGL_SEGMENT)
+        return self.io(qid, 0x01 if write else 0x02, nsid, slba, nblocks, psdt=1, dptr=dptr).status
+
+    # interrupts ---------------------------------------------------------------------------
+    def setup_msix(self, vectors: int) -> list[int]:
+        """Eventfds for MSI-X vectors 0..vectors-1 (SET_IRQS DATA_EVENTFD|ACTION_TRIGGER)."""
+        fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(vectors)]
+        try:
+            self.c.set_irqs(MSIX_INDEX, IrqSetFlag.DATA_EVENTFD | IrqSetFlag.ACTION_TRIGGER,
+                            0, vectors, fds)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        self.irq_fds.extend(fds)
+        return fds
+
+    @staticmethod
+    def wait_eventfd(fd: int, timeout: float = 5.0) -> int:
+        """The eventfd's counter once it is non-zero (read resets it); 0 on timeout."""
+        r, _, _ = select.select([fd], [], [], timeout)
+        if not r:
+            return 0
+        try:
+            return os.eventfd_read(fd)
+        except BlockingIOError:
+            return 0
 
     def close(self) -> None:
         if self.db is not None:
@@ -207,3 +433,9 @@ class HostNvme:
             self.bar.close()
         if self.bar_fd is not None:
             os.close(self.bar_fd)
+        for fd in self.irq_fds:
+            os.close(fd)
+        self.irq_fds.clear()
+        for r in self.regions:
+            r.close()
+        self.regions.clear()
