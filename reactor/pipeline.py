@@ -301,7 +301,7 @@ class Pipeline:
                 raise ProtocolError(errno.EINVAL, "VERSION must come first, and once")
             msg = spec.decode(frame.payload)
         except ProtocolError as e:
-            await self._fail(hdr, name, e.errno, str(e))
+            await self._fail(frame, name, e.errno, str(e))
             return
         quiesced = False
         try:
@@ -311,18 +311,21 @@ class Pipeline:
                     quiesced = True
                 reply = spec.handle(self, msg, frame)
             except ProtocolError as e:
-                await self._fail(hdr, name, e.errno, str(e))
+                await self._fail(frame, name, e.errno, str(e))
                 return
             except Exception:
                 log.exception("msg %d %s: internal error", hdr.msg_id, name)
-                await self._fail(hdr, name, errno.EIO, "internal error")
+                await self._fail(frame, name, errno.EIO, "internal error")
                 return
             limit = _reply_limit(hdr, msg)
             if HEADER_SIZE + len(reply.payload) > limit:
                 log.error("msg %d %s: reply of %d bytes exceeds the client's %d",
                           hdr.msg_id, name, HEADER_SIZE + len(reply.payload), limit)
-                await self._fail(hdr, name, errno.E2BIG, "reply too large")
+                await self._fail(frame, name, errno.E2BIG, "reply too large")
                 return
+            # fds the handler did not take are closed before the client can see the
+            # reply, so "reply received" implies "stray fds released".
+            frame.close()
             if not hdr.no_reply:
                 await self.session.send_reply(hdr.reply(len(reply.payload)), reply.payload,
                                               reply.fds)
@@ -333,7 +336,9 @@ class Pipeline:
                 except Exception:
                     log.exception("msg %d %s: device resume failed", hdr.msg_id, name)
 
-    async def _fail(self, hdr: Header, name: str, err: int, why: str) -> None:
+    async def _fail(self, frame: Frame, name: str, err: int, why: str) -> None:
+        hdr = frame.header
+        frame.close()
         log.warning("msg %d %s: %s", hdr.msg_id, name, why)
         if not hdr.no_reply:
             await self.session.send_reply(hdr.error_reply(err))

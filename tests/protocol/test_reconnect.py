@@ -80,3 +80,17 @@ def test_non_socket_path_refused(tmp_path, device):
     with pytest.raises(ServerError):
         _start(str(path), device)
     assert path.read_text() == "x"
+
+
+def test_close_with_active_client(tmp_path, device):
+    from tests.protocol.conftest import ServerThread
+    st = ServerThread(str(tmp_path / "c.sock"), device).start()
+    c = VfioUserClient(st.path, timeout=3.0)
+    c.negotiate()
+    with GuestRam(4096) as ram:
+        c.dma_map(0, 4096, ram.fd)
+        st.stop()
+    assert c.expect_eof()
+    assert device.events[-1] == ("disconnected",) and ("unmap", 0, 4096) in device.events
+    assert not os.path.exists(st.path)
+    c.close()
