@@ -23,7 +23,7 @@ Order on disconnect: quiesce -> dma_unmapped() for every region -> unmap -> resu
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from vfio_user.errors import ProtocolError

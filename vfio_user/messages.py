@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import errno
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import ProtocolError
 from .wire import IrqSetFlag, RegionCap, RegionFlag

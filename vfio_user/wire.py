@@ -8,12 +8,11 @@ Numbers are the final spec's (QEMU docs/interop/vfio-user.rst): DEVICE_FEATURE i
 from __future__ import annotations
 
 import enum
+import errno as _errno
 import struct
 from dataclasses import dataclass
 
 from .errors import ProtocolError, StreamError
-
-import errno as _errno
 
 HEADER_SIZE = 16
 _HDR = struct.Struct("<HHIII")

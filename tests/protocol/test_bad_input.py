@@ -2,7 +2,6 @@
 stream cannot be trusted; received fds never leak."""
 import errno
 import os
-import socket
 import struct
 
 import pytest

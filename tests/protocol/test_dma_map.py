@@ -1,6 +1,5 @@
 """DMA_MAP (2): fd-backed and fd-less maps, quiesce bracketing, refusals."""
 import errno
-import os
 
 import pytest
 

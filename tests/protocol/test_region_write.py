@@ -1,7 +1,6 @@
 """REGION_WRITE (10): replies, NO_REPLY posted writes, ordering, quiesce by device."""
 import errno
 import struct
-import time
 
 import pytest
 

@@ -6,7 +6,7 @@ import pytest
 
 from vfio_user.errors import ProtocolError
 from vfio_user.messages import Version
-from vfio_user.wire import Command, Header
+from vfio_user.wire import Command
 
 
 def test_negotiate_spec_client(raw_client, device):

@@ -1,6 +1,5 @@
 """MappedGuestMemory over real memfds."""
 import errno
-import fcntl
 import os
 
 import pytest
