@@ -388,15 +388,16 @@ class HostNvme:
             ram = seg_ram or self.ram
             per = per_segment or len(chunks)
             groups = [chunks[i:i + per] for i in range(0, len(chunks), per)]
-            addrs = [ram.alloc(16 * (len(g) + 1), 16) for g in groups]
+            # list i holds its data descriptors plus, unless last, the pointer to list i+1
+            sizes = [16 * (len(g) + (1 if i + 1 < len(groups) else 0)) for i, g in enumerate(groups)]
+            addrs = [ram.alloc(n, 16) for n in sizes]
             for i, g in enumerate(groups):
                 body = b"".join(sgl_desc(a, n) for a, n in g)
                 if i + 1 < len(groups):
-                    nxt = groups[i + 1]
                     kind = SGL_LAST_SEGMENT if i + 2 == len(groups) else SGL_SEGMENT
-                    body += sgl_desc(addrs[i + 1], 16 * len(nxt), kind)
+                    body += sgl_desc(addrs[i + 1], sizes[i + 1], kind)
                 ram.view(addrs[i], len(body))[:] = body
-            first = 16 * len(groups[0]) + (16 if len(groups) > 1 else 0)
+            first = sizes[0]
             # A list that holds a segment descriptor must itself be a (plain) Segment.
             dptr = sgl_desc(addrs[0], first, SGL_LAST_SEGMENT if len(groups) == 1 else SGL_SEGMENT)
         return self.io(qid, 0x01 if write else 0x02, nsid, slba, nblocks, psdt=1, dptr=dptr).status
