@@ -145,8 +145,17 @@ class FrontEnd:
             fn.remove_namespace(int(p["nsid"]))
             return {"nsid": p["nsid"]}
         if method == "ns_resize":
-            fn.resize_namespace(int(p["nsid"]), int(p["blocks"]))
-            return {"nsid": p["nsid"], "blocks": p["blocks"]}
+            # The supervisor sends the whole new record (backend spec included: a grown
+            # file must be reopened to see its new size).
+            ns = make_namespace(p["ns"])
+            try:
+                fn.resize_namespace(ns)
+            except Exception:
+                ns.backend.close()
+                raise
+            return {"nsid": ns.info.nsid, "blocks": ns.info.blocks}
+        if method == "stats":
+            return fn.stats()
         raise ValueError(f"unknown front-end call {method!r}")
 
 

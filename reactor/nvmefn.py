@@ -100,10 +100,12 @@ class NvmeFunction:
     def worker_lost(self, wid: int) -> None:
         """A worker died: its queues are gone, so this controller cannot go on (CFS)."""
         link = self.links.pop(wid, None)
-        had_queues = wid in self.placement.busy_workers()
+        lost = self.placement.drop_worker(wid)
         self.placement.set_workers(sorted(self.links))
-        if link is not None and had_queues:
-            self._fatal(f"worker {wid} died while holding queues")
+        if link is not None and lost:
+            # The queues died with the worker; the host sees CFS and resets us, and the
+            # teardown must not ask the new worker about queues it never had.
+            self._fatal(f"worker {wid} died while holding queues {lost}")
 
     @staticmethod
     def _ns_wire(ns: Namespace) -> dict[str, Any]:
@@ -456,8 +458,69 @@ class NvmeFunction:
         self._broadcast({"op": "ns_del", "nsid": nsid})
         ns.backend.close()
 
-    def resize_namespace(self, nsid: int, blocks: int) -> None:
-        raise ValueError("namespace resize is not implemented yet")
+    def resize_namespace(self, ns: Namespace) -> None:
+        """Replace namespace ns.nsid by `ns` (same NSID and block size, new capacity).
+
+        Workers get the new record as `ns_add` (which replaces) and we wait for each
+        ack, so once this returns no worker bounds I/O by the old size any more: the
+        supervisor may then shrink a backing file without a worker reading past its
+        end.  The host learns through a Namespace Attribute Changed AER and the
+        Changed Namespace List log (controller.resize_namespace).
+        """
+        nsid = ns.info.nsid
+        old = self.namespaces.get(nsid)
+        if old is None:
+            raise ValueError(f"no namespace {nsid}")
+        if old.info.block_size != ns.info.block_size:
+            raise ValueError(f"namespace {nsid}: block size {ns.info.block_size} differs from "
+                             f"{old.info.block_size}; a resize keeps the LBA format")
+        wire = self._ns_wire(ns)
+        for wid, link in list(self.links.items()):
+            try:
+                link.request_sync({"op": "ns_add", "ns": dict(wire)})
+            except (TimeoutError, ConnectionError) as e:
+                # A worker that cannot take the new size cannot be trusted with the old one.
+                self._fatal(f"worker {wid} did not take the resized namespace {nsid}: {e}")
+        self.namespaces[nsid] = ns
+        self.ctrl.namespaces[nsid] = ns
+        self.ctrl.resize_namespace(nsid)
+        old.backend.close()
+
+    def stats(self, timeout: float = 1.0) -> dict[str, Any]:
+        """Counters for `vnvmectl stats`: controller, per I/O queue, per worker slot.
+
+        Blocks the front-end loop for at most `timeout` per worker (a management
+        request, rare); a worker that does not answer is reported, not waited for.
+        """
+        s = self.ctrl.stats
+        ctrl: dict[str, Any] = {"read_commands": s.read_commands, "write_commands": s.write_commands,
+                                "bytes_read": s.bytes_read, "bytes_written": s.bytes_written,
+                                "media_errors": s.media_errors, "slow_commands": self.slow.count,
+                                "quiesces": self.coord.count, "commands": 0, "doorbell_errors": 0}
+        queues: dict[str, dict[str, Any]] = {}
+        workers: dict[str, Any] = {}
+        for wid, link in sorted(self.links.items()):
+            try:
+                ack = link.request_sync({"op": "stats"}, timeout=timeout)
+            except (TimeoutError, ConnectionError) as e:
+                workers[str(wid)] = {"error": str(e)}
+                continue
+            st = ack.get("stats") or {}
+            workers[str(wid)] = {k: st.get(k) for k in ("commands", "slow", "dberr", "nqueues")}
+            ctrl["commands"] += int(st.get("commands") or 0)
+            ctrl["doorbell_errors"] += int(st.get("dberr") or 0)
+            snap = st.get("queues") or {}
+            cqs = {c["cqid"]: c for c in snap.get("cqs", [])}
+            for sq in snap.get("sqs", []):
+                cq = cqs.get(sq["cqid"], {})
+                queues[str(sq["sqid"])] = {
+                    "worker": wid, "cqid": sq["cqid"], "depth": sq["size"],
+                    "sq_head": sq["head"], "sq_tail": sq["tail"],
+                    # entries the host has submitted that we have not fetched yet
+                    "pending": (sq["tail"] - sq["head"]) % sq["size"] if sq["size"] else 0,
+                    "cq_head": cq.get("head"), "cq_tail": cq.get("tail"), "broken": sq.get("broken", False)}
+        return {"controller": ctrl, "queues": queues, "workers": workers,
+                "errors_logged": self.ctrl.errlog.count}
 
     # the admin poller ---------------------------------------------------------------------
     async def admin_loop(self, min_interval: float = 0.0002, max_interval: float = 0.01) -> None:
