@@ -519,13 +519,16 @@ class Supervisor:
         kind = ns.kind.value
         old_size = ns.size if ns.size is not None else b.size
         if kind == "ram":
-            if new > b.size:
-                raise MgmtError(f"a ram namespace cannot grow beyond the {b.size} bytes it was created "
+            owner = b.inner if isinstance(b, _Shrunk) else b
+            if new > owner.size:
+                raise MgmtError(f"a ram namespace cannot grow beyond the {owner.size} bytes it was created "
                                 f"with; add a new namespace instead")
-            await self._resize_call(f, ns, b, new)
+            nb: Any = owner if new == owner.size else _Shrunk(owner, new)
+            await self._resize_call(f, ns, nb, new)
+            f.backends[nsid] = nb    # a restarted front-end gets blocks from nb.size
             ns.arg = str(new)
         elif kind == "null":
-            nb = create_backend("null", str(new), name_prefix=f"{self.prefix}-{ctrl}", read_only=ns.read_only)
+            nb = create_backend("null", str(new), name_prefix="", read_only=ns.read_only)
             await self._resize_call(f, ns, nb, new)
             f.backends[nsid] = nb
             b.destroy()
@@ -564,15 +567,8 @@ class Supervisor:
             except OSError as e:
                 raise MgmtError(f"cannot grow {path} to {new} bytes: {e.strerror}") from None
         try:
-            nb = create_backend("file", path, name_prefix="", read_only=ns.read_only)
-        except Exception as e:
-            if new > old:
-                os.truncate(path, old)
-            raise MgmtError(f"cannot reopen {path}: {e}") from None
-        try:
-            await self._resize_call(f, ns, nb, new)
+            await self._resize_call(f, ns, b, new)   # the front-end reopens the file itself
         except Exception:
-            nb.close()
             if new > old:
                 os.truncate(path, old)
             raise
@@ -581,6 +577,12 @@ class Supervisor:
                 os.truncate(path, new)
             except OSError as e:   # the namespace is smaller already; the file just kept its tail
                 log.error("namespace %d shrunk, but %s not truncated: %s", ns.nsid, path, e.strerror)
+        # Our record must carry the new size: a restarted front-end derives blocks from it.
+        try:
+            nb = create_backend("file", path, name_prefix="", read_only=ns.read_only)
+        except Exception as e:
+            log.error("namespace %d resized, but %s cannot be reopened: %s", ns.nsid, path, e)
+            return
         f.backends[ns.nsid] = nb
         b.destroy()
 
@@ -627,3 +629,19 @@ def _socket_in_use(path: str) -> bool:
         return False
     finally:
         s.close()
+
+
+class _Shrunk:
+    """A ram backend of which the namespace uses only the first `size` bytes.
+
+    The shm object keeps its created size (workers attach to it by name; nothing is
+    remapped), but everything that derives the namespace's capacity from the
+    backend record (`_ns_wire` on a front-end restart) sees the resized one.
+    """
+
+    def __init__(self, inner: Backend, size: int) -> None:
+        self.inner = inner
+        self.size = size
+
+    def __getattr__(self, name: str) -> Any:   # spec(), close(), destroy(), read_only, ...
+        return getattr(self.inner, name)

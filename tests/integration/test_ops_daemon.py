@@ -291,6 +291,32 @@ def test_namespace_resize_ram_and_file(daemon: Daemon) -> None:
     assert sizes == {1: 4 * MiB, 2: 1 * MiB}
 
 
+def test_resized_namespaces_survive_a_front_end_restart(daemon: Daemon) -> None:
+    img = os.path.join(daemon.run_dir, "disk.img")
+    with open(img, "wb") as f:
+        f.truncate(2 * MiB)
+    daemon.ctl_json("namespace", "add", "base", f"file:{img}")
+    daemon.ctl_json("namespace", "resize", "base", "1", "1M")      # ram, below its created 4M
+    daemon.ctl_json("namespace", "resize", "base", "2", "512K")    # file, truncated
+    old_pid = daemon.controllers()["base"]["pid"]
+    os.kill(old_pid, signal.SIGKILL)     # a child of the daemon this test started
+    deadline = time.monotonic() + 20
+    while True:
+        c = daemon.controllers()["base"]
+        if c["pid"] != old_pid and "namespaces" in c:
+            break
+        assert time.monotonic() < deadline, daemon.log()
+        time.sleep(0.1)
+    assert {n["nsid"]: n["size"] for n in c["namespaces"]} == {1: 1 * MiB, 2: 512 * 1024}
+    h = Host(os.path.join(daemon.run_dir, "base.sock"))
+    try:
+        assert h.nsze(1) == 2048 and h.nsze(2) == 1024
+    finally:
+        h.close()
+    daemon.ctl_json("namespace", "resize", "base", "1", "4M")      # grows back to the created size
+    assert daemon.controllers()["base"]["namespaces"][0]["size"] == 4 * MiB
+
+
 def test_bad_inputs_are_json_rpc_errors_and_change_nothing(daemon: Daemon) -> None:
     before = daemon.controllers()
     rd = daemon.run_dir
