@@ -506,9 +506,21 @@ class NvmeFunction:
                 workers[str(wid)] = {"error": str(e)}
                 continue
             st = ack.get("stats") or {}
-            workers[str(wid)] = {k: st.get(k) for k in ("commands", "slow", "dberr", "nqueues")}
+            workers[str(wid)] = {k: v for k, v in st.items() if k != "queues"}
             ctrl["commands"] += int(st.get("commands") or 0)
             ctrl["doorbell_errors"] += int(st.get("dberr") or 0)
+            # Counters a worker may add later (per-command bytes, errors, a log2 latency
+            # histogram) are summed here as they appear; nothing to change on this side.
+            for k in ("read_commands", "write_commands", "bytes_read", "bytes_written",
+                      "media_errors", "io_errors"):
+                if isinstance(st.get(k), int):
+                    ctrl[k] = ctrl.get(k, 0) + st[k]
+            hist = st.get("lat_log2_ns")
+            if isinstance(hist, list):
+                acc = ctrl.setdefault("lat_log2_ns", [])
+                acc.extend([0] * (len(hist) - len(acc)))
+                for i, n in enumerate(hist):
+                    acc[i] += int(n)
             snap = st.get("queues") or {}
             cqs = {c["cqid"]: c for c in snap.get("cqs", [])}
             for sq in snap.get("sqs", []):

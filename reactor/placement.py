@@ -60,6 +60,16 @@ class Placement:
             self.load[w] = max(0, self.load[w] - 1)
         return w
 
+    def drop_worker(self, worker: int) -> list[int]:
+        """Forget the queues of a worker that died; returns the CQ ids it held."""
+        cqs = [cq for cq, w in self.cq_worker.items() if w == worker]
+        for cq in cqs:
+            del self.cq_worker[cq]
+        for sq in [sq for sq, cq in self.sq_cq.items() if cq in cqs]:
+            del self.sq_cq[sq]
+        self.load.pop(worker, None)
+        return cqs
+
     def busy_workers(self) -> set[int]:
         """Workers holding at least one queue of this controller."""
         return set(self.cq_worker.values())

@@ -63,7 +63,7 @@ class FrontProc:
 class Supervisor:
     def __init__(self, cfg: DaemonConfig) -> None:
         self.cfg = cfg
-        self.workers: dict[int, WorkerProc] = {}
+        self.wprocs: dict[int, WorkerProc] = {}
         self.fronts: dict[str, FrontProc] = {}
         self.prefix = ""
         self.stopping = False
@@ -98,8 +98,8 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
         try:
             for wid, core in enumerate(cores):
-                self.workers[wid] = WorkerProc(wid, core)
-                self._start_worker(self.workers[wid])
+                self.wprocs[wid] = WorkerProc(wid, core)
+                self._start_worker(self.wprocs[wid])
             for spec in self.cfg.controllers:
                 await self._add_front(spec)
             self.mgmt = MgmtServer(self, self.cfg.rpc_socket)
@@ -110,10 +110,10 @@ class Supervisor:
             return 1
         socks = ", ".join(f"{f.spec.name}={f.spec.socket}" for f in self.fronts.values())
         log.info("vnvmed ready: %d controller(s) [%s], %d worker(s) on cores %s, rpc %s",
-                 len(self.fronts), socks, len(self.workers), ",".join(map(str, cores)),
+                 len(self.fronts), socks, len(self.wprocs), ",".join(map(str, cores)),
                  self.cfg.rpc_socket)
         notify.ready()
-        notify.status(f"serving {len(self.fronts)} controller(s) on {len(self.workers)} worker(s)")
+        notify.status(f"serving {len(self.fronts)} controller(s) on {len(self.wprocs)} worker(s)")
         wd = asyncio.ensure_future(self._watchdog())
         await self.done.wait()
         wd.cancel()
@@ -139,7 +139,7 @@ class Supervisor:
                 notify.watchdog()
 
     async def _workers_responsive(self, timeout: float) -> bool:
-        res = await asyncio.gather(*(self._ping(w, timeout) for w in self.workers.values()),
+        res = await asyncio.gather(*(self._ping(w, timeout) for w in self.wprocs.values()),
                                    return_exceptions=True)
         return all(isinstance(r, dict) for r in res)
 
@@ -245,7 +245,7 @@ class Supervisor:
         from reactor.frontend import run as front_run
         loop = asyncio.get_running_loop()
         worker_socks: dict[int, socket.socket] = {}
-        for w in self.workers.values():
+        for w in self.wprocs.values():
             a, b = ipc.pair()
             if w.ctl is not None:
                 ipc.send(w.ctl, {"op": "channel", "name": f.spec.name}, [b.fileno()])
@@ -310,7 +310,7 @@ class Supervisor:
             return
         log.error("front-end of %s (pid %d) died with exit code %s: restarting it", f.spec.name,
                   f.proc.pid, f.proc.exitcode)
-        for w in self.workers.values():
+        for w in self.wprocs.values():
             if w.ctl is not None:
                 ipc.send(w.ctl, {"op": "drop", "name": f.spec.name})
         f.restarts += 1
@@ -339,7 +339,7 @@ class Supervisor:
         if f.proc is not None and f.proc.is_alive():
             log.error("front-end of %s did not stop: killing it", f.spec.name)
             f.proc.kill()
-        for w in self.workers.values():
+        for w in self.wprocs.values():
             if w.ctl is not None:
                 ipc.send(w.ctl, {"op": "drop", "name": f.spec.name})
         for b in f.backends.values():
@@ -350,14 +350,14 @@ class Supervisor:
         if self.mgmt is not None:
             await self.mgmt.close()
         await asyncio.gather(*(self._stop_front(f) for f in self.fronts.values()))
-        for w in self.workers.values():
+        for w in self.wprocs.values():
             if w.ctl is not None:
                 try:
                     ipc.send(w.ctl, {"op": "stop"})
                 except OSError:
                     pass
         deadline = time.monotonic() + 5
-        for w in self.workers.values():
+        for w in self.wprocs.values():
             while w.proc is not None and w.proc.is_alive() and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
             if w.proc is not None and w.proc.is_alive():
@@ -416,11 +416,20 @@ class Supervisor:
                             ErrorCode.NOT_FOUND)
         return f
 
+    async def _mcall(self, f: FrontProc, method: str, params: dict[str, Any] | None = None,
+                     timeout: float = 5.0) -> Any:
+        """_call for management: a front-end that does not answer is a refusal, not our bug."""
+        try:
+            return await self._call(f, method, params, timeout)
+        except asyncio.TimeoutError:
+            raise MgmtError(f"controller {f.spec.name} did not answer {method} within {timeout:g}s; "
+                            f"see the log") from None
+
     async def controller_list(self) -> list[dict]:
         out = []
         for f in self.fronts.values():
             try:
-                info = await self._call(f, "info")
+                info = await self._mcall(f, "info")
             except Exception as e:
                 info = {"state": f"unavailable: {e}"}
             out.append({"name": f.spec.name, "socket": f.spec.socket, "pid": f.proc.pid if f.proc else None,
@@ -442,20 +451,20 @@ class Supervisor:
         except Exception as e:
             raise MgmtError(f"controller {name} not added: {e}") from None
         self.cfg = cfg
-        notify.status(f"serving {len(self.fronts)} controller(s) on {len(self.workers)} worker(s)")
+        notify.status(f"serving {len(self.fronts)} controller(s) on {len(self.wprocs)} worker(s)")
         return {"name": name, "socket": spec.socket}
 
     async def controller_remove(self, name: str, force: bool = False) -> dict:
         f = self._front(name)
         if not force:
-            info = await self._call(f, "info")
+            info = await self._mcall(f, "info")
             if info.get("client_connected"):
                 raise MgmtError(f"controller {name} has a client attached; use --force to remove it anyway",
                                 ErrorCode.CONFLICT)
         await self._stop_front(f)
         self.fronts.pop(name, None)
         self.cfg.controllers = [c for c in self.cfg.controllers if c.name != name]
-        notify.status(f"serving {len(self.fronts)} controller(s) on {len(self.workers)} worker(s)")
+        notify.status(f"serving {len(self.fronts)} controller(s) on {len(self.wprocs)} worker(s)")
         return {"name": name, "removed": True}
 
     async def namespace_add(self, ctrl: str, spec: str, nsid: int | None = None, block_size: int = 512,
@@ -478,7 +487,7 @@ class Supervisor:
         except Exception as e:
             raise MgmtError(f"namespace not added: {e}") from None
         try:
-            await self._call(f, "ns_add", {"ns": self._ns_wire(ns, b)})
+            await self._mcall(f, "ns_add", {"ns": self._ns_wire(ns, b)})
         except Exception as e:
             b.destroy()
             raise MgmtError(f"namespace not added: {e}") from None
@@ -490,7 +499,7 @@ class Supervisor:
         f = self._front(ctrl)
         if nsid not in f.backends:
             raise MgmtError(f"controller {ctrl} has no namespace {nsid}", ErrorCode.NOT_FOUND)
-        await self._call(f, "ns_remove", {"nsid": nsid})
+        await self._mcall(f, "ns_remove", {"nsid": nsid})
         f.backends.pop(nsid).destroy()
         f.spec.namespaces = [n for n in f.spec.namespaces if n.nsid != nsid]
         return {"controller": ctrl, "nsid": nsid, "removed": True}
@@ -543,7 +552,7 @@ class Supervisor:
         wire = self._ns_wire(ns, b)
         wire["blocks"] = new // ns.block_size
         try:
-            await self._call(f, "ns_resize", {"ns": wire})
+            await self._mcall(f, "ns_resize", {"ns": wire}, timeout=30.0)
         except MgmtError:
             raise
         except Exception as e:
@@ -591,19 +600,17 @@ class Supervisor:
         out: dict[str, Any] = {"controllers": {}, "workers": await self._worker_rows()}
         for f in fronts:
             try:
-                out["controllers"][f.spec.name] = await self._call(f, "stats")
+                out["controllers"][f.spec.name] = await self._mcall(f, "stats")
             except Exception as e:
                 out["controllers"][f.spec.name] = {"error": str(e) or type(e).__name__}
         return out
 
     async def workers(self) -> list[dict]:
-        # NB: shadowed by the instance attribute self.workers (dict of WorkerProc) set in
-        # __init__, so the `workers` RPC cannot reach this yet; stats() uses the helper.
         return await self._worker_rows()
 
     async def _worker_rows(self) -> list[dict]:
         out = []
-        for w in self.workers.values():
+        for w in self.wprocs.values():
             row: dict[str, Any] = {"id": w.wid, "core": w.core, "pid": w.proc.pid if w.proc else None,
                                    "alive": bool(w.proc and w.proc.is_alive()), "restarts": w.restarts}
             try:

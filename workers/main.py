@@ -99,7 +99,15 @@ class Worker:
             try:
                 msgs = slot.chan.recv_all()
                 for m in msgs:
-                    slot.handle(m)
+                    try:
+                        slot.handle(m)
+                    except (ConnectionError, OSError):
+                        raise
+                    except Exception as e:
+                        # One bad request (our bug or a stale queue id) fails that request only.
+                        log.exception("worker %d: %s: %r failed", self.wid, slot.name, m.get("op"))
+                        if "seq" in m:
+                            slot.chan.send({"op": "ack", "seq": m["seq"], "error": str(e)})
                 n += len(msgs)
                 slot.check_quiesced()
             except Exception:
