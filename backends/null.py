@@ -4,6 +4,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 _ZERO = memoryview(bytes(1 << 20))
+# Zero views of the common transfer lengths (page-sized pieces and whole I/Os).
+_ZERO_BY_LEN = {n: _ZERO[:n] for n in [512 * k for k in range(1, 9)] + [1 << k for k in range(13, 21)]}
 
 
 def zero_fill(bufs: Sequence[memoryview]) -> None:
@@ -25,7 +27,14 @@ class NullBackend:
         self.read_only = read_only
 
     def read_into(self, offset: int, bufs: Sequence[memoryview]) -> None:
-        zero_fill(bufs)
+        # Hot path of every null-backend benchmark: a cached zero view of exactly the
+        # buffer's length makes this one memset-like copy with no slicing.
+        for b in bufs:
+            z = _ZERO_BY_LEN.get(len(b))
+            if z is None:
+                zero_fill((b,))
+            else:
+                b[:] = z
 
     def write_from(self, offset: int, bufs: Sequence[memoryview]) -> None:
         pass

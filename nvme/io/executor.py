@@ -33,6 +33,7 @@ WZ_DEAC = 1 << 25
 
 Result = tuple[int, int]
 _OK: Result = (0, 0)
+_EMPTY = memoryview(b"")
 
 
 class IoExecutor:
@@ -50,6 +51,7 @@ class IoExecutor:
         table[IoOpcode.WRITE_ZEROES] = self._write_zeroes
         table[IoOpcode.DATASET_MANAGEMENT] = self._dsm
         self._table = table
+        self._one: list[memoryview] = [_EMPTY]   # reused one-element iovec list (no per-I/O list)
 
     def set_memory(self, mem: GuestMemory) -> None:
         self.mem = mem
@@ -59,6 +61,46 @@ class IoExecutor:
         d = sqe if sqe.format == "I" else sqe.cast("I")
         dw0 = d[0]
         opc = dw0 & 0xFF
+        # Fast path: Read/Write with PRPs, no fuse, data in at most two pages.  Same
+        # checks in the same order as the general path (see the module docstring);
+        # anything unusual falls through to it.
+        if (opc == 2 or opc == 1) and not dw0 & 0xC300:
+            ns = self.namespaces.get(d[1])
+            if ns is None:
+                return (Status.INVALID_NAMESPACE, 0)
+            slba = d[10] | (d[11] << 32)
+            nlb = (d[12] & 0xFFFF) + 1
+            length = nlb << ns.lba_shift
+            mdts = self.mdts_bytes
+            if mdts and length > mdts:
+                return (Status.INVALID_FIELD, 0)
+            if slba + nlb > ns.blocks:
+                return (Status.LBA_OUT_OF_RANGE, 0)
+            prp1 = d[6] | (d[7] << 32)
+            page = self.page_size
+            first = page - (prp1 & (page - 1))
+            if length <= first and not prp1 & 3:
+                read = opc == 2
+                if not read and ns.read_only:
+                    return (NAMESPACE_WRITE_PROTECTED, 0)
+                one = self._one
+                try:
+                    one[0] = self.mem.view(prp1, length, read)
+                    if read:
+                        ns.backend.read_into(slba << ns.lba_shift, one)
+                    else:
+                        ns.backend.write_from(slba << ns.lba_shift, one)
+                        if d[12] & (1 << 30):
+                            ns.backend.flush()
+                except NeedsMessageDma:
+                    raise
+                except DmaFault:
+                    return (Status.DATA_TRANSFER_ERROR, 0)
+                except OSError:
+                    return (Status.UNRECOVERED_READ_ERROR if read else Status.WRITE_FAULT, 0)
+                finally:
+                    one[0] = _EMPTY      # drop the view: the mapping may go away later
+                return _OK
         handler = self._table[opc]
         if handler is None:
             return (Status.INVALID_OPCODE, 0)

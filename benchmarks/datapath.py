@@ -1,0 +1,149 @@
+"""Per-I/O CPU budget of the worker data path, in one process (no sockets, no daemon).
+
+    python -m benchmarks.datapath [-n 200000] [-q 32] [-o 4096] [--backend null|ram] [--profile]
+
+Drives `nvme.qpair.QueueRunner` + `nvme.io.IoExecutor` exactly as a worker does
+(doorbell words in a shared buffer, SQ/CQ/data in a FlatMemory "guest RAM"), with
+a minimal host side: fill `depth` SQEs, store the tail, `poll()`, consume the CQEs,
+store the CQ head.  Reported: CPU ns per I/O of the whole loop and of `poll()` alone
+(process_time), i.e. the ceiling one worker core could reach.  A CPU-time figure,
+so it is far less disturbed by other load on the machine than wall-clock IOPS.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import struct
+import sys
+import time
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nvme.doorbell import Doorbells  # noqa: E402
+from nvme.io import IoExecutor  # noqa: E402
+from nvme.memory import FlatMemory  # noqa: E402
+from nvme.namespace import Namespace  # noqa: E402
+from nvme.qpair import QueueRunner  # noqa: E402
+from nvme.state import CqState, SqState  # noqa: E402
+
+PAGE = 4096
+
+
+def setup(depth: int, io_size: int, backend: str, flat: bool = False):
+    size = depth + 1
+    npages = (io_size + PAGE - 1) // PAGE
+    nbytes = PAGE * (8 + depth * (npages + 1)) + size * 80
+    nbytes = (nbytes + PAGE - 1) // PAGE * PAGE
+    if flat:
+        ram = bytearray(nbytes)
+        mem = FlatMemory()
+        mem.add(0x10000, ram)
+    else:   # the worker's own guest memory class, over a memfd like QEMU's RAM
+        import mmap
+        from reactor.guestmem import MappedGuestMemory
+        fd = os.memfd_create("datapath-bench")
+        os.ftruncate(fd, nbytes)
+        mem = MappedGuestMemory()
+        mem.map(0x10000, nbytes, 0, fd, True, True)
+        ram = mmap.mmap(fd, nbytes)
+        os.close(fd)
+    db = bytearray(PAGE)
+    dbw = memoryview(db).cast("I")
+    sq, cq = 0x10000, 0x10000 + PAGE * ((size * 64 + PAGE - 1) // PAGE)
+    data = cq + PAGE * ((size * 16 + PAGE - 1) // PAGE)
+    if backend == "ram":
+        from backends.ram import RamBackend
+        be = RamBackend.create(1 << 26, name_prefix=f"vnvmed-dp-{os.getpid()}")
+    else:
+        from backends.null import NullBackend
+        be = NullBackend(1 << 30)
+    ns = {1: Namespace.for_backend(1, be)}
+    ex = IoExecutor(ns, mem, 1 << 20)
+    runner = QueueRunner(doorbells=Doorbells(memoryview(db)), mem=mem,
+                         execute=lambda sqe, sqid: ex.execute(sqe),
+                         irq=lambda v: None, doorbell_error=lambda i, q: None)
+    runner.add_cq(CqState(cqid=1, base=cq, size=size, iv=0, ien=False))
+    runner.add_sq(SqState(sqid=1, base=sq, size=size, cqid=1))
+    sqes = []
+    nlb = io_size // 512
+    for cid in range(depth):
+        buf = data + cid * (npages + 1) * PAGE
+        prp2 = buf + PAGE if npages == 2 else 0
+        if npages > 2:
+            lst = buf + npages * PAGE
+            off = lst - 0x10000
+            ents = [buf + PAGE * i for i in range(1, npages)]
+            ram[off:off + 8 * len(ents)] = struct.pack(f"<{len(ents)}Q", *ents)
+            prp2 = lst
+        sqes.append(struct.pack("<BBHIQQQQ6I", 0x02, 0, cid, 1, 0, 0, buf, prp2,
+                                (cid * 8 * nlb) & 0xFFFFFFFF, 0, nlb - 1, 0, 0, 0))
+    return ram, dbw, runner, sqes, sq - 0x10000, cq - 0x10000, size, be
+
+
+def bench(n: int, depth: int, io_size: int, backend: str, profile: bool,
+          flat: bool = False) -> dict[str, float]:
+    ram, dbw, runner, sqes, sqo, cqo, size, be = setup(depth, io_size, backend, flat)
+    mv = memoryview(ram)
+    cqw = mv[cqo:cqo + size * 16].cast("I")
+    tail = head = 0
+    phase = 1
+    done = 0
+    poll_ns = 0
+    prof = cProfile.Profile() if profile else None
+    clock = time.process_time_ns
+    t0 = clock()
+    while done < n:
+        for cid in range(depth):
+            o = sqo + tail * 64
+            mv[o:o + 64] = sqes[cid]
+            tail = (tail + 1) % size
+        dbw[2] = tail
+        p0 = clock()
+        if prof:
+            prof.enable()
+        got = runner.poll()
+        if prof:
+            prof.disable()
+        poll_ns += clock() - p0
+        assert got == depth, got
+        for _ in range(depth):
+            dw3 = cqw[head * 4 + 3]
+            assert (dw3 >> 16) & 1 == phase and dw3 >> 17 == 0, hex(dw3)
+            head += 1
+            if head == size:
+                head, phase = 0, phase ^ 1
+        dbw[3] = head
+        done += depth
+    total = clock() - t0
+    cqw.release()
+    mv.release()
+    be.close()
+    if hasattr(be, "destroy"):
+        be.destroy()
+    if prof:
+        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+    return {"ios": done, "ns_per_io_total": total / done, "ns_per_io_poll": poll_ns / done,
+            "poll_iops_ceiling": 1e9 * done / poll_ns}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-n", type=int, default=200_000)
+    p.add_argument("-q", type=int, default=32)
+    p.add_argument("-o", type=int, default=4096)
+    p.add_argument("--backend", choices=("null", "ram"), default="null")
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--flat", action="store_true", help="nvme.memory.FlatMemory instead of the worker's MappedGuestMemory")
+    a = p.parse_args()
+    r = bench(a.n, a.q, a.o, a.backend, a.profile, a.flat)
+    print(f"{a.backend} {a.o}B qd={a.q}: poll() {r['ns_per_io_poll']:.0f} ns/IO CPU "
+          f"(ceiling {r['poll_iops_ceiling']:,.0f} IOPS/core); whole loop {r['ns_per_io_total']:.0f} ns/IO")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
