@@ -51,6 +51,8 @@ VNVMED = ROOT / "bin" / "vnvmed"
 # room for a slow mirror.
 PROVISION_TIMEOUT = 900.0
 CONSOLE_TAIL_LINES = 60
+# Console text after which a guest can only hang (SeaBIOS retries for a minute).
+STOP_ON = ("No bootable device", "Kernel panic - not syncing")
 _VNV_RE = re.compile(r"VNV-[A-Z0-9-]+(?: .*)?$")
 
 
@@ -299,14 +301,24 @@ class Guest:
             os.kill(self.proc.pid, sig)
             self.proc.wait(timeout=30)
 
-    def wait(self, timeout: float) -> GuestResult:
-        timed_out = False
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            self.kill()
-        return self.result(timed_out)
+    def wait(self, timeout: float, stop_on: Sequence[str] = STOP_ON) -> GuestResult:
+        """Wait for QEMU to exit; kill it at ``timeout`` or as soon as the
+        console shows one of ``stop_on`` (a guest that can only hang now)."""
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                self.kill()
+                return self.result(timed_out=True)
+            if stop_on:
+                text = self.console()
+                if any(p in text for p in stop_on):
+                    self.kill()
+                    break
+            try:
+                self.proc.wait(timeout=0.25)
+            except subprocess.TimeoutExpired:
+                pass
+        return self.result()
 
     def result(self, timed_out: bool = False) -> GuestResult:
         console = self.console()
