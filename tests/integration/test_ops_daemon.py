@@ -359,11 +359,14 @@ def test_bad_inputs_are_json_rpc_errors_and_change_nothing(daemon: Daemon) -> No
     assert not os.path.exists(os.path.join(rd, "b2.sock"))
 
 
-@pytest.mark.xfail(strict=True, reason="Supervisor.__init__ sets self.workers = {} (WorkerProc table), "
-                   "which shadows the `workers` management method: -32603 'dict' object is not callable")
 def test_workers_rpc(daemon: Daemon) -> None:
     rows = daemon.ctl_json("workers")
-    assert [r["id"] for r in rows] == [0] and rows[0]["responsive"] is True
+    assert [r["id"] for r in rows] == [0]
+    w = rows[0]
+    assert w["responsive"] is True and w["alive"] is True and w["core"] == 0 and w["restarts"] == 0
+    assert w["polls"] >= w["idle"] >= 0 and w["queues"] == 0 and "base" in w["slots"]
+    text = daemon.ctl("workers")
+    assert text.returncode == 0 and str(w["pid"]) in text.stdout
 
 
 def _recv_until(sock: socket.socket, want: str, seen: list[str], timeout: float) -> None:
