@@ -255,12 +255,15 @@ class NvmeFunction:
 
     def dma_mapped(self, iova: int, size: int, offset: int, fd: int | None,
                    readable: bool, writable: bool) -> None:
+        log.debug("%s: DMA map %#x+%#x offset %#x fd %s %s%s", self.name, iova, size, offset, fd,
+                  "r" if readable else "-", "w" if writable else "-")
         self.dma_regions[(iova, size)] = (offset, os.dup(fd) if fd is not None else None,
                                           readable, writable)
         self._broadcast(self._map_msg(iova, size, offset, fd, readable, writable),
                         [fd] if fd is not None else None)
 
     def dma_unmapped(self, iova: int, size: int) -> None:
+        log.debug("%s: DMA unmap %#x+%#x", self.name, iova, size)
         entry = self.dma_regions.pop((iova, size), None)
         if entry is not None and entry[1] is not None:
             os.close(entry[1])

@@ -1,11 +1,18 @@
 """Sans-I/O framing of a vfio-user byte stream with SCM_RIGHTS fds.
 
 `Framer.feed(chunk, fds)` appends bytes and returns every message that is now
-complete.  File descriptors arrive as SCM_RIGHTS with some `recvmsg` chunk; the
-kernel never merges a chunk that carries fds with bytes sent before it, so the fds
-of a chunk belong to the message that contains the chunk's *first byte* (the
-message the peer attached them to).  The framer records the stream offset of each
-chunk's fds and hands them out with the message covering that offset.
+complete.  File descriptors arrive as SCM_RIGHTS with some `recvmsg` chunk.  On a
+Linux AF_UNIX stream socket one `recvmsg` copies queued skbs one after the other and
+stops right *after* the first skb that carries fds (unix_stream_read_generic): the
+fds therefore belong to the message that contains the chunk's *last byte*, and bytes
+of earlier fd-less messages may precede them in the same chunk.  (The fds ride on the
+first skb of the sender's sendmsg, so the last byte of the chunk always lies in the
+message they were sent with.)  QEMU pipelines DMA_UNMAP/DMA_MAP during memory
+transactions, so attributing fds to a chunk's first byte hands a DMA_MAP's memfd to
+the DMA_UNMAP before it: the map then looks fd-less and every access to guest RAM
+needs DMA messages — which is what made SeaBIOS fail to boot.  The framer records
+the stream offset of each chunk's fds and hands them out with the message covering
+that offset.
 
 fd ownership: every fd fed in is either handed out inside a `Frame` (the receiver
 then owns it: `take_fds()` or `close()`) or closed by the framer (on a framing
@@ -65,7 +72,8 @@ class Framer:
             if not data:
                 close_fds(fds or [])
             else:
-                self._fds.append((self._base + len(self._buf), list(fds or []), truncated))
+                last = self._base + len(self._buf) + len(data) - 1
+                self._fds.append((last, list(fds or []), truncated))
         self._buf += data
         out: list[Frame] = []
         try:

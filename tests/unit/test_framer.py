@@ -35,17 +35,47 @@ def test_split_and_joined_messages():
     assert f.pending_bytes == 0
 
 
-def test_fds_belong_to_message_of_chunks_first_byte():
+def test_fds_belong_to_message_of_chunks_last_byte():
     f = Framer(4096)
     a, b = efds(1), efds(2)
     m1, m2 = msg(1, b"1" * 20), msg(2, b"2" * 20)
-    out = f.feed(m1[:10], a)                    # fds with message 1's first chunk
-    out += f.feed(m1[10:] + m2[:5], b)          # chunk starts inside message 1
+    out = f.feed(m1[:10], a)                    # fds with a chunk that ends inside message 1
+    out += f.feed(m1[10:] + m2[:5], b)          # tail of message 1 + start of message 2 (fds: 2)
     out += f.feed(m2[5:])
-    assert out[0].fds == a + b and out[1].fds == []
+    assert out[0].fds == a and out[1].fds == b
     for fr in out:
         fr.close()
     assert not any(map(is_open, a + b))
+
+
+def test_kernel_glues_fdless_bytes_before_an_fd_message_real_socket():
+    """The Linux behaviour the rule above relies on, on a real AF_UNIX stream socket.
+
+    QEMU pipelines DMA_UNMAP (no fd) and DMA_MAP (memfd); one recvmsg returns both and
+    the memfd must go to the DMA_MAP, not to the message the chunk starts with.
+    """
+    import array
+    import socket
+    s, r = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    fd = os.eventfd(0)
+    try:
+        unmap, mapm = msg(1, b"u" * 24, cmd=3), msg(2, b"m" * 32, cmd=2)
+        s.sendmsg([unmap])
+        s.sendmsg([mapm], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())])
+        data, anc, _, _ = r.recvmsg(65536, socket.CMSG_SPACE(4 * 16))
+        got = array.array("i")
+        for _, _, d in anc:
+            got.frombytes(d)
+        assert data == unmap + mapm and len(got) == 1   # one chunk, fds of the 2nd message
+        out = Framer(4096).feed(data, list(got))
+        assert out[0].header.command == 3 and out[0].fds == []
+        assert out[1].header.command == 2 and len(out[1].fds) == 1
+        for fr in out:
+            fr.close()
+    finally:
+        s.close()
+        r.close()
+        os.close(fd)
 
 
 def test_fds_of_a_chunk_starting_a_message():
