@@ -63,6 +63,12 @@ class Queue:
     sq_head: int = 0
     iv: int = 0
     ien: bool = False
+    cq_depth: int = 0      # entries of the CQ if it differs from the SQ's (0: same)
+    cqid: int = -1         # the CQ this SQ posts to (-1: its own, qid)
+
+    @property
+    def cq_entries(self) -> int:
+        return self.cq_depth or self.depth
 
 
 @dataclass(slots=True)
@@ -241,7 +247,7 @@ class HostNvme:
                            sqhd_sqid >> 16))
             q.sq_head = sqhd_sqid & 0xFFFF
             q.head += 1
-            if q.head == q.depth:
+            if q.head == q.cq_entries:
                 q.head = 0
                 q.phase ^= 1
             self.ring(qid, q.head, cq=True)
@@ -310,12 +316,25 @@ class HostNvme:
         self.submit(0, self.sqe(0x0C, cid))
         return cid
 
-    def create_io_queue(self, qid: int, depth: int, iv: int = 0, ien: bool = False) -> Queue:
-        q = Queue(qid, depth, self.ram.alloc(depth * 64), self.ram.alloc(depth * 16), iv=iv, ien=ien)
-        st, _ = self.admin(0x05, 0, q.cq, 0, (((depth - 1) << 16) | qid, (iv << 16) | (2 if ien else 0) | 1))
-        if st:
-            raise RuntimeError(f"create CQ {qid}: status {st:#x}")
-        st, _ = self.admin(0x01, 0, q.sq, 0, (((depth - 1) << 16) | qid, (qid << 16) | 1))
+    def create_io_queue(self, qid: int, depth: int, iv: int = 0, ien: bool = False,
+                        cq_depth: int = 0, cqid: int | None = None) -> Queue:
+        """Create CQ `qid` (cq_depth entries, default depth) then SQ `qid` on it.
+
+        With `cqid` (an existing CQ of ours) only the SQ is created, posting to that CQ:
+        reap its completions with reap(cqid).
+        """
+        if cqid is not None and cqid != qid:
+            cq = self.queues[cqid]
+            q = Queue(qid, depth, self.ram.alloc(depth * 64), cq.cq, cqid=cqid)
+        else:
+            cqid = qid
+            q = Queue(qid, depth, self.ram.alloc(depth * 64), self.ram.alloc((cq_depth or depth) * 16),
+                      iv=iv, ien=ien, cq_depth=cq_depth, cqid=qid)
+            st, _ = self.admin(0x05, 0, q.cq, 0, (((q.cq_entries - 1) << 16) | qid,
+                                                  (iv << 16) | (2 if ien else 0) | 1))
+            if st:
+                raise RuntimeError(f"create CQ {qid}: status {st:#x}")
+        st, _ = self.admin(0x01, 0, q.sq, 0, (((depth - 1) << 16) | qid, (cqid << 16) | 1))
         if st:
             raise RuntimeError(f"create SQ {qid}: status {st:#x}")
         self.queues[qid] = q
