@@ -38,6 +38,11 @@ class Doorbells:
         self._w = _as_words(area)
         self.nqueues = len(self._w) // 2
 
+    @property
+    def words(self) -> memoryview:
+        """The area as 32-bit words (SQ y tail = [2y], CQ y head = [2y+1]) for hot loops."""
+        return self._w
+
     def sq_tail(self, qid: int) -> int:
         return self._w[qid << 1]
 
