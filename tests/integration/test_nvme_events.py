@@ -195,3 +195,23 @@ def test_shutdown_persists_file_namespace(mdaemon: Daemon, h: HostNvme) -> None:
     with open(mdaemon.img, "rb") as f:
         f.seek(300 * 512)
         assert f.read(PAGE) == data
+
+
+def test_enable_with_unmapped_admin_queue_is_fatal_not_a_hang(mdaemon: Daemon) -> None:
+    host = Host(mdaemon.socket)
+    try:
+        h = host.nvme
+        assert h is not None
+        h.reg_write(0x24, (31 << 16) | 31)
+        h.reg_write(0x28, 1 << 40, 8)              # ASQ outside guest memory
+        h.reg_write(0x30, h.ram.alloc(PAGE), 8)
+        h.reg_write(0x14, (4 << 20) | (6 << 16) | 1)
+        csts = h.wait_csts(2, 2)                   # CSTS.CFS
+        assert csts & 2
+        h.reg_write(0x14, 0)                       # reset recovers the controller
+        h.wait_csts(3, 0)
+        h.enable()
+        h.create_io_queue(1, 16)
+        rw_ok(h, 1, 0)
+    finally:
+        host.close()

@@ -264,3 +264,34 @@ def test_sq_deletion_then_io_on_it_is_not_served(h: HostNvme) -> None:
     st, _ = h.admin(0x04, 0, 0, 0, (2,))
     assert st == 0
     still_serves(h)
+
+
+def test_unmapped_region_is_no_longer_reachable(h: HostNvme) -> None:
+    """After DMA_UNMAP, PRP lists and data in that region give Data Transfer Error."""
+    ro = h.add_region(RO_BASE, 4 * PAGE, writable=False)
+    buf = h.ram.alloc(3 * PAGE)
+    p1, p2 = h.prps(buf, 3 * PAGE, ro)
+    assert code(h.io(1, 0x02, NS_RAM, 0, 24, p1, p2)) == 0
+    src = ro.alloc(PAGE)
+    assert code(h.io(1, 0x01, NS_RAM, 0, 8, src, 0)) == 0
+    h.c.dma_unmap(RO_BASE, 4 * PAGE)
+    assert code(h.io(1, 0x02, NS_RAM, 0, 24, p1, p2)) == Status.DATA_TRANSFER_ERROR
+    assert code(h.io(1, 0x01, NS_RAM, 0, 8, src, 0)) == Status.DATA_TRANSFER_ERROR
+    still_serves(h)
+
+
+def test_aer_limit_exceeded(h: HostNvme) -> None:
+    aerl = h.identify(1)[259] + 1                        # AERL is 0's based
+    cids = [h.submit_aer() for _ in range(aerl)]
+    e = h.command(0, 0x0C)
+    assert code(e) == Status.AER_LIMIT_EXCEEDED
+    assert all(s.cid not in cids for s in h.stray.get(0, []))   # the others stay parked
+    still_serves(h)
+
+
+def test_invalid_log_page(h: HostNvme) -> None:
+    st, _ = h.get_log_page(0x7F, 512)
+    assert code(st) == Status.INVALID_LOG_PAGE
+    st, data = h.get_log_page(0x02, 512)                 # SMART / health: supported
+    assert code(st) == 0
+    still_serves(h)
