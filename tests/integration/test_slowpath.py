@@ -1,0 +1,108 @@
+"""Guest memory mapped without an fd: commands run on the front-end's slow path.
+
+A worker that meets such memory (a PRP list in firmware ROM, a buffer in fd-less RAM)
+parks the command; the front-end performs it with vfio-user DMA_READ/DMA_WRITE
+messages to the client — in QEMU 11.1's layout or the spec's — and the worker posts the
+completion.  The client answers DMA requests only while it polls its socket, like
+QEMU's main loop.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import struct
+import time
+
+import pytest
+
+from benchmarks.hostnvme import GuestRam, HostNvme
+from tests.integration.daemonproc import Daemon
+from vfio_user.client import VfioUserClient
+from vfio_user.dmamsg import DmaLayout
+from vfio_user.wire import Command, DmaMapFlag
+
+MB = 1 << 20
+ROM = 0xC0000000      # an fd-less region, served by DMA messages
+PAGE = 4096
+
+
+@pytest.fixture(params=[DmaLayout.QEMU, DmaLayout.SPEC], ids=["qemu-layout", "spec-layout"])
+def setup(tmp_path, request):
+    rd = tmp_path / "run"
+    rd.mkdir()
+    d = Daemon(str(rd), ["--cores", "0", "--controller", f"c0={tmp_path}/c0.sock",
+                         "--namespace", "c0=ram:8M"]).start()
+    # the QEMU flavour is recognised from QEMU's VERSION JSON; the spec one from a plain JSON
+    c = VfioUserClient(f"{tmp_path}/c0.sock", dma_layout=request.param)
+    if request.param is DmaLayout.QEMU:
+        c.negotiate()
+    else:
+        c.negotiate('{"capabilities": {"max_msg_fds": 8}}')
+    ram = GuestRam(16 * MB)
+    c.dma_map(0, 16 * MB, ram.fd, 0)
+    h = HostNvme(c, ram)
+    h.enable()
+    h.create_io_queue(1, 16)
+    yield d, c, ram, h
+    h.close()
+    c.close()
+    gc.collect()
+    try:
+        ram.close()
+    except BufferError:
+        os.close(ram.fd)
+    assert d.stop() == 0
+
+
+def _run(c: VfioUserClient, h: HostNvme, entry: bytes, timeout: float = 10.0) -> int:
+    h.submit(1, entry)
+    q = h.queues[1]
+    deadline = time.monotonic() + timeout
+    while True:
+        c.poll(0.002)          # answer the server's DMA_READ/DMA_WRITE
+        dw3 = struct.unpack_from("<I", h.ram.view(q.cq + q.head * 16 + 12, 4))[0]
+        if (dw3 >> 16) & 1 == q.phase:
+            break
+        assert time.monotonic() < deadline, "no completion"
+    (cid, st, _, _), = h.reap(1)
+    return st
+
+
+def test_prp_list_in_fdless_readonly_memory(setup):
+    d, c, ram, h = setup
+    rom = bytearray(PAGE)
+    c.dma_map(ROM, PAGE, None, 0, flags=DmaMapFlag.READ)     # read-only, no fd (like SeaBIOS's)
+    c.add_dma_buffer(ROM, rom, writable=False)
+    data = os.urandom(4 * PAGE)
+    buf = ram.alloc(4 * PAGE)
+    ram.view(buf, 4 * PAGE)[:] = data
+    struct.pack_into("<3Q", rom, 0, buf + PAGE, buf + 2 * PAGE, buf + 3 * PAGE)
+    st = _run(c, h, h.sqe(0x01, h.next_cid(), 1, buf, ROM, (0, 0, 31)))   # write 16 KiB
+    assert st == 0
+    assert any(cmd == Command.DMA_READ and addr == ROM for cmd, addr, _ in c.dma_served)
+    ram.view(buf, 4 * PAGE)[:] = bytes(4 * PAGE)
+    st = _run(c, h, h.sqe(0x02, h.next_cid(), 1, buf, ROM, (0, 0, 31)))   # read it back
+    assert st == 0 and bytes(ram.view(buf, 4 * PAGE)) == data
+
+
+def test_data_buffer_in_fdless_memory_both_directions(setup):
+    d, c, ram, h = setup
+    fdless = bytearray(2 * PAGE)
+    c.dma_map(ROM, 2 * PAGE, None, 0)
+    c.add_dma_buffer(ROM, fdless, writable=True)
+    fdless[:] = os.urandom(2 * PAGE)
+    want = bytes(fdless)
+    assert _run(c, h, h.sqe(0x01, h.next_cid(), 1, ROM, ROM + PAGE, (64, 0, 15))) == 0
+    fdless[:] = bytes(2 * PAGE)
+    assert _run(c, h, h.sqe(0x02, h.next_cid(), 1, ROM, ROM + PAGE, (64, 0, 15))) == 0
+    assert bytes(fdless) == want
+    assert any(cmd == Command.DMA_WRITE for cmd, _, _ in c.dma_served)
+
+
+def test_fdless_buffer_outside_client_memory_fails_cleanly(setup):
+    d, c, ram, h = setup
+    c.dma_map(ROM, PAGE, None, 0)            # mapped, but the client cannot serve it
+    st = _run(c, h, h.sqe(0x02, h.next_cid(), 1, ROM, 0, (0, 0, 7)))
+    assert st & 0x7FF == 0x004               # Data Transfer Error (DNR set)
+    buf = ram.alloc(PAGE)                    # the queue still works
+    assert h.rw(1, True, 1, 0, 8, buf) == 0
