@@ -354,3 +354,21 @@ def test_batches_outstanding_on_all_queues(h: HostNvme) -> None:
         assert all(e.status == 0 for e in h.reap_cqes(qid, 16))
     for lba, data in blocks.items():
         assert h.read(bufs[lba], PAGE) == data, lba
+
+
+def test_register_and_doorbell_access_rules(h: HostNvme) -> None:
+    """Registers take 4/8-byte accesses only; doorbells 4-byte writes; doorbell reads give 0."""
+    from vfio_user.errors import ProtocolError
+    with pytest.raises(ProtocolError):
+        h.c.region_read(0, 0x1C, 2)
+    with pytest.raises(ProtocolError):
+        h.c.region_write(0, 0x14, b"\x01\x00")
+    with pytest.raises(ProtocolError):
+        h.c.region_write(0, 0x1000 + 8, b"\x01\x00")        # 2-byte doorbell write
+    with pytest.raises(ProtocolError):
+        h.c.region_write(0, 0x1000 + 8, bytes(8))           # 8-byte doorbell write
+    h.ring(1, 0, trapped=True)                              # a same-value 4-byte write is fine
+    assert h.c.region_read(0, 0x1000 + 8, 4) == bytes(4)
+    assert h.reg_read(0x1C) & 3 == 1                        # still ready, not fatal
+    buf = h.ram.alloc(PAGE)
+    assert h.rw(1, False, NS_RAM, 0, 8, buf) == 0
