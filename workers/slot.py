@@ -16,6 +16,7 @@ import logging
 import mmap
 import os
 import time
+from time import perf_counter_ns
 from typing import Any, Callable
 
 from backends.base import open_backend
@@ -46,6 +47,8 @@ class Slot:
         self.quiesce_seq: int | None = None
         self.nqueues = 0
         self.stats = {"commands": 0, "slow": 0, "dberr": 0}
+        self.io = [0, 0, 0, 0, 0]   # reads, writes, bytes read, bytes written, errors
+        self.lat = [0] * 48
         self.dead = False
 
     # --- set-up ---------------------------------------------------------------------
@@ -72,13 +75,31 @@ class Slot:
 
     # --- callbacks from the runner --------------------------------------------------
     def _execute(self, sqe: memoryview, sqid: int) -> tuple[int, int] | None:
-        assert self.executor is not None
+        t0 = perf_counter_ns()
         try:
-            return self.executor.execute(sqe)
+            res = self.executor.execute(sqe)  # type: ignore[union-attr]
         except NeedsMessageDma:
             self.stats["slow"] += 1
             self.chan.send({"op": "slow", "sqid": sqid, "sqe": bytes(sqe)})
             return None
+        # Service time in this worker, log2 buckets of ns (bucket k: [2^(k-1), 2^k)).
+        self.lat[(perf_counter_ns() - t0).bit_length()] += 1
+        op = sqe[0]
+        if op == 2 or op == 1:
+            ns = self.namespaces.get(int.from_bytes(sqe[4:8], "little"))
+            nbytes = ((sqe[48] | (sqe[49] << 8)) + 1) * (ns.info.block_size if ns else 0)
+            io = self.io
+            if op == 2:
+                io[0] += 1
+                io[2] += nbytes
+            else:
+                io[1] += 1
+                io[3] += nbytes
+            if res[0]:
+                io[4] += 1
+        elif res[0]:
+            self.io[4] += 1
+        return res
 
     def _irq(self, vector: int) -> None:
         fd = self.vectors.get(vector)
@@ -224,7 +245,10 @@ class Slot:
 
     def _op_stats(self, msg: dict[str, Any]) -> None:
         snap = self.runner.snapshot() if self.runner is not None else {}
-        self._ack(msg, stats=dict(self.stats, nqueues=self.nqueues, queues=snap))
+        r, w, br, bw, err = self.io
+        self._ack(msg, stats=dict(self.stats, nqueues=self.nqueues, queues=snap,
+                                  read_commands=r, write_commands=w, bytes_read=br,
+                                  bytes_written=bw, io_errors=err, lat_log2_ns=list(self.lat)))
 
     def _op_bye(self, msg: dict[str, Any]) -> None:
         self._ack(msg)
