@@ -15,7 +15,7 @@ import pytest
 
 from tests.qemu import harness
 
-pytestmark = [pytest.mark.qemu, pytest.mark.timeout(90)]
+pytestmark = [pytest.mark.qemu, pytest.mark.timeout(200)]
 ENV = harness.provision()
 
 SERIAL = "vnvsmoke01"
@@ -38,7 +38,7 @@ def blank(tmp_path: Path) -> Path:
 
 def test_info_sees_builtin_controller(tmp_path: Path) -> None:
     res = harness.run_guest(workload="info", args={"nns": 1}, workdir=tmp_path,
-                            extra=builtin_nvme(blank(tmp_path)), timeout=60)
+                            extra=builtin_nvme(blank(tmp_path)), timeout=150)
     res.assert_ok()
     attrs = res.attrs().get("nvme0", {})
     res.expect(attrs.get("serial") == SERIAL, f"serial: {attrs}")
@@ -60,7 +60,7 @@ def test_info_sees_builtin_controller(tmp_path: Path) -> None:
 def test_dd_direct_roundtrip_reaches_backing_file(tmp_path: Path) -> None:
     img = blank(tmp_path)
     res = harness.run_guest(workload="dd", args={"mb": 8, "nns": 1}, workdir=tmp_path,
-                            extra=builtin_nvme(img), timeout=60)
+                            extra=builtin_nvme(img), timeout=150)
     res.assert_ok()
     dds = res.tagged("DD")
     # Two regions: the start and the far end of the namespace.
@@ -77,14 +77,14 @@ def test_seabios_boots_bootdisk_from_builtin_nvme(tmp_path: Path) -> None:
     img = tmp_path / "boot.img"
     shutil.copyfile(ENV.bootdisk, img)
     res = harness.run_guest(boot_disk=True, workdir=tmp_path,
-                            extra=builtin_nvme(img, bootindex=0), timeout=60)
+                            extra=builtin_nvme(img, bootindex=0), timeout=150)
     res.expect(res.tagged("BOOT-OK"), "no VNV-BOOT-OK marker")
     res.expect(not res.timed_out and res.returncode == 0, "guest did not power off")
 
 
 def test_fio_verify_uses_two_io_queues(tmp_path: Path) -> None:
     res = harness.run_guest(workload="fio", args={"mb": 8, "rt": 10, "nns": 1}, workdir=tmp_path,
-                            extra=builtin_nvme(blank(tmp_path)), timeout=80)
+                            extra=builtin_nvme(blank(tmp_path)), timeout=150)
     res.assert_ok()
     (doc,) = res.json("fio")
     job = doc["jobs"][0]
@@ -97,7 +97,7 @@ def test_fio_verify_uses_two_io_queues(tmp_path: Path) -> None:
 
 def test_reset_mid_workload_then_verify(tmp_path: Path) -> None:
     res = harness.run_guest(workload="reset", args={"mb": 8, "rate": 500, "nns": 1},
-                            workdir=tmp_path, extra=builtin_nvme(blank(tmp_path)), timeout=80)
+                            workdir=tmp_path, extra=builtin_nvme(blank(tmp_path)), timeout=150)
     res.assert_ok()
     kv = res.first("RESET").kv()
     res.expect(kv["rc"] == "0" and kv["busy"] == "1", f"reset during I/O: {kv}")
@@ -106,7 +106,7 @@ def test_reset_mid_workload_then_verify(tmp_path: Path) -> None:
 
 def test_clean_shutdown(tmp_path: Path) -> None:
     res = harness.run_guest(workload="shutdown", args={"nns": 1}, workdir=tmp_path,
-                            extra=builtin_nvme(blank(tmp_path)), timeout=60)
+                            extra=builtin_nvme(blank(tmp_path)), timeout=150)
     res.assert_ok()
     tail = res.after_end()
     res.expect("reboot: Power down" in tail, "guest did not power off")

@@ -48,6 +48,7 @@ def test_clean_shutdown_reaches_shst(tmp_path: Path) -> None:
     res.expect(alive, "vnvmed died when the guest shut its controller down")
 
 
+@pytest.mark.timeout(420)
 def test_kill9_qemu_then_new_qemu_same_socket(tmp_path: Path) -> None:
     with harness.vnvmed_controller(["ram:64M"]) as (daemon, sock):
         first = harness.start_guest(devices=[sock], workload="fio",
