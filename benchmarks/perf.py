@@ -127,7 +127,7 @@ def spawn_vnvmed(ns: str, core: int | None, polling: str = "adaptive",
 # ------------------------------------------------------------------------ one run
 def run(sock: str, wl: Workload, *, processes: int = 1, queues: int | None = None,
         client_cores: Sequence[int] = (), target_pid: int | None = None,
-        ram_size: int | None = None) -> dict[str, Any]:
+        ram_size: int | None = None, idle: bool = False) -> dict[str, Any]:
     nq = queues or processes
     if nq != processes:
         raise ValueError("this driver runs exactly one queue per client process (-Q == -P)")
@@ -147,7 +147,10 @@ def run(sock: str, wl: Workload, *, processes: int = 1, queues: int | None = Non
         t0 = time.monotonic()
         deadline = time.perf_counter_ns() + int(wl.seconds * 1e9)
         total = Result(hist=[])
-        if processes == 1:
+        if idle:     # controller enabled, queues created, no I/O: what does waiting cost?
+            time.sleep(wl.seconds)
+            total.seconds = wl.seconds
+        elif processes == 1:
             if client_cores:
                 os.sched_setaffinity(0, {client_cores[0]})
             total.merge(jobs[0].run(deadline))
@@ -261,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--polling", choices=("adaptive", "busy"), default="adaptive")
     p.add_argument("--span", default="1G", help="bytes of the namespace to spread I/O over")
     p.add_argument("--nsid", type=int, default=1)
+    p.add_argument("--idle", action="store_true", help="attach and create queues, then no I/O for -t s")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--json-out", help="also write JSON to this file")
     a = p.parse_args(argv)
@@ -271,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sock = spawned.sock if spawned else a.socket
         pid = spawned.proc.pid if spawned else a.target_pid
         rep = run(sock, wl, processes=a.processes, queues=a.queues,
-                  client_cores=parse_cores(a.client_cores), target_pid=pid)
+                  client_cores=parse_cores(a.client_cores), target_pid=pid, idle=a.idle)
     finally:
         if spawned:
             spawned.stop()

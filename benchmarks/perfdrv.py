@@ -85,6 +85,9 @@ class IoQueue:
     size: int                   # ring slots (queue depth + 1)
     sq: int
     cq: int
+    tail: int = 0               # ring state survives between runs on the same queue
+    head: int = 0
+    phase: int = 1
 
 
 class Controller:
@@ -372,9 +375,7 @@ class QueueJob:
         cop = [0] * depth               # 1 if the CID's command in flight is a read
         clock = time.perf_counter_ns
         k = 0
-        tail = 0
-        head = 0
-        phase = 1
+        tail, head, phase = q.tail, q.head, q.phase
         ios = reads = errors = lat_sum = 0
         # Initial fill: every CID once.
         now = clock()
@@ -389,8 +390,8 @@ class QueueJob:
             k = (k + 1) & mask
             tsub[cid] = now
             tail += 1
-        if tail == size:
-            tail = 0
+            if tail == size:
+                tail = 0
         start = clock()
         if dbw is not None:
             dbw[sq_word] = tail
@@ -448,6 +449,7 @@ class QueueJob:
                 if not stop:
                     ring(sq_word, tail)
         elapsed = clock() - start
+        q.tail, q.head, q.phase = tail, head, phase
         sqw.release()
         sqb.release()
         cqw.release()

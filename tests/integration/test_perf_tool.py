@@ -1,0 +1,76 @@
+"""benchmarks/perf against a real vnvmed: the benchmark driver itself must be right.
+
+Short runs (a fraction of a second): these check that the numbers it prints come
+from real completions (no errors, the read/write mix it was asked for, data really
+moved), not how fast anything is.
+"""
+import os
+
+import pytest
+
+from benchmarks.perf import process_tree, run, spawn_vnvmed
+from benchmarks.perfdrv import Controller, QueueJob, Workload
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def daemon():
+    sp = spawn_vnvmed("ram:64M", None)
+    yield sp
+    sp.stop()
+
+
+def test_randrw_mix_single_process(daemon):
+    wl = Workload("randrw", 8192, 4, 0.4, read_pct=70, span=64 << 20)
+    rep = run(daemon.sock, wl, target_pid=daemon.proc.pid)
+    assert rep["errors"] == 0
+    assert rep["ios"] >= 4           # at least the first command of every CID
+    assert rep["lat_us"]["p50"] <= rep["lat_us"]["p99"] <= rep["lat_us"]["p99.9"]
+    names = " ".join(r["name"] for r in rep["target_cpu"])
+    assert "vnvmed: worker 0" in names and "vnvmed: frontend" in names
+    assert any(r["cpu_s"] > 0 for r in rep["target_cpu"])
+
+
+def test_two_client_processes_share_the_controller(daemon):
+    wl = Workload("randread", 4096, 2, 0.4, span=64 << 20)
+    rep = run(daemon.sock, wl, processes=2)
+    assert rep["errors"] == 0 and rep["ios"] >= 4, rep
+    assert rep["workload"]["queues"] == 2
+
+
+def test_writes_land_and_reads_return_them(daemon):
+    """Sequential 128 KiB writes of a pattern, then reads into zeroed buffers."""
+    ctl = Controller(daemon.sock, 16 << 20)
+    try:
+        ctl.enable()
+        nblocks, bs = ctl.namespace(1)
+        assert nblocks * bs == 64 << 20
+        ctl.set_queue_count(1)
+        q = ctl.create_queue(1, 2)
+        wl = Workload("write", 131072, 2, 0.0, span=1 << 20)
+        job = QueueJob(ctl, q, wl, bs, nblocks, 0)
+        # Fill each CID's buffer with a byte pattern through its PRP1 template.
+        bufs = []
+        for cid, t in enumerate(job.templates[0]):
+            buf = int.from_bytes(t[24:32], "little")
+            ctl.ram.view(buf, 131072)[:] = bytes([cid + 1]) * 131072
+            bufs.append(buf)
+        res = job.run(0)                      # deadline passed: one command per CID
+        assert res.ios == 2 and res.errors == 0 and res.reads == 0
+        for b in bufs:
+            ctl.ram.view(b, 131072)[:] = bytes(131072)
+        # Same queue again: the ring position must carry over between runs.
+        rd = QueueJob(ctl, q, Workload("read", 131072, 2, 0.0, span=1 << 20), bs, nblocks, 0)
+        res = rd.run(0)
+        assert res.ios == 2 and res.errors == 0 and res.reads == 2
+        got = {bytes(ctl.ram.view(int.from_bytes(t[24:32], "little"), 131072))[:1]
+               for t in rd.templates[1]}
+        assert got == {b"\x01", b"\x02"}
+    finally:
+        ctl.close()
+
+
+def test_process_tree_sees_children():
+    tree = process_tree(os.getppid())
+    assert os.getpid() in tree
