@@ -538,19 +538,38 @@ class NvmeFunction:
                 "errors_logged": self.ctrl.errlog.count}
 
     # the admin poller ---------------------------------------------------------------------
-    async def admin_loop(self, min_interval: float = 0.0002, max_interval: float = 0.01) -> None:
-        """Run the admin queue: adaptive polling (the admin doorbell is in mmapped memory)."""
+    async def admin_loop(self, min_interval: float = 0.0002, max_interval: float = 0.01,
+                         deep_interval: float = 0.1, deep_after: float = 1.0) -> None:
+        """Run the admin queue: adaptive polling (the admin doorbell is in mmapped memory).
+
+        Busy after admin activity (Linux probes with dozens of admin commands in a row),
+        backing off to `max_interval`, and to `deep_interval` after `deep_after` s of
+        silence.  CC writes and trapped admin doorbells wake the loop at once.  Doorbells of
+        queues that do not exist are scanned for at most every 100 ms.
+        """
+        loop = asyncio.get_running_loop()
         interval = max_interval
+        last = loop.time()
+        last_scan = 0.0
         while True:
             n = 0
+            now = loop.time()
             if not self.coord.quiesced and self.session is not None:
                 try:
                     n = self.ctrl.poll_admin()
-                    self.ctrl.scan_doorbells()
+                    if n or now - last_scan > 0.1:
+                        self.ctrl.scan_doorbells()
+                        last_scan = now
                 except Exception:
                     log.exception("%s: admin queue failed", self.name)
                     self._fatal("admin queue processing failed")
-            interval = min_interval if n else min(interval * 2, max_interval)
+            if n:
+                last = now
+                interval = min_interval
+            elif self.session is None:
+                interval = 1.0
+            else:
+                interval = min(interval * 2, deep_interval if now - last > deep_after else max_interval)
             self.admin_kick.clear()
             try:
                 await asyncio.wait_for(self.admin_kick.wait(), interval)

@@ -6,11 +6,12 @@ The guest rings doorbells by storing into the mmapped doorbell page: nothing tra
 so the only way to see new work is to look.  A worker therefore busy-polls while
 there is work, keeps spinning for `spin_polls` empty rounds (cheap, catches the next
 request of a QD1 stream), then sleeps in `select()` with a timeout that doubles from
-`idle_min_us` to `idle_max_us`.  Any ring message (the front-end writes the ring's
+`idle_min_us` to `idle_max_us` (and to `deep_idle_us` once nothing happened for
+`deep_idle_after_s`).  Any ring message (the front-end writes the ring's
 eventfd when we announced sleep) or a kick (a trapped doorbell write seen by the
 front-end) ends the sleep at once.  A sleeping worker never misses work: the worst
-case is one `idle_max_us` of extra latency after an idle period, which is also the
-bound on how stale our view of a mmapped doorbell can get.  `polling="busy"` never
+case is one `deep_idle_us` of extra latency for the first request after a long idle
+period, which is also the bound on how stale our view of a mmapped doorbell can get.  `polling="busy"` never
 sleeps (lowest latency, one core at 100 %).
 
 Control: the supervisor talks to the worker over a SOCK_SEQPACKET socket (`ctl`):
@@ -23,6 +24,7 @@ import os
 import select
 import signal
 import socket
+import time
 from typing import Any
 
 from reactor import ipc
@@ -41,7 +43,11 @@ class Worker:
         self.busy = opts.get("polling", "adaptive") == "busy"
         self.spin_polls = int(opts.get("spin_polls", 200))
         self.idle_min = int(opts.get("idle_min_us", 50)) / 1e6
-        self.idle_max = int(opts.get("idle_max_us", 5000)) / 1e6
+        self.idle_max = int(opts.get("idle_max_us", 1000)) / 1e6
+        # After `deep_after` s without work the sleep grows to `deep_max`: an idle VM
+        # costs ~nothing, and the first request after a long pause waits at most that.
+        self.deep_after = float(opts.get("deep_idle_after_s", 1.0))
+        self.deep_max = int(opts.get("deep_idle_us", 40000)) / 1e6
         self.stop = False
         self.pending: list[tuple[str, socket.socket]] = []
         self.polls = 0
@@ -137,6 +143,7 @@ class Worker:
     def run(self) -> None:
         idle = 0
         rounds = 0
+        last_work = time.monotonic()
         self.ctl.setblocking(False)
         while not self.stop:
             work = 0
@@ -161,8 +168,11 @@ class Worker:
             idle += 1
             if self.busy or idle < self.spin_polls:
                 continue
+            if idle == self.spin_polls:
+                last_work = time.monotonic()
             k = min(idle - self.spin_polls, 16)
-            self._sleep(min(self.idle_max, self.idle_min * (1 << k)))
+            cap = self.deep_max if time.monotonic() - last_work > self.deep_after else self.idle_max
+            self._sleep(min(cap, self.idle_min * (1 << k)))
             self._control()
             if self.pending:
                 self._attach_pending()

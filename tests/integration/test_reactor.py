@@ -17,10 +17,26 @@ from vfio_user.client import VfioUserClient
 MB = 1 << 20
 
 
+_started: list[Daemon] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_daemon():
+    """Whatever a test did, the daemons it started are gone afterwards (by PID)."""
+    yield
+    while _started:
+        d = _started.pop()
+        if d.proc is not None and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait(10)
+
+
 def _daemon(tmp_path, *args: str) -> Daemon:
     rd = str(tmp_path / "run")
     os.makedirs(rd, exist_ok=True)
-    return Daemon(rd, list(args)).start()
+    d = Daemon(rd, list(args))
+    _started.append(d)
+    return d.start()
 
 
 def _host(sock: str, ram_size: int = 32 * MB) -> tuple[VfioUserClient, GuestRam, HostNvme]:
@@ -127,8 +143,10 @@ def test_io_verified_while_dma_map_unmap_storm(tmp_path):
         assert "died" not in d.log()
         assert h.reg_read(0x1C) & 2 == 0, "controller went fatal"
     finally:
-        _close(c, ram, h)
-        assert d.stop() == 0
+        try:
+            _close(c, ram, h)
+        finally:
+            assert d.stop() == 0
     assert d.shm_left() == []
 
 
@@ -158,8 +176,10 @@ def test_killed_worker_gives_cfs_then_recovers(tmp_path):
         assert h.rw(1, False, 1, 8, 8, buf) == 0
         assert bytes(ram.view(buf, 4096)) == b"\x5a" * 4096
     finally:
-        _close(c, ram, h)
-        assert d.stop() == 0
+        try:
+            _close(c, ram, h)
+        finally:
+            assert d.stop() == 0
     assert d.shm_left() == []
 
 
@@ -228,7 +248,9 @@ def test_two_controllers_quiescing_one_does_not_stall_the_other(tmp_path):
         bufa = rama.alloc(4096)
         assert ha.rw(1, True, 1, 0, 8, bufa) == 0
     finally:
-        _close(ca, rama, ha)
-        _close(cb, ramb, hb)
-        assert d.stop() == 0
+        try:
+            _close(ca, rama, ha)
+            _close(cb, ramb, hb)
+        finally:
+            assert d.stop() == 0
     assert d.shm_left() == []
