@@ -21,7 +21,7 @@ import stat
 import struct
 from typing import Any, Sequence
 
-from .base import MIN_SIZE, check_range
+from .base import MIN_SIZE, check_range, total_len
 
 BLKGETSIZE64 = 0x80081272
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -118,11 +118,28 @@ class FileBackend:
             todo = _advance(todo, n)
 
     def read_into(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        # Fast path: one syscall that moves everything (the usual case).  Anything
+        # else (short transfer, EINTR, O_DIRECT misalignment, > IOV_MAX) is redone
+        # by _xfer from the start, which is harmless: a read/write is idempotent.
+        if len(bufs) <= IOV_MAX:
+            try:
+                n = os.preadv(self._dfd if self._dfd >= 0 else self._fd, bufs, offset)
+                if n == total_len(bufs):
+                    return
+            except OSError:
+                pass
         self._xfer(os.preadv, offset, bufs, True)
 
     def write_from(self, offset: int, bufs: Sequence[memoryview]) -> None:
         if self.read_only:
             raise OSError(errno.EROFS, "read-only backend")
+        if len(bufs) <= IOV_MAX:   # fast path, see read_into
+            try:
+                n = os.pwritev(self._dfd if self._dfd >= 0 else self._fd, bufs, offset)
+                if n == total_len(bufs):
+                    return
+            except OSError:
+                pass
         self._xfer(os.pwritev, offset, bufs, False)
 
     def flush(self) -> None:

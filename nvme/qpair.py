@@ -73,6 +73,7 @@ class _Cq:
     first_ns: int = 0                 # when the oldest un-signalled entry was noticed
     faulted: bool = False
     nsq: int = 0
+    dbi: int = 0                      # index of the head doorbell in Doorbells.words
 
 
 @dataclass(slots=True, eq=False)
@@ -82,6 +83,7 @@ class _Sq:
     words: memoryview | None = None   # RO view of the ring, cast 'I'
     faulted: bool = False
     parked: set[int] = field(default_factory=set)   # CIDs parked on this SQ
+    dbi: int = 0                      # index of the tail doorbell in Doorbells.words
 
 
 class QueueRunner:
@@ -97,6 +99,8 @@ class QueueRunner:
         self._fault = fault
         self._page_size = page_size
         self._cqs: dict[int, _Cq] = {}
+        self._cqlist: list[_Cq] = []       # the same CQs, for the per-poll loop
+        self._dbw = doorbells.words
         self._sqs: dict[int, _Sq] = {}
         self._order: list[_Sq] = []
         self._rr = 0
@@ -118,8 +122,9 @@ class QueueRunner:
         if cq.cqid in self._cqs or cq.cqid >= self._db.nqueues:
             raise ValueError(f"CQ {cq.cqid} exists or has no doorbell")
         words = self._mem.view(cq.base, cq.size * CQE_SIZE, write=True).cast("I")
-        c = _Cq(cq, words)
+        c = _Cq(cq, words, dbi=(cq.cqid << 1) | 1)
         self._cqs[cq.cqid] = c
+        self._cqlist.append(c)
         if self._shadow is not None and cq.cqid:
             self._shadow.set_cq_eventidx(cq.cqid, 0xFFFFFFFF)
 
@@ -130,7 +135,7 @@ class QueueRunner:
         if cq is None:
             raise ValueError(f"SQ {sq.sqid}: CQ {sq.cqid} does not exist")
         words = self._mem.view(sq.base, sq.size * SQE_SIZE, write=False).cast("I")
-        s = _Sq(sq, cq, words)
+        s = _Sq(sq, cq, words, dbi=sq.sqid << 1)
         cq.nsq += 1
         self._sqs[sq.sqid] = s
         self._order.append(s)
@@ -156,6 +161,7 @@ class QueueRunner:
         if c.nsq:
             raise ValueError(f"CQ {cqid} still has SQs")
         del self._cqs[cqid]
+        self._cqlist.remove(c)
         if c in self._dirty:
             self._dirty.remove(c)
         return c.st
@@ -231,41 +237,50 @@ class QueueRunner:
         done = 0
         self._more = False
         sh = self._shadow
-        dbw = self._db.words     # one aligned 32-bit load per doorbell read
-        for c in self._cqs.values():
-            if c.faulted:
-                continue
+        dbw = self._dbw          # one aligned 32-bit load per doorbell read
+        for c in self._cqlist:
             cst = c.st
-            qid = cst.cqid
-            h = sh.cq_head(qid) if (sh is not None and qid) else dbw[(qid << 1) | 1]
-            if h == cst.head and not cst.broken:
-                continue
-            if valid_cq_head(cst, h):
-                cst.head = h
-                cst.broken = False
-            elif not cst.broken:
-                cst.broken = True
-                self._db_error(INVALID_DOORBELL_VALUE, qid)
+            if sh is not None and c.dbi != 1:
+                h = sh.cq_head(cst.cqid)
+            else:
+                h = dbw[c.dbi]
+            if (h != cst.head or cst.broken) and not c.faulted:
+                self._cq_doorbell(c, h)
         order = self._order
-        if not self._paused and order:
-            n = len(order)
+        if self._paused or not order:
+            if self._dirty:
+                self._signal()
+            return 0
+        n = len(order)
+        if n == 1:
+            start = 0
+        else:
             start = self._rr % n
             self._rr = start + 1
-            for k in range(n):
-                s = order[(start + k) % n]
-                st = s.st
-                # Idle fast path (no shadow doorbells): tail unchanged and nothing
-                # pending means _run_sq would do nothing; skip the call.
-                if sh is None and dbw[st.sqid << 1] == st.tail and st.head == st.tail \
-                        and not st.broken:
-                    continue
-                if done >= budget:
-                    self._more = True
-                    break
-                done += self._run_sq(s, budget - done, sh)
+        for k in range(n):
+            s = order[start + k - n if start + k >= n else start + k]
+            st = s.st
+            # Idle fast path (no shadow doorbells): tail unchanged and nothing
+            # pending means _run_sq would do nothing; skip the call.
+            if sh is None and dbw[s.dbi] == st.tail and st.head == st.tail and not st.broken:
+                continue
+            if done >= budget:
+                self._more = True
+                break
+            done += self._run_sq(s, budget - done, sh)
         if self._dirty:
             self._signal()
         return done
+
+    def _cq_doorbell(self, c: _Cq, h: int) -> None:
+        """A new (or still broken) CQ head: accept it or report it once (NVMe §5.1 / 4.2)."""
+        cst = c.st
+        if valid_cq_head(cst, h):
+            cst.head = h
+            cst.broken = False
+        elif not cst.broken:
+            cst.broken = True
+            self._db_error(INVALID_DOORBELL_VALUE, cst.cqid)
 
     def _run_sq(self, s: _Sq, budget: int, sh: ShadowDoorbellView | None) -> int:
         st, c = s.st, s.cq
@@ -274,7 +289,7 @@ class QueueRunner:
             return 0
         qid = st.sqid
         use_shadow = sh is not None and qid != 0
-        tail = sh.sq_tail(qid) if use_shadow else self._db.words[qid << 1]
+        tail = sh.sq_tail(qid) if use_shadow else self._dbw[s.dbi]
         size = st.size
         if tail != st.tail or st.broken:
             if not 0 <= tail < size:

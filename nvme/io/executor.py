@@ -79,28 +79,39 @@ class IoExecutor:
             prp1 = d[6] | (d[7] << 32)
             page = self.page_size
             first = page - (prp1 & (page - 1))
-            if length <= first and not prp1 & 3:
+            if prp1 & 3:
+                pass                     # general path reports the bad offset
+            elif length <= first or (length - first <= page and not (prp2 := d[8] | (d[9] << 32)) & (page - 1)
+                                     and prp2 == prp1 + first):
+                # One page, or two physically contiguous pages: one view.
                 read = opc == 2
                 if not read and ns.read_only:
                     return (NAMESPACE_WRITE_PROTECTED, 0)
-                one = self._one
                 try:
-                    one[0] = self.mem.view(prp1, length, read)
+                    view = self.mem.view(prp1, length, read)
+                except NeedsMessageDma:
+                    raise
+                except DmaFault:
+                    # Not one mapping (e.g. the page pair straddles two DMA regions)
+                    # or not mapped: the general path splits or reports it.
+                    return self._general(d, opc, dw0)
+                one = self._one
+                one[0] = view
+                try:
                     if read:
                         ns.backend.read_into(slba << ns.lba_shift, one)
                     else:
                         ns.backend.write_from(slba << ns.lba_shift, one)
                         if d[12] & (1 << 30):
                             ns.backend.flush()
-                except NeedsMessageDma:
-                    raise
-                except DmaFault:
-                    return (Status.DATA_TRANSFER_ERROR, 0)
                 except OSError:
                     return (Status.UNRECOVERED_READ_ERROR if read else Status.WRITE_FAULT, 0)
                 finally:
                     one[0] = _EMPTY      # drop the view: the mapping may go away later
                 return _OK
+        return self._general(d, opc, dw0)
+
+    def _general(self, d: memoryview, opc: int, dw0: int) -> Result:
         handler = self._table[opc]
         if handler is None:
             return (Status.INVALID_OPCODE, 0)
