@@ -342,14 +342,23 @@ class NvmeFunction:
         routes = self._compute_routes()
         if routes != self.routes:
             self.routes = routes
-            for link in self.links.values():
-                self._push_routes_to(link)
+            # Synchronous: once SET_IRQS (or the config write) is answered, no worker may
+            # still signal an eventfd the client just de-assigned (it polls its queues
+            # before it reads its ring, so a plain message could lose that race).
+            for wid, link in list(self.links.items()):
+                try:
+                    self._push_routes_to(link, wait=True)
+                except (TimeoutError, ConnectionError) as e:
+                    self._fatal(f"worker {wid}: interrupt routes not applied: {e}")
 
-    def _push_routes_to(self, link: WorkerLink) -> None:
+    def _push_routes_to(self, link: WorkerLink, wait: bool = False) -> None:
         fds = sorted(set(self.routes.values()))
         index = {fd: i for i, fd in enumerate(fds)}
-        link.send({"op": "irqs", "vec": [[v, index[fd]] for v, fd in sorted(self.routes.items())]},
-                  fds or None)
+        msg = {"op": "irqs", "vec": [[v, index[fd]] for v, fd in sorted(self.routes.items())]}
+        if wait:
+            link.request_sync(msg, fds or None)
+        else:
+            link.send(msg, fds or None)
 
     # ControllerHooks ------------------------------------------------------------------
     def irq(self, vector: int) -> None:
