@@ -60,8 +60,12 @@ class QemuPeer:
                "-blockdev", blk, "-device", "nvme,id=nvme0,serial=peer0,drive=d0",
                "-object", f"x-vfio-user-server,id=vfu0,type=unix,path={self.sock},device=nvme0"]
         self.log = os.path.join(tmp, "qemu-peer.log")
+        libdir = os.path.join(os.path.dirname(os.path.abspath(qemu)), "lib")
+        env = dict(os.environ)
+        if os.path.isdir(libdir):   # libvfio-user.so from the peer build
+            env["LD_LIBRARY_PATH"] = libdir + (":" + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
         with open(self.log, "wb") as f:
-            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 20
         while not os.path.exists(self.sock):
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -14,7 +14,7 @@ CACHE="${QEMU_PEER_CACHE:-$HERE/../.cache/qemu-peer}"
 JOBS="${JOBS:-2}"
 OUT="$CACHE/qemu-system-x86_64"
 
-if [ -x "$OUT" ]; then
+if [ -x "$OUT" ] && [ -e "$CACHE/lib/libvfio-user.so.0" ]; then
     echo "already built: $OUT"
     exit 0
 fi
@@ -64,4 +64,8 @@ if [ ! -f build.ninja ]; then
 fi
 nice -n 19 ninja -j"$JOBS" qemu-system-x86_64
 cp qemu-system-x86_64 "$OUT"
+# libvfio-user is built as a shared subproject: keep it beside the binary
+# (compare.py runs the peer with LD_LIBRARY_PATH=<dir of the binary>/lib).
+mkdir -p "$CACHE/lib"
+cp -L subprojects/libvfio-user/lib/libvfio-user.so.0 "$CACHE/lib/"
 echo "built: $OUT"
