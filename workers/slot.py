@@ -84,10 +84,11 @@ class Slot:
             return None
         # Service time in this worker, log2 buckets of ns (bucket k: [2^(k-1), 2^k)).
         self.lat[(perf_counter_ns() - t0).bit_length()] += 1
-        op = sqe[0]
+        d = sqe if sqe.format == "I" else sqe.cast("I")   # the runner hands over 16 dwords
+        op = d[0] & 0xFF
         if op == 2 or op == 1:
-            ns = self.namespaces.get(int.from_bytes(sqe[4:8], "little"))
-            nbytes = ((sqe[48] | (sqe[49] << 8)) + 1) * (ns.info.block_size if ns else 0)
+            ns = self.namespaces.get(d[1])
+            nbytes = ((d[12] & 0xFFFF) + 1) * (ns.info.block_size if ns else 0)
             io = self.io
             if op == 2:
                 io[0] += 1
