@@ -1,9 +1,12 @@
-"""Fixtures that run the real daemon: `daemon` (bin/vnvmed as a subprocess) and `host`.
+"""Fixtures that run the real daemon: `daemon`, `mdaemon`, `vnvmed`, and `host`.
+
+Every daemon here is a `tests.daemon.Daemon` (bin/vnvmed as a child process, stopped
+by PID; see that module).
 
 `daemon` starts ``bin/vnvmed`` with a fresh run dir under /tmp (short: socket paths
-must fit sun_path), waits for the ``ready`` log line, and on teardown sends SIGTERM to
-*that* PID, waits, asserts exit code 0 and that no ``/dev/shm`` object of the instance
-(``reactor.shm.names.instance_prefix(run_dir, pid)``) is left behind.
+must fit sun_path), waits for the ``vnvmed ready`` log line, and on teardown sends
+SIGTERM to *that* PID, waits, asserts exit code 0 and that no ``/dev/shm`` object of
+the instance (``reactor.shm.names.instance_prefix(run_dir, pid)``) is left behind.
 
 Arguments are parametrizable, either with a marker::
 
@@ -12,33 +15,31 @@ Arguments are parametrizable, either with a marker::
 or with indirect parametrization (``@pytest.mark.parametrize("daemon", [args], indirect=True)``).
 ``{run}`` in an argument is replaced by the run dir; ``{img}`` by a 16 MiB image file
 created in it.  ``@pytest.mark.daemon_config("toml text")`` adds ``--config FILE``.
-Modules that want one daemon for all their tests can call `start_daemon` from a
-module-scoped fixture of their own (see test_nvme_status.py).
+`mdaemon` is the default daemon once per test module (same checks at the end of the
+module); `enabled_nvme` gives a test an enabled controller with I/O queues on it.
+
+`vnvmed` is a factory for tests that start daemons with their own arguments and check
+the stop themselves: ``vnvmed(run_dir, *args)`` returns a ready `Daemon`; whatever the
+test did, each one it started is gone (SIGKILL by PID) after the test.
 
 `host` is a connected, negotiated `VfioUserClient` with 64 MiB of memfd guest RAM
 DMA-mapped at iova 0 and a `benchmarks.hostnvme.HostNvme` on top (not enabled yet).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import pytest
 
 from benchmarks.hostnvme import GuestRam, HostNvme
-from reactor.shm.names import SHM_DIR, instance_prefix
+from tests.daemon import Daemon
 from vfio_user.client import VfioUserClient
 
-ROOT = Path(__file__).resolve().parents[2]
-VNVMED = str(ROOT / "bin" / "vnvmed")
 IMG_SIZE = 16 << 20
 RAM_SIZE = 64 << 20
 READY_TIMEOUT = 15.0
@@ -56,57 +57,13 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "daemon_config(text): TOML config for the daemon fixture")
 
 
-@dataclass
-class Daemon:
-    """A running bin/vnvmed: where it lives and what it said."""
-    proc: subprocess.Popen
-    run_dir: str
-    log_path: str
-    args: list[str]
-    sockets: dict[str, str] = field(default_factory=dict)   # controller name -> socket path
-    img: str = ""
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def socket(self) -> str:
-        """The first controller's socket."""
-        return next(iter(self.sockets.values()))
-
-    @property
-    def log(self) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return f.read()
-
-    def shm_leftovers(self) -> list[str]:
-        prefix = instance_prefix(self.run_dir, self.pid)
-        try:
-            names = os.listdir(SHM_DIR)
-        except FileNotFoundError:
-            return []
-        return [n for n in names if n.startswith(prefix) or n.startswith("sem." + prefix)]
-
-    def stop(self) -> int:
-        """SIGTERM by PID, wait; SIGKILL (and fail later) if it does not stop."""
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-                return -signal.SIGKILL
-        return self.proc.returncode
-
-
 def _expand(args: Sequence[str], run: str, img: str) -> list[str]:
     return [a.replace("{run}", run).replace("{img}", img) for a in args]
 
 
 def start_daemon(args: Sequence[str] | None = None, config: str | None = None,
                  img_size: int = IMG_SIZE) -> Daemon:
+    """A ready daemon in a fresh run dir with a sparse image ``{img}`` (see the module doc)."""
     run = tempfile.mkdtemp(prefix="vnvt-", dir="/tmp")
     img = os.path.join(run, "disk.img")
     with open(img, "wb") as f:
@@ -117,37 +74,22 @@ def start_daemon(args: Sequence[str] | None = None, config: str | None = None,
         with open(cfg, "w") as f:
             f.write(config.replace("{run}", run).replace("{img}", img))
         argv = ["--config", cfg] + argv
-    log_path = os.path.join(run, "vnvmed.log")
-    env = dict(os.environ, VNVMED_RUN_DIR=run, PYTHONPATH=str(ROOT))
-    with open(log_path, "w") as logf:
-        proc = subprocess.Popen([sys.executable, VNVMED, *argv], env=env, stdin=subprocess.DEVNULL,
-                                stdout=logf, stderr=logf, cwd=str(ROOT))
-    d = Daemon(proc, run, log_path, argv, img=img)
-    deadline = time.monotonic() + READY_TIMEOUT
-    while True:
-        text = d.log
-        if "ready" in text:
-            break
-        if proc.poll() is not None or time.monotonic() > deadline:
-            d.stop()
-            shutil.rmtree(run, ignore_errors=True)
-            raise RuntimeError(f"vnvmed did not become ready (rc={proc.returncode}):\n{text[-3000:]}")
-        time.sleep(0.05)
-    for i, a in enumerate(argv):
-        if a == "--controller" and i + 1 < len(argv):
-            name, _, sock = argv[i + 1].partition("=")
-            d.sockets[name] = sock if os.path.isabs(sock) else os.path.join(run, sock)
-    if not d.sockets and "nvme0.sock" in text:
-        d.sockets["nvme0"] = os.path.join(run, "nvme0.sock")
+    d = Daemon(argv, run)
+    d.img = img
+    try:
+        d.start(READY_TIMEOUT)
+    except BaseException:
+        shutil.rmtree(run, ignore_errors=True)
+        raise
     return d
 
 
 def finish_daemon(d: Daemon) -> None:
     """Stop, then check the exit code and the shm objects; always removes the run dir."""
     try:
-        rc = d.stop()
-        left = d.shm_leftovers()
-        assert rc == 0, f"vnvmed exited with {rc}:\n{d.log[-3000:]}"
+        rc = d.stop(STOP_TIMEOUT)
+        left = d.shm_left()
+        assert rc == 0, f"vnvmed exited with {rc}:\n{d.log()[-3000:]}"
         assert not left, f"shared memory left behind: {left}"
     finally:
         shutil.rmtree(d.run_dir, ignore_errors=True)
@@ -165,6 +107,33 @@ def daemon(request: pytest.FixtureRequest) -> Iterator[Daemon]:
         yield d
     finally:
         finish_daemon(d)
+
+
+@pytest.fixture(scope="module")
+def mdaemon() -> Iterator[Daemon]:
+    """The default daemon, shared by the tests of one module."""
+    d = start_daemon()
+    try:
+        yield d
+    finally:
+        finish_daemon(d)
+
+
+@pytest.fixture
+def vnvmed() -> Iterator[Callable[..., Daemon]]:
+    """Factory ``vnvmed(run_dir, *args, timeout=...)`` -> a ready Daemon; none outlives the test."""
+    started: list[Daemon] = []
+
+    def start(run_dir: str | os.PathLike[str], *args: str, timeout: float = 30.0) -> Daemon:
+        d = Daemon(args, run_dir)
+        started.append(d)
+        return d.start(timeout)
+
+    try:
+        yield start
+    finally:
+        for d in started:
+            d.kill()
 
 
 def _connect(sock: str, timeout: float = 5.0) -> VfioUserClient:
@@ -225,3 +194,18 @@ def host(daemon: Daemon) -> Iterator[HostNvme]:
         yield h.nvme
     finally:
         h.close()
+
+
+@contextlib.contextmanager
+def enabled_nvme(sock: str, qids: Iterable[int] = (), depth: int = 32) -> Iterator[HostNvme]:
+    """A fresh connection to ``sock``, controller enabled, an I/O queue pair per qid."""
+    host = Host(sock)
+    try:
+        n = host.nvme
+        assert n is not None
+        n.enable()
+        for qid in qids:
+            n.create_io_queue(qid, depth)
+        yield n
+    finally:
+        host.close()

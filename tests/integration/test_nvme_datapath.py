@@ -13,7 +13,8 @@ import struct
 import pytest
 
 from benchmarks.hostnvme import PAGE, HostNvme
-from tests.integration.conftest import Daemon, Host, finish_daemon, start_daemon
+from tests.daemon import Daemon
+from tests.integration.conftest import Host, enabled_nvme, finish_daemon, start_daemon
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -23,28 +24,11 @@ NS_BLOCKS = {NS_RAM: (64 << 20) // BS, NS_FILE: (16 << 20) // BS, NS_NULL: (32 <
 RO_BASE = 1 << 32        # iova of the read-only region (PRP lists, SGL segments)
 
 
-@pytest.fixture(scope="module")
-def mdaemon() -> Daemon:
-    d = start_daemon()
-    try:
-        yield d
-    finally:
-        finish_daemon(d)
-
-
 @pytest.fixture
 def h(mdaemon: Daemon) -> HostNvme:
     """Enabled controller with 4 I/O queue pairs (depth 32) on a fresh connection."""
-    host = Host(mdaemon.socket)
-    try:
-        n = host.nvme
-        assert n is not None
-        n.enable()
-        for qid in range(1, 5):
-            n.create_io_queue(qid, 32)
+    with enabled_nvme(mdaemon.socket, range(1, 5)) as n:
         yield n
-    finally:
-        host.close()
 
 
 def _write_then_read(h: HostNvme, qid: int, nsid: int, slba: int, data: bytes,

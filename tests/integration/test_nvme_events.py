@@ -15,7 +15,8 @@ from typing import Iterator
 import pytest
 
 from benchmarks.hostnvme import PAGE, HostNvme
-from tests.integration.conftest import Daemon, Host, finish_daemon, start_daemon
+from tests.daemon import Daemon
+from tests.integration.conftest import Host, enabled_nvme
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -28,27 +29,10 @@ def aer_dw0(typ: int, info: int, lid: int) -> int:
     return typ | (info << 8) | (lid << 16)
 
 
-@pytest.fixture(scope="module")
-def mdaemon() -> Iterator[Daemon]:
-    d = start_daemon()
-    try:
-        yield d
-    finally:
-        finish_daemon(d)
-
-
 @pytest.fixture
 def h(mdaemon: Daemon) -> Iterator[HostNvme]:
-    host = Host(mdaemon.socket)
-    try:
-        n = host.nvme
-        assert n is not None
-        n.enable()
-        for qid in (1, 2, 3):
-            n.create_io_queue(qid, 32)
+    with enabled_nvme(mdaemon.socket, (1, 2, 3)) as n:
         yield n
-    finally:
-        host.close()
 
 
 def rw_ok(h: HostNvme, qid: int, lba: int) -> None:

@@ -15,7 +15,8 @@ import pytest
 
 from benchmarks.hostnvme import PAGE, HostNvme
 from nvme.status import Status
-from tests.integration.conftest import Daemon, Host, finish_daemon, start_daemon
+from tests.daemon import Daemon
+from tests.integration.conftest import Host, enabled_nvme
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -23,25 +24,10 @@ BS = 512
 NS_RAM, NS_FILE = 1, 2
 
 
-@pytest.fixture(scope="module")
-def mdaemon() -> Iterator[Daemon]:
-    d = start_daemon()
-    try:
-        yield d
-    finally:
-        finish_daemon(d)
-
-
 @pytest.fixture
 def h(mdaemon: Daemon) -> Iterator[HostNvme]:
-    host = Host(mdaemon.socket)
-    try:
-        n = host.nvme
-        assert n is not None
-        n.enable()
+    with enabled_nvme(mdaemon.socket) as n:
         yield n
-    finally:
-        host.close()
 
 
 def test_small_cq_never_overflows(h: HostNvme) -> None:

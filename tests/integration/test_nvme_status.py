@@ -14,7 +14,8 @@ import pytest
 
 from benchmarks.hostnvme import PAGE, Cqe, HostNvme, sgl_desc
 from nvme.status import Status
-from tests.integration.conftest import Daemon, Host, finish_daemon, start_daemon
+from tests.daemon import Daemon
+from tests.integration.conftest import enabled_nvme
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -29,26 +30,10 @@ RO_BASE = 1 << 32
 UNMAPPED = 1 << 36             # nothing is DMA-mapped here
 
 
-@pytest.fixture(scope="module")
-def mdaemon() -> Iterator[Daemon]:
-    d = start_daemon()
-    try:
-        yield d
-    finally:
-        finish_daemon(d)
-
-
 @pytest.fixture
 def h(mdaemon: Daemon) -> Iterator[HostNvme]:
-    host = Host(mdaemon.socket)
-    try:
-        n = host.nvme
-        assert n is not None
-        n.enable()
-        n.create_io_queue(1, 32)
+    with enabled_nvme(mdaemon.socket, (1,)) as n:
         yield n
-    finally:
-        host.close()
 
 
 def code(e: Cqe | int) -> int:

@@ -22,11 +22,11 @@ from typing import Any, Iterator
 
 import pytest
 
-from benchmarks.hostnvme import GuestRam, HostNvme
+from tests.daemon import Daemon
+from tests.integration import conftest
 from vfio_user.client import VfioUserClient
 
 ROOT = Path(__file__).resolve().parents[2]
-VNVMED = str(ROOT / "bin" / "vnvmed")
 VNVMECTL = str(ROOT / "bin" / "vnvmectl")
 pytestmark = pytest.mark.timeout(30)
 
@@ -39,47 +39,16 @@ AEC_NS_ATTRIBUTE = 1 << 8
 SC_LBA_OUT_OF_RANGE = 0x80   # SCT 0; compared under 0x7FF (DNR/M bits above)
 
 
-class Daemon:
-    """bin/vnvmed as a child process; stopped by PID."""
+class CtlDaemon(Daemon):
+    """bin/vnvmed on core 0 with its run dir and info logging, plus vnvmectl helpers.
+
+    The constructor only spawns: the systemd notify test watches start-up itself.
+    """
 
     def __init__(self, run_dir: str, args: list[str], env: dict[str, str] | None = None) -> None:
-        self.run_dir = run_dir
-        self.log_path = os.path.join(run_dir, "vnvmed.log")
-        self.rpc = os.path.join(run_dir, "vnvmed.rpc")
-        e = dict(os.environ, VNVMED_RUN_DIR=run_dir)
-        e.pop("NOTIFY_SOCKET", None)
-        e.update(env or {})
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, VNVMED, "--cores", "0", "--run-dir", run_dir,
-                                      "--log-level", "info", *args],
-                                     env=e, stdout=self._log, stderr=subprocess.STDOUT, cwd=run_dir)
-
-    def log(self) -> str:
-        with open(self.log_path) as f:
-            return f.read()
-
-    def wait_ready(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while "vnvmed ready" not in self.log():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"vnvmed exited with {self.proc.returncode}:\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"vnvmed not ready in {timeout}s:\n{self.log()}")
-            time.sleep(0.05)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
-        return self.proc.returncode
+        super().__init__(["--cores", "0", "--run-dir", run_dir, "--log-level", "info", *args],
+                         run_dir, env=env, cwd=run_dir)
+        self.spawn()
 
     # vnvmectl --------------------------------------------------------------------------
     def ctl(self, *args: str) -> subprocess.CompletedProcess:
@@ -124,25 +93,26 @@ def run_dir() -> Iterator[str]:
 
 
 @pytest.fixture
-def daemon(run_dir: str) -> Iterator[Daemon]:
-    d = Daemon(run_dir, ["--controller", f"base={run_dir}/base.sock", "--namespace", "base=ram:4M"])
+def daemon(run_dir: str) -> Iterator[CtlDaemon]:
+    d = CtlDaemon(run_dir, ["--controller", f"base={run_dir}/base.sock", "--namespace", "base=ram:4M"])
     try:
-        d.wait_ready()
+        d.wait_ready(20)
         yield d
     finally:
         d.stop()
 
 
-class Host:
-    """A test 'VM': vfio-user client + guest RAM + NVMe driver, enabled."""
+class Host(conftest.Host):
+    """A test 'VM': vfio-user client + 16 MiB guest RAM + NVMe driver, enabled."""
 
     def __init__(self, sock: str) -> None:
-        self.client = VfioUserClient(sock)
-        self.client.negotiate()
-        self.ram = GuestRam(16 * MiB)
-        self.client.dma_map(0, 16 * MiB, self.ram.fd, 0)
-        self.nvme = HostNvme(self.client, self.ram)
-        self.nvme.enable()
+        super().__init__(sock, 16 * MiB)
+        assert self.nvme is not None and self.ram is not None
+        try:
+            self.nvme.enable()
+        except BaseException:
+            self.close()
+            raise
         self.log_buf = self.ram.alloc(4096)
 
     def enable_ns_notices(self) -> None:
@@ -164,11 +134,6 @@ class Host:
     def nsze(self, nsid: int) -> int:
         return struct.unpack_from("<Q", self.nvme.identify(0, nsid), 0)[0]
 
-    def close(self) -> None:
-        self.nvme.close()
-        self.client.close()
-        self.ram.close()
-
 
 def expect_ns_notice(h: Host, aer_cid: int, nsid: int) -> None:
     (cid, status, dw0, _), = h.nvme.reap(0, 1, timeout=10)
@@ -181,7 +146,7 @@ def expect_ns_notice(h: Host, aer_cid: int, nsid: int) -> None:
 
 
 # --------------------------------------------------------------------------- tests
-def test_controller_added_at_run_time_namespace_notice_stats_and_remove(daemon: Daemon) -> None:
+def test_controller_added_at_run_time_namespace_notice_stats_and_remove(daemon: CtlDaemon) -> None:
     sock = os.path.join(daemon.run_dir, "vm1.sock")
     r = daemon.ctl("controller", "add", "vm1", "--socket", sock)
     assert r.returncode == 0, r.stderr
@@ -238,7 +203,7 @@ def _refuses_connect(path: str) -> bool:
     return False
 
 
-def test_namespace_resize_ram_and_file(daemon: Daemon) -> None:
+def test_namespace_resize_ram_and_file(daemon: CtlDaemon) -> None:
     img = os.path.join(daemon.run_dir, "disk.img")
     with open(img, "wb") as f:
         f.truncate(2 * MiB)
@@ -291,7 +256,7 @@ def test_namespace_resize_ram_and_file(daemon: Daemon) -> None:
     assert sizes == {1: 4 * MiB, 2: 1 * MiB}
 
 
-def test_resized_namespaces_survive_a_front_end_restart(daemon: Daemon) -> None:
+def test_resized_namespaces_survive_a_front_end_restart(daemon: CtlDaemon) -> None:
     img = os.path.join(daemon.run_dir, "disk.img")
     with open(img, "wb") as f:
         f.truncate(2 * MiB)
@@ -317,7 +282,7 @@ def test_resized_namespaces_survive_a_front_end_restart(daemon: Daemon) -> None:
     assert daemon.controllers()["base"]["namespaces"][0]["size"] == 4 * MiB
 
 
-def test_bad_inputs_are_json_rpc_errors_and_change_nothing(daemon: Daemon) -> None:
+def test_bad_inputs_are_json_rpc_errors_and_change_nothing(daemon: CtlDaemon) -> None:
     before = daemon.controllers()
     rd = daemon.run_dir
     # a socket path some other server listens on
@@ -359,7 +324,7 @@ def test_bad_inputs_are_json_rpc_errors_and_change_nothing(daemon: Daemon) -> No
     assert not os.path.exists(os.path.join(rd, "b2.sock"))
 
 
-def test_workers_rpc(daemon: Daemon) -> None:
+def test_workers_rpc(daemon: CtlDaemon) -> None:
     rows = daemon.ctl_json("workers")
     assert [r["id"] for r in rows] == [0]
     w = rows[0]
@@ -387,7 +352,7 @@ def test_systemd_notify_ready_status_stopping(run_dir: str) -> None:
     n = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     n.bind(nsock)
     ctrl = os.path.join(run_dir, "n0.sock")
-    d = Daemon(run_dir, ["--controller", f"n0={ctrl}", "--namespace", "n0=ram:1M"],
+    d = CtlDaemon(run_dir, ["--controller", f"n0={ctrl}", "--namespace", "n0=ram:1M"],
                env={"NOTIFY_SOCKET": nsock})
     seen: list[str] = []
     try:
@@ -421,7 +386,7 @@ def test_sighup_reloads_controllers_from_the_config_file(run_dir: str) -> None:
             f.write(text)
 
     write(["keep", "gone"])
-    d = Daemon(run_dir, ["--config", conf])
+    d = CtlDaemon(run_dir, ["--config", conf])
     try:
         d.wait_ready()
         assert set(d.controllers()) == {"keep", "gone"}

@@ -11,32 +11,9 @@ import time
 import pytest
 
 from benchmarks.hostnvme import GuestRam, HostNvme
-from tests.integration.daemonproc import Daemon
 from vfio_user.client import VfioUserClient
 
 MB = 1 << 20
-
-
-_started: list[Daemon] = []
-
-
-@pytest.fixture(autouse=True)
-def _no_leaked_daemon():
-    """Whatever a test did, the daemons it started are gone afterwards (by PID)."""
-    yield
-    while _started:
-        d = _started.pop()
-        if d.proc is not None and d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait(10)
-
-
-def _daemon(tmp_path, *args: str) -> Daemon:
-    rd = str(tmp_path / "run")
-    os.makedirs(rd, exist_ok=True)
-    d = Daemon(rd, list(args))
-    _started.append(d)
-    return d.start()
 
 
 def _host(sock: str, ram_size: int = 32 * MB) -> tuple[VfioUserClient, GuestRam, HostNvme]:
@@ -59,11 +36,11 @@ def _close(c: VfioUserClient, ram: GuestRam, h: HostNvme) -> None:
         os.close(ram.fd)
 
 
-def test_workers_pinned_and_named(tmp_path):
+def test_workers_pinned_and_named(tmp_path, vnvmed):
     ncpu = len(os.sched_getaffinity(0))
     cores = "0-1" if ncpu >= 2 else "0"
-    d = _daemon(tmp_path, "--cores", cores, "--controller", f"c0={tmp_path}/c0.sock",
-                "--namespace", "c0=null:16M")
+    d = vnvmed(tmp_path / "run", "--cores", cores, "--controller", f"c0={tmp_path}/c0.sock",
+               "--namespace", "c0=null:16M")
     try:
         workers = d.pids_named("worker")
         assert len(workers) == (2 if ncpu >= 2 else 1)
@@ -81,19 +58,16 @@ def test_workers_pinned_and_named(tmp_path):
 
 
 @pytest.mark.parametrize("cores,why", [("0-", "syntax"), ("3-1", "descending"), ("999", "unavailable")])
-def test_bad_core_list_is_a_clear_startup_error(tmp_path, cores, why):
-    rd = tmp_path / "run"
-    rd.mkdir()
-    d = Daemon(str(rd), ["--cores", cores, "--controller", f"c0={tmp_path}/c0.sock"])
+def test_bad_core_list_is_a_clear_startup_error(tmp_path, vnvmed, cores, why):
     with pytest.raises(RuntimeError) as e:
-        d.start(timeout=15)
+        vnvmed(tmp_path / "run", "--cores", cores, "--controller", f"c0={tmp_path}/c0.sock", timeout=15)
     assert "exited with 2" in str(e.value) and "core" in str(e.value).lower()
 
 
-def test_io_verified_while_dma_map_unmap_storm(tmp_path):
+def test_io_verified_while_dma_map_unmap_storm(tmp_path, vnvmed):
     """Quiesce under load: no mismatch, no lost/duplicated completion, no touch after unmap."""
-    d = _daemon(tmp_path, "--cores", "0", "--controller", f"c0={tmp_path}/c0.sock",
-                "--namespace", "c0=ram:16M")
+    d = vnvmed(tmp_path / "run", "--cores", "0", "--controller", f"c0={tmp_path}/c0.sock",
+               "--namespace", "c0=ram:16M")
     c, ram, h = _host(f"{tmp_path}/c0.sock")
     try:
         qids = [1, 2, 3, 4]
@@ -150,9 +124,9 @@ def test_io_verified_while_dma_map_unmap_storm(tmp_path):
     assert d.shm_left() == []
 
 
-def test_killed_worker_gives_cfs_then_recovers(tmp_path):
-    d = _daemon(tmp_path, "--cores", "0", "--controller", f"c0={tmp_path}/c0.sock",
-                "--namespace", "c0=ram:8M")
+def test_killed_worker_gives_cfs_then_recovers(tmp_path, vnvmed):
+    d = vnvmed(tmp_path / "run", "--cores", "0", "--controller", f"c0={tmp_path}/c0.sock",
+               "--namespace", "c0=ram:8M")
     c, ram, h = _host(f"{tmp_path}/c0.sock")
     try:
         h.create_io_queue(1, 16)
@@ -183,9 +157,9 @@ def test_killed_worker_gives_cfs_then_recovers(tmp_path):
     assert d.shm_left() == []
 
 
-def test_killed_frontend_is_restarted_and_serves_its_socket(tmp_path):
-    d = _daemon(tmp_path, "--cores", "0", "--controller", f"c0={tmp_path}/c0.sock",
-                "--namespace", "c0=ram:8M")
+def test_killed_frontend_is_restarted_and_serves_its_socket(tmp_path, vnvmed):
+    d = vnvmed(tmp_path / "run", "--cores", "0", "--controller", f"c0={tmp_path}/c0.sock",
+               "--namespace", "c0=ram:8M")
     try:
         (fe,) = d.pids_named("frontend")
         os.kill(fe, signal.SIGKILL)
@@ -209,11 +183,11 @@ def test_killed_frontend_is_restarted_and_serves_its_socket(tmp_path):
     assert d.shm_left() == []
 
 
-def test_two_controllers_quiescing_one_does_not_stall_the_other(tmp_path):
+def test_two_controllers_quiescing_one_does_not_stall_the_other(tmp_path, vnvmed):
     cores = "0-1" if len(os.sched_getaffinity(0)) >= 2 else "0"
-    d = _daemon(tmp_path, "--cores", cores,
-                "--controller", f"a={tmp_path}/a.sock", "--namespace", "a=ram:8M",
-                "--controller", f"b={tmp_path}/b.sock", "--namespace", "b=ram:8M")
+    d = vnvmed(tmp_path / "run", "--cores", cores,
+               "--controller", f"a={tmp_path}/a.sock", "--namespace", "a=ram:8M",
+               "--controller", f"b={tmp_path}/b.sock", "--namespace", "b=ram:8M")
     ca, rama, ha = _host(f"{tmp_path}/a.sock")
     cb, ramb, hb = _host(f"{tmp_path}/b.sock")
     try:

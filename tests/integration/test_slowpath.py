@@ -16,7 +16,6 @@ import time
 import pytest
 
 from benchmarks.hostnvme import GuestRam, HostNvme
-from tests.integration.daemonproc import Daemon
 from vfio_user.client import VfioUserClient
 from vfio_user.dmamsg import DmaLayout
 from vfio_user.wire import Command, DmaMapFlag
@@ -27,11 +26,9 @@ PAGE = 4096
 
 
 @pytest.fixture(params=[DmaLayout.QEMU, DmaLayout.SPEC], ids=["qemu-layout", "spec-layout"])
-def setup(tmp_path, request):
-    rd = tmp_path / "run"
-    rd.mkdir()
-    d = Daemon(str(rd), ["--cores", "0", "--controller", f"c0={tmp_path}/c0.sock",
-                         "--namespace", "c0=ram:8M"]).start()
+def setup(tmp_path, request, vnvmed):
+    d = vnvmed(tmp_path / "run", "--cores", "0", "--controller", f"c0={tmp_path}/c0.sock",
+               "--namespace", "c0=ram:8M")
     # the QEMU flavour is recognised from QEMU's VERSION JSON; the spec one from a plain JSON
     c = VfioUserClient(f"{tmp_path}/c0.sock", dma_layout=request.param)
     if request.param is DmaLayout.QEMU:

@@ -19,9 +19,9 @@ Theory of operation
     and kills it by its own PID.  ``GuestResult`` parses the console and its
     ``fail()``/``expect()`` put the console tail into assertion messages.
 
-    ``start_vnvmed()`` runs ``bin/vnvmed`` from this checkout with
-    ``VNVMED_RUN_DIR`` set, waits for a log line containing "ready" and stops
-    it with SIGTERM (SIGKILL after a grace period) by PID.
+    ``start_vnvmed()`` runs ``bin/vnvmed`` from this checkout through
+    ``tests.daemon.Daemon`` (``VNVMED_RUN_DIR`` set, ready once it logs
+    "vnvmed ready", stopped with SIGTERM, SIGKILL after a grace period, by PID).
 """
 from __future__ import annotations
 
@@ -42,10 +42,11 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import pytest
 
+from tests.daemon import Daemon
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 PROVISION = HERE / "provision"
-VNVMED = ROOT / "bin" / "vnvmed"
 
 # Cold provisioning (debootstrap + apt + image build) took ~75 s here; leave
 # room for a slow mirror.
@@ -386,69 +387,9 @@ def run_guest(*, timeout: float = 120.0, **kw: Any) -> GuestResult:
 
 
 # ------------------------------------------------------------------- vnvmed
-class Vnvmed:
-    """bin/vnvmed from this checkout, stopped by PID."""
-
-    def __init__(self, args: Sequence[str], run_dir: Path, log_path: Path,
-                 ready_timeout: float) -> None:
-        self.args = list(args)
-        self.run_dir = run_dir
-        self.log_path = log_path
-        run_dir.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, VNVMED_RUN_DIR=str(run_dir), PYTHONUNBUFFERED="1")
-        with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(VNVMED), *self.args], stdin=subprocess.DEVNULL,
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT),
-                start_new_session=True,
-            )
-        try:
-            self._wait_ready(ready_timeout)
-        except BaseException:
-            self.stop()
-            raise
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            text = self.log()
-            if any("ready" in ln.lower() for ln in text.splitlines()):
-                return
-            rc = self.proc.poll()
-            if rc is not None:
-                raise AssertionError(f"vnvmed exited ({rc}) before 'ready'; args={self.args}\n"
-                                     f"--- vnvmed log ---\n{text[-4000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"vnvmed not ready after {timeout:.0f} s; args={self.args}\n"
-                                     f"--- vnvmed log ---\n{text[-4000:]}")
-            time.sleep(0.05)
-
-    def stop(self, grace: float = 10.0) -> int | None:
-        """SIGTERM by PID, SIGKILL after ``grace`` s; returns the exit status."""
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        return self.proc.returncode
-
-    def __enter__(self) -> "Vnvmed":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+# One way to run the daemon for every test (tests/daemon.py); here it also keeps a
+# terminal's Ctrl-C away from it (own session) and logs beside, not in, its run dir.
+Vnvmed = Daemon
 
 
 def short_tmpdir(prefix: str = "vnv-") -> Path:
@@ -482,7 +423,6 @@ def vnvmed_controller(namespaces: Sequence[str], *, name: str = "nvme0", cores: 
 def start_vnvmed(args: Sequence[str], *, run_dir: str | os.PathLike[str] | None = None,
                  log_path: str | os.PathLike[str] | None = None,
                  ready_timeout: float = 30.0) -> Vnvmed:
-    """Run bin/vnvmed ARGS with VNVMED_RUN_DIR=run_dir; returns once it logged 'ready'."""
+    """Run bin/vnvmed ARGS with VNVMED_RUN_DIR=run_dir; returns once it logged 'vnvmed ready'."""
     rd = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="vnvmed-run-"))
-    lp = Path(log_path) if log_path is not None else rd / "vnvmed.log"
-    return Vnvmed(args, rd, lp, ready_timeout)
+    return Daemon(args, rd, log_path=log_path, new_session=True).start(ready_timeout)

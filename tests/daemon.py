@@ -1,0 +1,206 @@
+"""The one way tests run the real daemon: ``bin/vnvmed`` from this checkout as a child process.
+
+Theory of operation
+-------------------
+`Daemon` wraps one ``bin/vnvmed`` child.  ``spawn()`` starts it with stdin closed,
+stdout and stderr both in ``log_path`` (default ``<run_dir>/vnvmed.log``), and an
+environment built from ours: ``VNVMED_RUN_DIR=<run_dir>``, ``PYTHONPATH`` = the
+checkout, unbuffered output (so the log is current when a test reads it) and *no*
+``NOTIFY_SOCKET`` inherited from whoever runs pytest (a test that wants sd_notify
+passes its own in ``env``).  ``wait_ready()`` polls the log for the supervisor's
+``vnvmed ready`` line, which it logs once every socket listens; ``start()`` is
+spawn + wait_ready and stops the child again if it never gets ready, so a failed
+start leaks no process.
+
+Everything that ends the daemon goes to *its* PID: ``stop()`` sends SIGTERM, waits,
+and falls back to SIGKILL (returning the negative signal number, which no test
+mistakes for a clean exit 0).  ``shm_left()`` lists the ``/dev/shm`` objects
+(segments and ``sem.`` semaphores) named with this instance's prefix, for the
+"nothing left behind" checks after a stop.
+
+Users: tests/integration/conftest.py (`start_daemon`, the `daemon` fixture),
+test_reactor.py, test_slowpath.py, test_ops_daemon.py (adds vnvmectl helpers) and
+tests/qemu/harness.py (`start_vnvmed`).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from reactor.shm.names import SHM_DIR, instance_prefix
+
+ROOT = Path(__file__).resolve().parents[1]
+VNVMED = str(ROOT / "bin" / "vnvmed")
+READY_MARK = "vnvmed ready"     # reactor/supervisor.py logs it once all sockets listen
+READY_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+
+
+class DaemonNotReady(RuntimeError):
+    """bin/vnvmed exited or stayed silent before logging that it is ready (log tail in str())."""
+
+
+class Daemon:
+    """bin/vnvmed ARGS as a child of the test; stopped by PID."""
+
+    def __init__(self, args: Sequence[str], run_dir: str | os.PathLike[str], *,
+                 log_path: str | os.PathLike[str] | None = None,
+                 env: Mapping[str, str] | None = None,
+                 cwd: str | os.PathLike[str] | None = None,
+                 new_session: bool = False) -> None:
+        self.args = list(args)
+        self.run_dir = os.fspath(run_dir)
+        self.log_path = os.fspath(log_path) if log_path is not None else os.path.join(self.run_dir, "vnvmed.log")
+        self.env = dict(env or {})
+        self.cwd = os.fspath(cwd) if cwd is not None else str(ROOT)
+        # A new session keeps a terminal's Ctrl-C (sent to pytest's process group) away
+        # from the daemon, so the test's own teardown decides how it ends.
+        self.new_session = new_session
+        self.img = ""                 # a backing image the starter made for it, if any
+        self.proc: subprocess.Popen | None = None
+
+    # --- life cycle ---------------------------------------------------------------------
+    def spawn(self) -> "Daemon":
+        """Start the process and return at once (see wait_ready)."""
+        os.makedirs(self.run_dir, exist_ok=True)
+        env = dict(os.environ)
+        env.pop("NOTIFY_SOCKET", None)
+        env.update(VNVMED_RUN_DIR=self.run_dir, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        env.update(self.env)
+        with open(self.log_path, "wb") as log:   # the child keeps its own copy of the fd
+            self.proc = subprocess.Popen([sys.executable, VNVMED, *self.args], env=env,
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=self.cwd, start_new_session=self.new_session)
+        return self
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        """Block until the log says ready; DaemonNotReady if it exits or the time runs out."""
+        proc = self._proc()
+        deadline = time.monotonic() + timeout
+        while READY_MARK not in self.log():
+            rc = proc.poll()
+            if rc is not None:
+                raise DaemonNotReady(f"vnvmed exited with {rc} before it was ready; args={self.args}\n"
+                                     f"--- vnvmed log ---\n{self.log()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise DaemonNotReady(f"vnvmed not ready after {timeout:.0f} s; args={self.args}\n"
+                                     f"--- vnvmed log ---\n{self.log()[-4000:]}")
+            time.sleep(0.05)
+
+    def start(self, timeout: float = READY_TIMEOUT) -> "Daemon":
+        """spawn() + wait_ready(); a daemon that does not get ready is stopped again."""
+        self.spawn()
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM by PID and wait; SIGKILL after ``timeout`` s.  Returns the exit status."""
+        proc = self._proc()
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        return proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL by PID (a test's last-resort clean-up; no exit status check)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def __enter__(self) -> "Daemon":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- what it is and what it said ----------------------------------------------------
+    def _proc(self) -> subprocess.Popen:
+        if self.proc is None:
+            raise RuntimeError("vnvmed was not started")
+        return self.proc
+
+    @property
+    def pid(self) -> int:
+        return self._proc().pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def wait_for_log(self, text: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{text!r} not in log:\n{self.log()[-3000:]}")
+            time.sleep(0.05)
+
+    @property
+    def sockets(self) -> dict[str, str]:
+        """Controller name -> vfio-user socket, from the ``--controller NAME=PATH`` arguments.
+
+        Without any, the daemon may serve its embedded default (``nvme0`` in the run
+        dir); that one is reported once the log names its socket.
+        """
+        out: dict[str, str] = {}
+        for flag, value in zip(self.args, self.args[1:]):
+            if flag == "--controller":
+                name, _, sock = value.partition("=")
+                out[name] = sock if os.path.isabs(sock) else os.path.join(self.run_dir, sock)
+        if not out and "nvme0.sock" in self.log():
+            out["nvme0"] = os.path.join(self.run_dir, "nvme0.sock")
+        return out
+
+    @property
+    def socket(self) -> str:
+        """The first controller's socket."""
+        for sock in self.sockets.values():
+            return sock
+        raise LookupError(f"no --controller argument in {self.args}")
+
+    @property
+    def rpc(self) -> str:
+        """The management socket (the run dir's default)."""
+        return os.path.join(self.run_dir, "vnvmed.rpc")
+
+    def children(self) -> dict[int, str]:
+        """pid -> command line of the daemon's direct children."""
+        out = {}
+        with open(f"/proc/{self.pid}/task/{self.pid}/children") as f:
+            for pid in f.read().split():
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as c:
+                        out[int(pid)] = c.read().replace(b"\0", b" ").decode().strip()
+                except FileNotFoundError:   # exited between the two reads
+                    pass
+        return out
+
+    def pids_named(self, word: str) -> list[int]:
+        return sorted(p for p, cmd in self.children().items() if word in cmd)
+
+    def shm_left(self) -> list[str]:
+        """/dev/shm objects (segments and semaphores) of this instance still present."""
+        prefix = instance_prefix(self.run_dir, self.pid)
+        try:
+            names = os.listdir(SHM_DIR)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if n.startswith(prefix) or n.startswith("sem." + prefix))
