@@ -218,10 +218,12 @@ class NvmeFunction:
             if offset < DB_OFFSET:
                 if n not in (4, 8) or offset % 4 or offset + n > DB_OFFSET:
                     raise ProtocolError(errno.EINVAL, f"BAR0 register write of {n} bytes at {offset:#x}")
+                before = self.ctrl.csts
                 try:
                     self.ctrl.write_register(offset, n, int.from_bytes(data, "little"))
                 except Exception as e:
                     raise ProtocolError(errno.EINVAL, str(e)) from None
+                self._log_csts(before, self.ctrl.csts)
                 self.admin_kick.set()
                 return
             self._check_doorbell_access(offset, n)
@@ -243,6 +245,17 @@ class NvmeFunction:
                 raise ProtocolError(errno.EINVAL, "MSI-X BAR access out of range")
             return
         raise ProtocolError(errno.EINVAL, f"region {region} is not writable")
+
+    def _log_csts(self, before: int, after: int) -> None:
+        """One line per controller state change, for operators (CSTS: RDY, CFS, SHST)."""
+        if before == after:
+            return
+        if after & 0xC != before & 0xC and (after >> 2) & 3 == 2:
+            log.info("%s: shutdown complete (CSTS.SHST=10b)", self.name)
+        elif after & 1 and not before & 1:
+            log.info("%s: controller enabled (CSTS.RDY=1)", self.name)
+        elif before & 1 and not after & 1:
+            log.info("%s: controller disabled", self.name)
 
     @staticmethod
     def _check_doorbell_access(offset: int, count: int) -> None:

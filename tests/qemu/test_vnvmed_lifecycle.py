@@ -40,7 +40,10 @@ def test_clean_shutdown_reaches_shst(tmp_path: Path) -> None:
         res = harness.run_guest(devices=[sock], workload="shutdown", args={"nns": 1},
                                 workdir=tmp_path, daemon=daemon, timeout=120)
         alive = daemon.proc.poll() is None
+        log = daemon.log()
     res.assert_ok()
+    res.expect("shutdown complete (CSTS.SHST=10b)" in log,
+               "vnvmed never reported CSTS.SHST=10b for the guest's shutdown notification")
     tail = res.after_end()
     res.expect("reboot: Power down" in tail, "guest did not reach power-off")
     res.expect(not re.search(r"nvme.*(shutdown|timeout|abort|not ready)", tail, re.I),
