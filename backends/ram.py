@@ -19,6 +19,24 @@ from .base import check_range
 
 _counter = itertools.count()
 
+# Pre-fault the mapping (Linux >= 5.14 MADV_POPULATE_READ/WRITE): a first touch of a
+# shm page costs a page fault (measured ~8 us here), i.e. 32 faults for every new
+# 128 KiB I/O - 10x the I/O itself.  The creator allocates the pages once (a RAM disk
+# holds its size in RAM anyway), attachers only map them (~0.12 s per GiB).  Skipped
+# above POPULATE_MAX and silently on kernels without the advice: then faults happen
+# lazily as before.
+_MADV_POPULATE_READ, _MADV_POPULATE_WRITE = 22, 23
+POPULATE_MAX = 4 << 30
+
+
+def _populate(mm: mmap.mmap, size: int, write: bool) -> None:
+    if size > POPULATE_MAX:
+        return
+    try:
+        mm.madvise(_MADV_POPULATE_WRITE if write else _MADV_POPULATE_READ)
+    except (OSError, ValueError):
+        pass
+
 
 class RamBackend:
     def __init__(self, name: str, size: int, read_only: bool, owner: bool) -> None:
@@ -29,6 +47,7 @@ class RamBackend:
             self._mm = mmap.mmap(shm.fd, size)
         finally:
             shm.close_fd()
+        _populate(self._mm, size, write=not read_only)
         self._mv = memoryview(self._mm)
         self.name = name
         self.size = size
