@@ -205,3 +205,13 @@ def test_two_contiguous_pages_across_two_regions(ram_ns):
     assert ex.execute(sqe(0x02, prp1=RAM + 4 * P, prp2=RAM + 8 * P, nlb=16)) == (0, 0)
     assert bytes(one) + bytes(two) == pattern
     assert ex.execute(sqe(0x02, prp1=RAM + 4 * P, prp2=RAM + 8 * P + 8, nlb=16))[0] == Status.INVALID_PRP_OFFSET
+
+
+def test_ram_backend_is_prefaulted():
+    """Creating a RAM backend allocates its pages up front (no first-touch faults in the I/O path)."""
+    be = RamBackend.create(8 << 20, name_prefix=f"vnvmed-pop-{id(object())}")
+    try:
+        st = __import__("os").stat("/dev/shm" + be.name)
+        assert st.st_blocks * 512 >= 8 << 20
+    finally:
+        be.destroy()
