@@ -9,10 +9,16 @@ the worker attaches.  File descriptors (guest memory fds, the doorbell memfd, IR
 eventfds) cannot travel through shared memory, so each channel also has a
 SOCK_SEQPACKET socketpair made by the supervisor.
 
+The socket carries two kinds of traffic, in this order: first exactly one
+`reactor.ipc` control message, the handshake (ring names + the two ring eventfds),
+sent by `create` and read by `try_attach`; after it only `reactor.shm.fdpass`
+batches (fds tagged with a token), the one fd-passing mechanism of the daemon.
+
 Ordering rule: a message that refers to fds carries a token `tok`; the sender
-sends the fds on the socket FIRST and only then puts the message in the ring.  The
-receiver therefore always finds the fds already queued in the socket when it reads
-the message (`take_fds` drains the socket until the token shows up).
+sends the fds on the socket FIRST (`fdpass.send_fds`) and only then puts the
+message in the ring.  The receiver therefore always finds the fds already queued in
+the socket when it reads the message (`take_fds` -> `FdReceiver.take`, which buffers
+other tokens that arrive first, so they may be taken in any order).
 
 Wake-ups: each ring has an eventfd; a consumer about to sleep announces it
 (`Ring.prepare_sleep`) and the producer writes the eventfd only then.  `kick()` writes
@@ -26,9 +32,11 @@ import socket
 from typing import Any
 
 from reactor import ipc
+from reactor.shm.fdpass import FdReceiver, send_fds
 from reactor.shm.ring import Ring
 
 RING_CAPACITY = 1 << 20
+FD_TIMEOUT = 2.0    # the fds are queued before the message that names them: seconds is generous
 
 
 class Channel:
@@ -36,7 +44,8 @@ class Channel:
         self.sock = sock
         self.tx = tx
         self.rx = rx
-        self._fds: dict[int, list[int]] = {}
+        # Created only after the handshake was sent/read, so it never sees that message.
+        self.fd_rx = FdReceiver(sock)
         self._next_tok = 1
         sock.setblocking(False)
 
@@ -71,14 +80,11 @@ class Channel:
 
     # --- messages -------------------------------------------------------------------
     def send(self, msg: dict[str, Any], fds: list[int] | None = None, timeout: float = 2.0) -> None:
+        """Put `msg` in the ring; its `fds` (if any) go first on the socket under a new token."""
         if fds:
             tok = self._next_tok
             self._next_tok += 1
-            self.sock.setblocking(True)
-            try:
-                ipc.send(self.sock, {"tok": tok}, fds)
-            finally:
-                self.sock.setblocking(False)
+            send_fds(self.sock, tok, fds, timeout=timeout)
             msg["tok"] = tok
         if not self.tx.put(msg):
             self.tx.put_wait(msg, timeout)
@@ -87,22 +93,12 @@ class Channel:
         return self.rx.get_all(limit)
 
     def take_fds(self, tok: int) -> list[int]:
-        """The fds sent with token `tok` (already queued on the socket, see the ordering rule)."""
-        while tok not in self._fds:
-            self.sock.setblocking(True)
-            self.sock.settimeout(2.0)
-            try:
-                msg, fds = ipc.recv(self.sock)
-            finally:
-                self.sock.setblocking(False)
-            if msg is None:
-                raise ConnectionError("fd channel closed")
-            t = msg.get("tok")
-            if not isinstance(t, int):
-                ipc.close_fds(fds)
-                continue
-            self._fds[t] = fds
-        return self._fds.pop(tok)
+        """The fds sent with token `tok` (already queued on the socket, see the ordering rule).
+
+        The caller owns them.  TimeoutError / ConnectionError / FdPassError if the
+        peer broke the ordering rule, went away, or sent garbage.
+        """
+        return self.fd_rx.take(tok, FD_TIMEOUT)
 
     def kick(self) -> None:
         """Wake the peer's consumer of our tx ring, whether or not it said it sleeps."""
@@ -112,9 +108,7 @@ class Channel:
             pass
 
     def close(self, unlink: bool) -> None:
-        for fds in self._fds.values():
-            ipc.close_fds(fds)
-        self._fds.clear()
+        self.fd_rx.close()     # fds received for messages nobody took
         for r in (self.tx, self.rx):
             try:
                 r.close()
