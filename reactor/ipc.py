@@ -1,10 +1,12 @@
 """Control messages between vnvmed's own processes: msgpack over SOCK_SEQPACKET, fds attached.
 
-Theory of operation: every control channel (supervisor<->worker, supervisor<->front-end,
-front-end<->worker fd side-channel) is an AF_UNIX SOCK_SEQPACKET socketpair.  SEQPACKET
-keeps message boundaries, so one `sendmsg` is one message with its fds (SCM_RIGHTS)
-and nothing needs framing.  These channels carry rare control traffic; the busy
-front-end<->worker traffic goes through the shared-memory rings (reactor/shm/ring.py).
+Theory of operation: every control channel (supervisor<->worker, supervisor<->front-end)
+is an AF_UNIX SOCK_SEQPACKET socketpair.  SEQPACKET keeps message boundaries, so one
+`sendmsg` is one message with its fds (SCM_RIGHTS) and nothing needs framing.  These
+channels carry rare control traffic; the busy front-end<->worker traffic goes through
+the shared-memory rings (reactor/shm/ring.py), whose fds travel on a socketpair of the
+same kind with `reactor.shm.fdpass` (after one handshake message from here, see
+reactor/channel.py).
 
 fd ownership: `send` never closes the caller's fds (the kernel dups them into the
 message); `recv` returns fds the caller now owns and must close.  Received fds of a
