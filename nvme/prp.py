@@ -71,19 +71,25 @@ def prp_pages(mem: GuestMemory, prp1: int, prp2: int, length: int,
         chained = npages > slots
         take = slots - 1 if chained else npages
         ents = _list_entries(mem, list_addr, slots if chained else take)
-        vals = ents.tolist()     # one read of the guest's list, then plain ints
-        ents.release()
-        e0 = vals[0]
-        body = vals[:take] if chained else vals
-        if not e0 & mask and body == list(range(e0, e0 + take * page_size, page_size)):
-            # The common case (one contiguous buffer): the whole page of entries
-            # is one run, checked at C speed instead of entry by entry.
+        body = ents[:take] if chained else ents
+        e0 = body[0]
+        # Contiguity of the whole page of entries in one big-int comparison (C
+        # speed): the list is little-endian qwords, so it equals e0*R + page*S with
+        # R = sum 2^(64i) and S = sum i*2^(64i) exactly when entry i == e0 + i*page
+        # (an entry past 2^64 would carry out of the top qword: never equal).
+        r_s = _RS.get((take, page_size))
+        if r_s is None:
+            r_s = _RS[(take, page_size)] = (sum(1 << (64 * i) for i in range(take)),
+                                            page_size * sum(i << (64 * i) for i in range(take)))
+        if not e0 & mask and int.from_bytes(body, "little") == e0 * r_s[0] + r_s[1]:
+            # The common case (one contiguous buffer): the whole page of entries is one run.
             n = take * page_size if remaining > take * page_size else remaining
             _append(runs, e0, n)
             remaining -= n
         else:
+            vals = ents.tolist()
             last = runs[-1]
-            for ent in body:
+            for ent in vals[:take]:
                 if ent & mask:
                     raise CommandError(Status.INVALID_PRP_OFFSET, f"PRP entry {ent:#x} has an offset")
                 n = page_size if remaining > page_size else remaining
@@ -95,11 +101,15 @@ def prp_pages(mem: GuestMemory, prp1: int, prp2: int, length: int,
                 remaining -= n
         npages -= take
         if chained:
-            nxt = vals[slots - 1]
+            nxt = ents[slots - 1]
             if nxt & mask:
                 raise CommandError(Status.INVALID_PRP_OFFSET, "chained PRP list pointer has an offset")
             list_addr = nxt
+        ents.release()
     return [(a, n) for a, n in runs]
+
+
+_RS: dict[tuple[int, int], tuple[int, int]] = {}
 
 
 def _append(runs: list[list[int]], addr: int, n: int) -> None:

@@ -215,3 +215,16 @@ def test_ram_backend_is_prefaulted():
         assert st.st_blocks * 512 >= 8 << 20
     finally:
         be.destroy()
+
+
+def test_prp_list_near_2_pow_64_is_not_taken_as_contiguous():
+    """Entries e0, e0+page where e0+page reaches 2^64 can't be one run (no wrap)."""
+    ram = bytearray(NPAGES * P)
+    mem = FlatMemory()
+    mem.add(RAM, ram)
+    lst = RAM + 60 * P
+    top = (1 << 64) - P
+    _list(ram, lst, [top, 0])               # "next page" after top would be 2^64
+    runs = prp_pages(mem, RAM, lst, 3 * P)
+    assert runs == [(RAM, P), (top, P), (0, P)]
+    assert all(a + n <= 1 << 64 for a, n in runs)
