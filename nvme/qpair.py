@@ -108,6 +108,7 @@ class QueueRunner:
         self._paused = False
         self._more = False
         self._nparked = 0
+        self.errors = 0                   # completions posted with a non-zero status
         self._thr = 0
         self._time_ns = 0
         self._exempt: set[int] = set()
@@ -365,6 +366,8 @@ class QueueRunner:
             if cw is None:
                 continue
             status = res[0]
+            if status:
+                self.errors += 1
             i = ctail << 2
             cw[i] = res[1] & 0xFFFFFFFF
             cw[i + 1] = 0                                   # DW1 reserved
@@ -388,6 +391,8 @@ class QueueRunner:
     def _post(self, c: _Cq, s: _Sq, cid: int, status: int, dw0: int) -> None:
         if c.words is None:
             return
+        if status:
+            self.errors += 1
         post_cqe(c.words, c.st, dw0, s.st.head, s.st.sqid, cid, status)
         if c.pending == 0:
             c.first_ns = 0

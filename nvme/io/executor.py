@@ -52,6 +52,9 @@ class IoExecutor:
         table[IoOpcode.DATASET_MANAGEMENT] = self._dsm
         self._table = table
         self._one: list[memoryview] = [_EMPTY]   # reused one-element iovec list (no per-I/O list)
+        # Successful Reads, Writes, bytes read, bytes written: counted here, where the
+        # numbers are at hand, so callers need no per-command wrapper for statistics.
+        self.io: list[int] = [0, 0, 0, 0]
 
     def set_memory(self, mem: GuestMemory) -> None:
         self.mem = mem
@@ -108,6 +111,13 @@ class IoExecutor:
                     return (Status.UNRECOVERED_READ_ERROR if read else Status.WRITE_FAULT, 0)
                 finally:
                     one[0] = _EMPTY      # drop the view: the mapping may go away later
+                io = self.io
+                if read:
+                    io[0] += 1
+                    io[2] += length
+                else:
+                    io[1] += 1
+                    io[3] += length
                 return _OK
         return self._general(d, opc, dw0)
 
@@ -153,6 +163,9 @@ class IoExecutor:
         off, length = self._rw_range(d, ns, True)
         views = map_dptr(self.mem, d, length, True, self.page_size)
         ns.backend.read_into(off, views)
+        io = self.io
+        io[0] += 1
+        io[2] += length
         return _OK
 
     def _write(self, d: memoryview) -> Result:
@@ -164,6 +177,9 @@ class IoExecutor:
         ns.backend.write_from(off, views)
         if d[12] & (1 << 30):          # FUA: make this write durable before completing
             ns.backend.flush()
+        io = self.io
+        io[1] += 1
+        io[3] += length
         return _OK
 
     def _compare(self, d: memoryview) -> Result:

@@ -228,3 +228,20 @@ def test_prp_list_near_2_pow_64_is_not_taken_as_contiguous():
     runs = prp_pages(mem, RAM, lst, 3 * P)
     assert runs == [(RAM, P), (top, P), (0, P)]
     assert all(a + n <= 1 << 64 for a, n in runs)
+
+
+def test_executor_and_runner_counters(ram_ns):
+    ram, ex = make(ram_ns)
+    ex.execute(sqe(0x01, prp1=RAM, nlb=8))                  # fast path write
+    ex.execute(sqe(0x02, prp1=RAM, nlb=1))                  # fast path read
+    lst = RAM + 60 * P
+    _list(ram, lst, [RAM + P * i for i in range(2, 4)])
+    ex.execute(sqe(0x02, prp1=RAM + P, prp2=lst, nlb=24))   # general path (PRP list)
+    ex.execute(sqe(0x02, nsid=5, prp1=RAM))                 # error: not counted as a read
+    assert ex.io == [2, 1, 512 + 3 * P, P]
+    r = Rig([(0, 0), (Status.LBA_OUT_OF_RANGE, 0), None])
+    r.submit([1, 2, 3])
+    r.db.set_sq_tail(1, 3)
+    r.runner.poll()
+    r.runner.complete(1, 3, Status.DATA_TRANSFER_ERROR, 0)
+    assert r.runner.errors == 2
