@@ -32,6 +32,8 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Sequence
 
+from reactor.cores import expand_cores, format_cores  # format_cores: re-exported for display
+
 DEFAULT_RUN_DIR = "/run/vnvmed"
 RUN_DIR_ENV = "VNVMED_RUN_DIR"
 RPC_SOCKET_NAME = "vnvmed.rpc"
@@ -98,43 +100,28 @@ def parse_size(value: str | int) -> int:
 
 
 def parse_cores(value: str | Sequence[int]) -> list[int]:
-    """``"0-3,6"`` or ``[0, 1]`` -> sorted unique core numbers (not checked against the machine)."""
-    cores: list[int] = []
+    """``"0-3,6"`` or ``[0, 1]`` -> sorted unique core numbers (not checked against the machine).
+
+    The string syntax is reactor.cores' (one parser for ``--cores`` everywhere); the
+    supervisor checks availability at start.  A configuration naming a core twice is
+    refused here: it is more likely a typo than a wish.
+    """
     if isinstance(value, str):
-        for part in value.split(","):
-            part = part.strip()
-            m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-            if m is None:
-                raise ValueError(f"bad core list {value!r}: use e.g. '0-3,6'")
-            lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-            if hi < lo:
-                raise ValueError(f"bad core range {part!r}: end before start")
-            if hi > MAX_CORE:
-                raise ValueError(f"core {hi} out of range 0..{MAX_CORE}")
-            cores.extend(range(lo, hi + 1))
+        cores = expand_cores(value)
+        if max(cores) > MAX_CORE:
+            raise ValueError(f"core {max(cores)} out of range 0..{MAX_CORE}")
     elif isinstance(value, (list, tuple)):
-        for c in value:
+        cores = list(value)
+        for c in cores:
             if type(c) is not int or not 0 <= c <= MAX_CORE:
                 raise ValueError(f"core {c!r} is not an integer in 0..{MAX_CORE}")
-            cores.append(c)
+        if not cores:
+            raise ValueError("core list is empty")
     else:
         raise ValueError("cores must be a string like '0-3' or a list of integers")
-    if not cores:
-        raise ValueError("core list is empty")
     if len(set(cores)) != len(cores):
         raise ValueError(f"core list {value!r} names a core twice")
     return sorted(cores)
-
-
-def format_cores(cores: Sequence[int]) -> str:
-    """Inverse of parse_cores for display: [0, 1, 2, 5] -> '0-2,5'."""
-    runs: list[list[int]] = []
-    for c in sorted(cores):
-        if runs and runs[-1][1] == c - 1:
-            runs[-1][1] = c
-        else:
-            runs.append([c, c])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 # --------------------------------------------------------------------------- model

@@ -10,28 +10,29 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Sequence
 
-__all__ = ["parse_cores"]
+__all__ = ["expand_cores", "parse_cores", "format_cores"]
 
 _ITEM = re.compile(r"^(\d+)(?:-(\d+))?$")
 
 
-def parse_cores(spec: str, allowed: set[int] | None = None) -> list[int]:
-    """Parse ``"0-3"``, ``"0,2,5"``, ``"1-2,7"`` into sorted unique cores.
+def expand_cores(spec: str) -> list[int]:
+    """Syntax only: ``"1-2,7,2"`` -> ``[1, 2, 7, 2]``, in the order written, repeats kept.
 
-    ``allowed`` defaults to os.sched_getaffinity(0); it is a parameter so tests
-    do not depend on the machine.
+    No availability check: reactor/config.py validates a configuration that may be
+    meant for another machine, and decides itself what a repeated core means.
 
     Raises:
-        ValueError: bad syntax, empty list, descending range, or a core that is
-            not in ``allowed``. The message names the offending item.
+        ValueError: not a string, empty list, bad item, descending or huge range.
+            The message names the offending item.
     """
     if not isinstance(spec, str):
         raise ValueError(f"core list must be a string, got {type(spec).__name__}")
     text = spec.strip()
     if not text:
         raise ValueError("core list is empty")
-    cores: set[int] = set()
+    cores: list[int] = []
     for raw in text.split(","):
         item = raw.strip()
         if not item:
@@ -47,25 +48,37 @@ def parse_cores(spec: str, allowed: set[int] | None = None) -> list[int]:
         # Bound the range before materialising it: "0-99999999999" must not eat RAM.
         if hi - lo > 65535:
             raise ValueError(f"core list {spec!r}: range {item!r} is implausibly large")
-        cores.update(range(lo, hi + 1))
+        cores.extend(range(lo, hi + 1))
+    return cores
+
+
+def parse_cores(spec: str, allowed: set[int] | None = None) -> list[int]:
+    """Parse ``"0-3"``, ``"0,2,5"``, ``"1-2,7"`` into sorted unique cores.
+
+    ``allowed`` defaults to os.sched_getaffinity(0); it is a parameter so tests
+    do not depend on the machine.
+
+    Raises:
+        ValueError: bad syntax (see expand_cores), or a core that is not in
+            ``allowed``. The message names the offending item.
+    """
+    cores = set(expand_cores(spec))
     if allowed is None:
         allowed = set(os.sched_getaffinity(0))
     missing = sorted(cores - set(allowed))
     if missing:
         raise ValueError(
-            f"core list {spec!r}: core(s) {_fmt(missing)} not available to this process "
-            f"(allowed: {_fmt(sorted(allowed))})")
+            f"core list {spec!r}: core(s) {format_cores(missing)} not available to this process "
+            f"(allowed: {format_cores(allowed) or 'none'})")
     return sorted(cores)
 
 
-def _fmt(cores: list[int]) -> str:
-    """Compact 'a-b,c' rendering of a sorted core list, for error messages."""
-    out: list[str] = []
-    i = 0
-    while i < len(cores):
-        j = i
-        while j + 1 < len(cores) and cores[j + 1] == cores[j] + 1:
-            j += 1
-        out.append(str(cores[i]) if i == j else f"{cores[i]}-{cores[j]}")
-        i = j + 1
-    return ",".join(out) if out else "none"
+def format_cores(cores: Sequence[int]) -> str:
+    """Inverse of parse_cores for display: [0, 1, 2, 5] -> '0-2,5'."""
+    runs: list[list[int]] = []
+    for c in sorted(cores):
+        if runs and runs[-1][1] == c - 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from reactor.cores import parse_cores
+from reactor.cores import expand_cores, format_cores, parse_cores
 
 ALL = set(range(16))
 
@@ -53,3 +53,30 @@ def test_default_allowed_is_process_affinity():
     assert parse_cores(",".join(map(str, mine))) == mine
     with pytest.raises(ValueError, match="not available"):
         parse_cores(str(max(mine) + 1000))
+
+
+def test_expand_cores_is_the_syntax_part_in_written_order():
+    """Syntax only: order and repeats kept, nothing checked against the machine."""
+    assert expand_cores("7,1-2,2") == [7, 1, 2, 2]
+    assert expand_cores("100000") == [100000]
+    with pytest.raises(ValueError, match="descending"):
+        expand_cores("3-1")
+
+
+def test_format_cores_round_trips():
+    assert format_cores([5, 0, 1, 2, 7, 8]) == "0-2,5,7-8"
+    assert format_cores([]) == ""
+    assert parse_cores(format_cores([0, 2, 3, 9]), ALL) == [0, 2, 3, 9]
+
+
+def test_config_uses_the_same_syntax_and_refuses_repeats():
+    """reactor.config parses --cores / cores = "..." with this module's syntax rules."""
+    from reactor import config as C
+    assert C.parse_cores(" 1-2 , 7") == [1, 2, 7]
+    with pytest.raises(ValueError, match="empty item"):
+        C.parse_cores("1,")
+    with pytest.raises(ValueError, match="twice"):
+        C.parse_cores("3,2-3")
+    with pytest.raises(ValueError, match="out of range"):
+        C.parse_cores("4096")
+    assert C.parse_cores([3, 1]) == [1, 3]
