@@ -1,7 +1,6 @@
 """The multi-process reactor with real processes: pinning, quiesce under I/O, faults, shutdown."""
 from __future__ import annotations
 
-import gc
 import os
 import random
 import signal
@@ -11,6 +10,7 @@ import time
 import pytest
 
 from benchmarks.hostnvme import GuestRam, HostNvme
+from tests.integration.conftest import close_guest
 from vfio_user.client import VfioUserClient
 
 MB = 1 << 20
@@ -24,16 +24,6 @@ def _host(sock: str, ram_size: int = 32 * MB) -> tuple[VfioUserClient, GuestRam,
     h = HostNvme(c, ram)
     h.enable()
     return c, ram, h
-
-
-def _close(c: VfioUserClient, ram: GuestRam, h: HostNvme) -> None:
-    h.close()
-    c.close()
-    gc.collect()  # memoryviews of the RAM held by finished frames
-    try:
-        ram.close()
-    except BufferError:  # a view is still referenced (e.g. by pytest's assertion rewriting)
-        os.close(ram.fd)
 
 
 def test_workers_pinned_and_named(tmp_path, vnvmed):
@@ -118,7 +108,7 @@ def test_io_verified_while_dma_map_unmap_storm(tmp_path, vnvmed):
         assert h.reg_read(0x1C) & 2 == 0, "controller went fatal"
     finally:
         try:
-            _close(c, ram, h)
+            close_guest(c, ram, h)
         finally:
             assert d.stop() == 0
     assert d.shm_left() == []
@@ -151,7 +141,7 @@ def test_killed_worker_gives_cfs_then_recovers(tmp_path, vnvmed):
         assert bytes(ram.view(buf, 4096)) == b"\x5a" * 4096
     finally:
         try:
-            _close(c, ram, h)
+            close_guest(c, ram, h)
         finally:
             assert d.stop() == 0
     assert d.shm_left() == []
@@ -177,7 +167,7 @@ def test_killed_frontend_is_restarted_and_serves_its_socket(tmp_path, vnvmed):
             buf = ram.alloc(4096)
             assert h.rw(1, True, 1, 0, 8, buf) == 0
         finally:
-            _close(c, ram, h)
+            close_guest(c, ram, h)
     finally:
         assert d.stop() == 0
     assert d.shm_left() == []
@@ -223,8 +213,8 @@ def test_two_controllers_quiescing_one_does_not_stall_the_other(tmp_path, vnvmed
         assert ha.rw(1, True, 1, 0, 8, bufa) == 0
     finally:
         try:
-            _close(ca, rama, ha)
-            _close(cb, ramb, hb)
+            close_guest(ca, rama, ha)
+            close_guest(cb, ramb, hb)
         finally:
             assert d.stop() == 0
     assert d.shm_left() == []

@@ -8,7 +8,6 @@ QEMU's main loop.
 """
 from __future__ import annotations
 
-import gc
 import os
 import struct
 import time
@@ -16,6 +15,7 @@ import time
 import pytest
 
 from benchmarks.hostnvme import GuestRam, HostNvme
+from tests.integration.conftest import close_guest
 from vfio_user.client import VfioUserClient
 from vfio_user.dmamsg import DmaLayout
 from vfio_user.wire import Command, DmaMapFlag
@@ -41,13 +41,7 @@ def setup(tmp_path, request, vnvmed):
     h.enable()
     h.create_io_queue(1, 16)
     yield d, c, ram, h
-    h.close()
-    c.close()
-    gc.collect()
-    try:
-        ram.close()
-    except BufferError:
-        os.close(ram.fd)
+    close_guest(c, ram, h)
     assert d.stop() == 0
 
 
