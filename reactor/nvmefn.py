@@ -383,6 +383,13 @@ class NvmeFunction:
                 pass
 
     def io_cq_created(self, cq: CqState) -> None:
+        # "Fewest queues first" counts every controller's queues: ask each worker its load
+        # (queue creation is rare; a worker that does not answer keeps its last figure).
+        for wid, link in list(self.links.items()):
+            try:
+                self.placement.report(wid, int(link.request_sync({"op": "load"}, timeout=0.5)["queues"]))
+            except (TimeoutError, ConnectionError, KeyError, TypeError, ValueError):
+                pass
         w = self.placement.place_cq(cq.cqid)
         self._sync(w, {"op": "add_cq", "cq": cq.to_dict()})
 

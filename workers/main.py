@@ -83,6 +83,9 @@ class Worker:
                 ipc.close_fds(fds)
                 log.error("worker %d: unexpected control message %r", self.wid, op)
 
+    def _queues(self) -> int:
+        return sum(s.nqueues for s in self.slots)
+
     def _attach_pending(self) -> None:
         still = []
         for name, sock in self.pending:
@@ -95,7 +98,7 @@ class Worker:
             if chan is None:
                 still.append((name, sock))
             else:
-                self.slots.append(Slot(name, chan))
+                self.slots.append(Slot(name, chan, self._queues))
         self.pending = still
 
     # --- the loop ---------------------------------------------------------------------
@@ -154,7 +157,10 @@ class Worker:
                     log.exception("worker %d: controller %s failed in poll", self.wid, slot.name)
                     slot.chan.send({"op": "fault", "reason": "worker poll failed"})
                     slot.paused = True
-            work += self._messages()
+            # While queues are busy the rings are read every 16th round (they were ~12 % of
+            # a busy worker's profile); a quiesce or queue change waits microseconds more.
+            if not work or rounds & 15 == 0:
+                work += self._messages()
             self.polls += 1
             rounds += 1
             if rounds & 1023 == 0:

@@ -34,8 +34,10 @@ DB_OFFSET = 0x1000  # doorbells start at BAR0 + 0x1000 (DSTRD 0)
 
 
 class Slot:
-    def __init__(self, name: str, chan: Channel) -> None:
+    def __init__(self, name: str, chan: Channel,
+                 load: Callable[[], int] = lambda: 0) -> None:
         self.name = name
+        self._load = load          # queues this worker runs for all controllers
         self.chan = chan
         self.mem = MappedGuestMemory()
         self.db_map: mmap.mmap | None = None
@@ -227,6 +229,9 @@ class Slot:
         if ns is not None:
             ns.backend.close()
         self._ack(msg)
+
+    def _op_load(self, msg: dict[str, Any]) -> None:
+        self._ack(msg, queues=self._load())
 
     def _op_stats(self, msg: dict[str, Any]) -> None:
         snap = self.runner.snapshot() if self.runner is not None else {}

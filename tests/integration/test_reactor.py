@@ -76,8 +76,9 @@ def test_io_verified_while_dma_map_unmap_storm(tmp_path, vnvmed):
             os.ftruncate(r_fd, 64 * 1024)
             c.dma_map(iova_r, 64 * 1024, r_fd, 0)
             pending = {}
-            for q in qids:
-                lba = rng.randrange(0, 16 * MB // 512 - 8) & ~7
+            # distinct LBAs within a round: two in-flight writes to one LBA have no order
+            lbas = [8 * i for i in rng.sample(range(16 * MB // 4096), len(qids))]
+            for q, lba in zip(qids, lbas):
                 data = os.urandom(4096)
                 buf = ram.alloc(4096) if rounds < 3 else None
                 if buf is None:  # reuse a fixed page per queue after warm-up (allocator is finite)
@@ -183,6 +184,13 @@ def test_two_controllers_quiescing_one_does_not_stall_the_other(tmp_path, vnvmed
     try:
         ha.create_io_queue(1, 16)
         hb.create_io_queue(1, 16)
+        if cores == "0-1":
+            # fewest queues first across controllers: a's queue pair and b's land on
+            # different workers
+            from reactor.ctl import RpcClient
+            with RpcClient(os.path.join(str(tmp_path / "run"), "vnvmed.rpc")) as rpc:
+                rows = {r["name"]: r for r in rpc.call("controller.list")}
+            assert rows["a"]["queues"]["1"] != rows["b"]["queues"]["1"], rows
         stop = threading.Event()
         maps = [0]
 
