@@ -31,11 +31,12 @@ from pci.config import PciConfig
 from reactor.coordinator import Coordinator
 from reactor.device import DeviceInfo, IrqInfo, RegionInfo
 from reactor.guestmem import MappedGuestMemory
+from reactor.irqroute import IrqRouter
 from reactor.placement import Placement
 from reactor.slowpath import SlowPath
 from reactor.workerlink import WorkerLink
 from vfio_user.errors import ProtocolError
-from vfio_user.wire import DeviceFlag, Irq, IrqInfoFlag, IrqSetFlag, Region, RegionFlag
+from vfio_user.wire import DeviceFlag, Irq, IrqInfoFlag, Region, RegionFlag
 
 import errno
 
@@ -43,8 +44,6 @@ log = logging.getLogger("vnvmed.frontend")
 
 BAR0_SIZE = 0x4000
 DB_OFFSET = 0x1000
-REG_CC = 0x14
-REG_NSSR = 0x20
 NUM_REGIONS = 9
 NUM_IRQS = 5
 
@@ -70,12 +69,7 @@ class NvmeFunction:
         # DMA regions as mapped by the client, with our own dup of each fd, so a worker
         # that joins later (restart) gets the same memory map.
         self.dma_regions: dict[tuple[int, int], tuple[int, int | None, bool, bool]] = {}
-        self.msix_fds: dict[int, int] = {}
-        self.intx_fd: int | None = None
-        self.intx_unmask_fd: int | None = None
-        self.other_fds: dict[int, int] = {}
-        self.intx_masked = False
-        self.routes: dict[int, int] = {}
+        self.irqs = IrqRouter(cfg.msix_vectors, lambda: self.pci.intx_disabled)
         self.shadow = ShadowDoorbells()
         self.coalescing: tuple[int, int, list[int]] | None = None
         self.admin_kick = asyncio.Event()
@@ -285,89 +279,23 @@ class NvmeFunction:
     # IRQs -----------------------------------------------------------------------------
     def set_irqs(self, index: int, flags: int, start: int, count: int, fds: list[int],
                  data: bytes) -> None:
-        action = flags & (IrqSetFlag.ACTION_MASK | IrqSetFlag.ACTION_UNMASK | IrqSetFlag.ACTION_TRIGGER)
-        if index == Irq.MSIX and action == IrqSetFlag.ACTION_TRIGGER:
-            if flags & IrqSetFlag.DATA_NONE and count == 0:
-                self._close_all(self.msix_fds)
-            elif flags & IrqSetFlag.DATA_EVENTFD:
-                for i in range(count):
-                    old = self.msix_fds.pop(start + i, None)
-                    if old is not None:
-                        os.close(old)
-                    if fds and fds[i] >= 0:
-                        self.msix_fds[start + i] = fds[i]
-            elif flags & (IrqSetFlag.DATA_NONE | IrqSetFlag.DATA_BOOL):
-                self._fire_msix(start, count, flags, data)
-        elif index == Irq.INTX:
-            if action == IrqSetFlag.ACTION_TRIGGER:
-                if flags & IrqSetFlag.DATA_EVENTFD:
-                    self._replace("intx_fd", fds[0] if fds else None)
-                elif flags & IrqSetFlag.DATA_NONE and count == 0:
-                    self._replace("intx_fd", None)
-                    self._replace("intx_unmask_fd", None)
-            elif action == IrqSetFlag.ACTION_UNMASK:
-                if flags & IrqSetFlag.DATA_EVENTFD:
-                    self._replace("intx_unmask_fd", fds[0] if fds else None)
-                else:
-                    self.intx_masked = False
-            elif action == IrqSetFlag.ACTION_MASK and not flags & IrqSetFlag.DATA_EVENTFD:
-                self.intx_masked = True
-        else:
-            # MSI (count 0), ERR and REQ: keep the eventfds (closed on teardown); unused.
-            for i, fd in enumerate(fds):
-                old = self.other_fds.pop((index << 16) + start + i, None)
-                if old is not None:
-                    os.close(old)
-                self.other_fds[(index << 16) + start + i] = fd
+        self.irqs.set_irqs(index, flags, start, count, fds, data)
         self._update_routes()
 
-    def _fire_msix(self, start: int, count: int, flags: int, data: bytes) -> None:
-        for i in range(count):
-            if flags & IrqSetFlag.DATA_BOOL and not (i < len(data) and data[i]):
-                continue
-            fd = self.msix_fds.get(start + i)
-            if fd is not None:
-                os.eventfd_write(fd, 1)
-
-    def _replace(self, attr: str, fd: int | None) -> None:
-        old = getattr(self, attr)
-        if old is not None and old != fd:
-            os.close(old)
-        setattr(self, attr, fd)
-
-    @staticmethod
-    def _close_all(table: dict[int, int]) -> None:
-        for fd in table.values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        table.clear()
-
-    def _compute_routes(self) -> dict[int, int]:
-        if self.msix_fds:
-            return dict(self.msix_fds)
-        if self.intx_fd is not None and not self.pci.intx_disabled and not self.intx_masked:
-            return {v: self.intx_fd for v in range(self.cfg.msix_vectors)}
-        return {}
-
     def _update_routes(self) -> None:
-        routes = self._compute_routes()
-        if routes != self.routes:
-            self.routes = routes
-            # Synchronous: once SET_IRQS (or the config write) is answered, no worker may
-            # still signal an eventfd the client just de-assigned (it polls its queues
-            # before it reads its ring, so a plain message could lose that race).
-            for wid, link in list(self.links.items()):
-                try:
-                    self._push_routes_to(link, wait=True)
-                except (TimeoutError, ConnectionError) as e:
-                    self._fatal(f"worker {wid}: interrupt routes not applied: {e}")
+        if not self.irqs.refresh():
+            return
+        # Synchronous: once SET_IRQS (or the config write) is answered, no worker may
+        # still signal an eventfd the client just de-assigned (it polls its queues
+        # before it reads its ring, so a plain message could lose that race).
+        for wid, link in list(self.links.items()):
+            try:
+                self._push_routes_to(link, wait=True)
+            except (TimeoutError, ConnectionError) as e:
+                self._fatal(f"worker {wid}: interrupt routes not applied: {e}")
 
     def _push_routes_to(self, link: WorkerLink, wait: bool = False) -> None:
-        fds = sorted(set(self.routes.values()))
-        index = {fd: i for i, fd in enumerate(fds)}
-        msg = {"op": "irqs", "vec": [[v, index[fd]] for v, fd in sorted(self.routes.items())]}
+        msg, fds = self.irqs.message()
         if wait:
             link.request_sync(msg, fds or None)
         else:
@@ -375,12 +303,7 @@ class NvmeFunction:
 
     # ControllerHooks ------------------------------------------------------------------
     def irq(self, vector: int) -> None:
-        fd = self.routes.get(vector)
-        if fd is not None:
-            try:
-                os.eventfd_write(fd, 1)
-            except OSError:
-                pass
+        self.irqs.fire(vector)
 
     def io_cq_created(self, cq: CqState) -> None:
         # "Fewest queues first" counts every controller's queues: ask each worker its load
@@ -441,11 +364,7 @@ class NvmeFunction:
             log.exception("%s: reset on disconnect", self.name)
         self.pci.reset()
         self._broadcast({"op": "unmap", "all": True})
-        self._close_all(self.msix_fds)
-        self._replace("intx_fd", None)
-        self._replace("intx_unmask_fd", None)
-        self._close_all(self.other_fds)
-        self.intx_masked = False
+        self.irqs.clear()
         self._update_routes()
         self.session = None
         self.slow.set_session(None)
@@ -611,7 +530,4 @@ class NvmeFunction:
                 link.send({"op": "bye"})
             except Exception:
                 pass
-        self._close_all(self.msix_fds)
-        self._replace("intx_fd", None)
-        self._replace("intx_unmask_fd", None)
-        self._close_all(self.other_fds)
+        self.irqs.clear()

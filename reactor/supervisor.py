@@ -30,7 +30,7 @@ from typing import Any
 from backends.base import Backend, create_backend, parse_size
 from reactor import ipc, notify
 from reactor.config import (ConfigError, ControllerSpec, DaemonConfig, NamespaceSpec,
-                            assign_nsids, check_namespace, controller_from_options, with_controller)
+                            check_namespace, controller_from_options, with_controller)
 from reactor.cores import parse_cores
 from reactor.mgmt.jsonrpc import ErrorCode, MgmtError
 from reactor.mgmt.server import MgmtServer
