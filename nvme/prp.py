@@ -72,16 +72,17 @@ def prp_pages(mem: GuestMemory, prp1: int, prp2: int, length: int,
         take = slots - 1 if chained else npages
         ents = _list_entries(mem, list_addr, slots if chained else take)
         body = ents[:take] if chained else ents
-        e0 = body[0]
+        # A list that starts in the last qword of its page has room for nothing but
+        # the chain pointer (take == 0): follow it.
+        e0 = body[0] if take else 0
         # Contiguity of the whole page of entries in one big-int comparison (C
         # speed): the list is little-endian qwords, so it equals e0*R + page*S with
         # R = sum 2^(64i) and S = sum i*2^(64i) exactly when entry i == e0 + i*page
         # (an entry past 2^64 would carry out of the top qword: never equal).
-        r_s = _RS.get((take, page_size))
-        if r_s is None:
-            r_s = _RS[(take, page_size)] = (sum(1 << (64 * i) for i in range(take)),
-                                            page_size * sum(i << (64 * i) for i in range(take)))
-        if not e0 & mask and int.from_bytes(body, "little") == e0 * r_s[0] + r_s[1]:
+        r_s = _rs(take, page_size)
+        if not take:
+            pass
+        elif not e0 & mask and int.from_bytes(body, "little") == e0 * r_s[0] + r_s[1]:
             # The common case (one contiguous buffer): the whole page of entries is one run.
             n = take * page_size if remaining > take * page_size else remaining
             _append(runs, e0, n)
@@ -110,6 +111,38 @@ def prp_pages(mem: GuestMemory, prp1: int, prp2: int, length: int,
 
 
 _RS: dict[tuple[int, int], tuple[int, int]] = {}
+
+
+def _rs(take: int, page_size: int) -> tuple[int, int]:
+    r_s = _RS.get((take, page_size))
+    if r_s is None:
+        r_s = _RS[(take, page_size)] = (sum(1 << (64 * i) for i in range(take)),
+                                        page_size * sum(i << (64 * i) for i in range(take)))
+    return r_s
+
+
+def list_is_contiguous(mem: GuestMemory, prp2: int, first_page: int, npages: int,
+                       page_size: int = 4096) -> bool:
+    """True if the PRP list at prp2 is exactly npages entries first_page, +page, ...
+
+    The data-path fast check for "one physically contiguous buffer" (one view, one
+    copy).  It only answers yes for a well-formed, unchained list (qword aligned,
+    all entries in the list's page) it could read; anything else - including a list
+    it cannot map - is False, and the caller's general path (prp_pages) reports the
+    proper error.  `NeedsMessageDma` propagates as everywhere else.
+    """
+    mask = page_size - 1
+    if prp2 & 7 or npages <= 0 or npages > (page_size - (prp2 & mask)) >> 3 or first_page & mask:
+        return False
+    try:
+        raw = mem.view(prp2, npages << 3, write=False)
+    except NeedsMessageDma:
+        raise
+    except DmaFault:
+        return False
+    r, s = _rs(npages, page_size)
+    # Same big-int identity as in prp_pages: entry i == first_page + i*page for all i.
+    return int.from_bytes(raw, "little") == first_page * r + s
 
 
 def _append(runs: list[list[int]], addr: int, n: int) -> None:

@@ -14,7 +14,11 @@ to trust it.
 
 `view(addr, length, write)` is the hot path: a bisect in the `DmaTable`, permission
 checks, and a slice of a memoryview kept for the whole mapping.  Read views are
-read-only.  A region mapped without an fd raises `NeedsMessageDma` (it can only be
+slices of a read-only twin of that memoryview (no `toreadonly()` per call).  The
+region of the last hit is cached as (start, end, Mapping): a guest's rings, PRP
+lists and data usually sit in one region, so most calls skip the bisect.  The
+cache is dropped on every map/unmap, and a hit still checks `Mapping.base is not
+None` (unmap sets it to None), so a stale entry can never reach unmapped memory.  A region mapped without an fd raises `NeedsMessageDma` (it can only be
 reached with DMA_READ/DMA_WRITE messages); every other refusal is `DmaFault`.
 
 Unmapping and exported views: `mmap.close()` fails with BufferError while any
@@ -54,6 +58,7 @@ class Mapping:
     readable: bool
     writable: bool
     shrinkable: bool = False
+    rbase: memoryview | None = None   # read-only twin of base (read views are its slices)
 
 
 def _granularity(st: os.stat_result) -> int:
@@ -67,6 +72,9 @@ class MappedGuestMemory:
     def __init__(self, max_regions: int = 65535) -> None:
         self.table = DmaTable(max_regions=max_regions)
         self.zombies: list[mmap.mmap] = []
+        # Last region hit by view(): (start, end, Mapping).  Python ints, so
+        # `start <= addr <= addr + length <= end` never wraps.
+        self._hit: tuple[int, int, Mapping] | None = None
 
     def __len__(self) -> int:
         return len(self.table)
@@ -80,6 +88,7 @@ class MappedGuestMemory:
         mappable), EEXIST (overlap), ENOSPC (too many regions).
         """
         self.collect()
+        self._hit = None
         if not (readable or writable):
             raise ProtocolError(errno.EINVAL, "DMA region neither readable nor writable")
         if offset < 0:
@@ -120,16 +129,18 @@ class MappedGuestMemory:
         except OSError:
             pass        # not a memfd: a regular/hugetlbfs file, can be truncated too
         base = memoryview(mm)[delta:delta + size]
-        return Mapping(mm, base, readable, writable, shrinkable)
+        return Mapping(mm, base, readable, writable, shrinkable, base.toreadonly())
 
     # ---------------------------------------------------------------- unmap
     def unmap(self, iova: int, size: int) -> None:
         """Remove exactly one mapped range (ENOENT / EINVAL otherwise)."""
         entry = self.table.remove(iova, size)
+        self._hit = None
         self._close(entry.handle)
         self.collect()
 
     def unmap_all(self) -> None:
+        self._hit = None
         for entry in self.table.remove_all():
             self._close(entry.handle)
         self.collect()
@@ -138,11 +149,15 @@ class MappedGuestMemory:
         if m is None or m.mm is None:
             return
         if m.base is not None:
-            try:
-                m.base.release()   # fails only if someone re-exported *this* object
-            except BufferError:
-                pass
-            m.base = None
+            # base = None first: view()'s cache checks it, whatever happens below.
+            base, rbase = m.base, m.rbase
+            m.base = m.rbase = None
+            for b in (rbase, base):
+                if b is not None:
+                    try:
+                        b.release()   # fails only if someone re-exported *this* object
+                    except BufferError:
+                        pass
         try:
             m.mm.close()
         except BufferError:
@@ -172,16 +187,27 @@ class MappedGuestMemory:
             raise DmaFault(addr, length, "not inside one mapped region") from None
 
     def view(self, addr: int, length: int, write: bool = False) -> memoryview:
-        entry, off = self._find(addr, length)
-        m: Mapping = entry.handle
-        if write and not m.writable:
-            raise DmaFault(addr, length, "region is read-only")
-        if not write and not m.readable:
-            raise DmaFault(addr, length, "region is write-only")
-        if m.base is None:
+        hit = self._hit
+        if hit is not None and hit[0] <= addr <= addr + length <= hit[1]:
+            m = hit[2]
+            start = hit[0]
+        else:
+            entry, _ = self._find(addr, length)
+            m = entry.handle
+            start = entry.iova
+            self._hit = (start, entry.iova + entry.size, m)
+        off = addr - start
+        if write:
+            if not m.writable:
+                raise DmaFault(addr, length, "region is read-only")
+            base = m.base
+        else:
+            if not m.readable:
+                raise DmaFault(addr, length, "region is write-only")
+            base = m.rbase
+        if base is None:
             raise NeedsMessageDma(addr, length, "mapped without fd")
-        v = m.base[off:off + length]
-        return v if write else v.toreadonly()
+        return base[off:off + length]
 
     def read(self, addr: int, length: int) -> bytes:
         with self.view(addr, length) as v:

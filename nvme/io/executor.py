@@ -23,7 +23,7 @@ from typing import Callable
 from ..errors import CommandError
 from ..memory import DmaFault, GuestMemory, NeedsMessageDma
 from ..namespace import Namespace
-from ..prp import map_dptr
+from ..prp import list_is_contiguous, map_dptr
 from ..status import Status
 from .opcodes import NAMESPACE_WRITE_PROTECTED, IoOpcode
 
@@ -64,7 +64,7 @@ class IoExecutor:
         d = sqe if sqe.format == "I" else sqe.cast("I")
         dw0 = d[0]
         opc = dw0 & 0xFF
-        # Fast path: Read/Write with PRPs, no fuse, data in at most two pages.  Same
+        # Fast path: Read/Write with PRPs, no fuse, data in one contiguous run.  Same
         # checks in the same order as the general path (see the module docstring);
         # anything unusual falls through to it.
         if (opc == 2 or opc == 1) and not dw0 & 0xC300:
@@ -79,23 +79,29 @@ class IoExecutor:
                 return (Status.INVALID_FIELD, 0)
             if slba + nlb > ns.blocks:
                 return (Status.LBA_OUT_OF_RANGE, 0)
+            read = opc == 2
+            if not read and ns.read_only:
+                return (NAMESPACE_WRITE_PROTECTED, 0)
             prp1 = d[6] | (d[7] << 32)
             page = self.page_size
             first = page - (prp1 & (page - 1))
+            rest = length - first
             if prp1 & 3:
                 pass                     # general path reports the bad offset
-            elif length <= first or (length - first <= page and not (prp2 := d[8] | (d[9] << 32)) & (page - 1)
-                                     and prp2 == prp1 + first):
-                # One page, or two physically contiguous pages: one view.
-                read = opc == 2
-                if not read and ns.read_only:
-                    return (NAMESPACE_WRITE_PROTECTED, 0)
+            elif (rest <= 0
+                  or (rest <= page and d[8] | (d[9] << 32) == prp1 + first)
+                  or (rest > page and list_is_contiguous(self.mem, d[8] | (d[9] << 32), prp1 + first,
+                                                         (rest + page - 1) // page, page))):
+                # One page, two physically contiguous pages, or a PRP list of
+                # contiguous pages (one buffer, the common case for large I/O): one
+                # view, one copy.  prp1 + first is page aligned, so the PRP2 == test
+                # also checks PRP2's offset.  Anything else: the general path.
                 try:
                     view = self.mem.view(prp1, length, read)
                 except NeedsMessageDma:
                     raise
                 except DmaFault:
-                    # Not one mapping (e.g. the page pair straddles two DMA regions)
+                    # Not one mapping (e.g. the run straddles two DMA regions)
                     # or not mapped: the general path splits or reports it.
                     return self._general(d, opc, dw0)
                 one = self._one
