@@ -12,7 +12,7 @@ import os
 import select
 import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from vfio_user.client import VfioUserClient as Client
 from vfio_user.wire import DmaMapFlag, IrqSetFlag

@@ -5,7 +5,7 @@ import pytest
 
 from nvme.config import ControllerConfig
 from nvme.status import Status
-from tests.unit.test_controller_harness import CC_IO, MEM_BASE, MEM_SIZE, QMEM, Host, ready_host
+from tests.unit.test_controller_harness import MEM_BASE, MEM_SIZE, QMEM, Host, ready_host
 
 
 def test_identify_controller_fields():
