@@ -22,7 +22,12 @@ slots/pending channels changes, `_ep_dirty`), not a `select()` that re-copies th
 list each time, and the control socket is read only when the poll says it is readable
 (a non-blocking recvmsg that fails costs a cold BlockingIOError, ~30 us here).  The
 rounds&1023 `_control()` call in the busy loop still catches anything the poll did not
-report.
+report.  Likewise `Ring.woke()` (clear the sleeping flag, drain the eventfd: a failing
+read) runs after a sleep only for rings whose eventfd fired; the other rings keep the
+flag set while the worker stays idle - it is about to sleep again anyway, and a
+producer that sees the flag just writes the eventfd, which ends the next sleep at once
+and is drained then.  The first round that finds work calls woke() on every ring
+(`_flagged`), so a busy worker's producers still make no syscalls.
 
 Control: the supervisor talks to the worker over a SOCK_SEQPACKET socket (`ctl`):
 `channel` hands over a new front-end channel, `stop` ends the process.
@@ -63,6 +68,8 @@ class Worker:
         self._ep: select.epoll | None = None
         self._ep_dirty = True      # slots/pending changed: rebuild the epoll set before sleeping
         self._rings: list[Any] = []
+        self._ring_by_fd: dict[int, Any] = {}
+        self._flagged = False      # some ring may still say "sleeping" (see theory above)
         self.polls = 0
         self.idle_polls = 0
         self.sleeps = 0
@@ -155,7 +162,10 @@ class Worker:
             self._ep.close()
         ep = select.epoll()
         ep.register(self.ctl.fileno(), select.EPOLLIN)
+        if self._flagged:
+            self._wake_rings()     # the old set's rings: none may stay flagged unseen
         self._rings = [s.chan.rx for s in self.slots if not s.dead]
+        self._ring_by_fd = {r.fileno(): r for r in self._rings}
         for r in self._rings:
             ep.register(r.fileno(), select.EPOLLIN)
         for _, sock in self.pending:
@@ -174,19 +184,32 @@ class Worker:
         for r in rings:
             if not r.prepare_sleep():
                 ready = False
-        events: list[tuple[int, int]] = []
-        if ready:
-            self.sleeps += 1
-            try:
-                events = self._ep.poll(timeout)
-            except InterruptedError:
-                pass
-        for r in rings:
-            r.woke()
-        if not events:
+        if not ready:
+            self._wake_rings()
             return False
-        ring_fds = {r.fileno() for r in rings}
-        return any(fd not in ring_fds for fd, _ in events)
+        self.sleeps += 1
+        self._flagged = True
+        try:
+            events = self._ep.poll(timeout)
+        except InterruptedError:
+            return False
+        other = False
+        by_fd = self._ring_by_fd
+        for fd, _ in events:
+            r = by_fd.get(fd)
+            if r is None:
+                other = True
+            else:
+                r.woke()
+        return other
+
+    def _wake_rings(self) -> None:
+        for r in self._rings:
+            try:
+                r.woke()
+            except ValueError:
+                pass           # the ring of a slot closed since the set was built
+        self._flagged = False
 
     def run(self) -> None:
         idle = 0
@@ -214,6 +237,8 @@ class Worker:
                     self._attach_pending()
             if work:
                 idle = 0
+                if self._flagged:
+                    self._wake_rings()
                 continue
             self.idle_polls += 1
             idle += 1

@@ -120,3 +120,35 @@ def test_pending_channel_replaced_on_the_same_fd_number_is_watched(worker) -> No
     finally:
         a1.close()
         a2.close()
+
+
+def _readable(fd: int) -> bool:
+    import select
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def test_idle_sleeps_leave_the_flag_and_waking_clears_it(worker) -> None:
+    """After a quiet sleep the ring still says "sleeping" (no woke() syscall); a put
+    then writes the eventfd and ends the next sleep at once.  Once the worker wakes
+    its rings (it found work), puts make no eventfd writes."""
+    w, _ = worker
+    fe = _channel(w)
+    try:
+        rx = w.slots[0].chan.rx
+        assert w._sleep(0.001) is False and w._flagged
+        fe.send({"op": "load"})
+        assert _readable(rx.fileno()), "the producer saw the flag: eventfd written"
+        assert [m["op"] for m in w.slots[0].chan.recv_all()] == ["load"]
+        assert w._sleep(LONG) is False           # returns at once: the eventfd fired
+        assert not _readable(rx.fileno()), "drained by woke() of the ring that fired"
+        w._wake_rings()
+        assert not w._flagged
+        fe.send({"op": "load"})
+        assert not _readable(rx.fileno()), "an awake consumer costs the producer no syscall"
+        # A slot closed before the set is rebuilt: waking its ring is harmless.
+        w.slots[0].close()
+        w._flagged = True
+        w._wake_rings()
+        assert not w._flagged
+    finally:
+        fe.close(unlink=True)
