@@ -82,7 +82,10 @@ class FrontEnd:
         await self.stop.wait()
         for t in tasks:
             t.cancel()
-        await self.server.close()
+        try:  # bounded: a stuck teardown must not keep a stopping front-end alive
+            await asyncio.wait_for(self.server.close(), 10)
+        except (asyncio.TimeoutError, Exception):
+            log.exception("%s: closing the vfio-user server", self.spec.name)
         self.fn.close()
         for link in list(self.fn.links.values()):
             link.stop(loop)
@@ -102,7 +105,13 @@ class FrontEnd:
                 msg, fds = ipc.recv(self.sup)
             except (BlockingIOError, InterruptedError):
                 return
-            if msg is None:  # supervisor died: nobody manages us any more
+            except (OSError, ValueError) as e:
+                msg, fds = None, []
+                log.error("%s: supervisor socket: %s", self.spec.name, e)
+            if msg is None:
+                # Supervisor gone (or it closed our socket at shutdown): stop.  The reader
+                # must go too, or end-of-file keeps it firing and the loop spins at 100 %.
+                asyncio.get_running_loop().remove_reader(self.sup.fileno())
                 self.stop.set()
                 return
             try:
