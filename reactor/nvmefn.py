@@ -487,7 +487,7 @@ class NvmeFunction:
 
     # the admin poller ---------------------------------------------------------------------
     async def admin_loop(self, min_interval: float = 0.0002, max_interval: float = 0.01,
-                         deep_interval: float = 0.1, deep_after: float = 1.0) -> None:
+                         deep_interval: float = 0.25, deep_after: float = 1.0) -> None:
         """Run the admin queue: adaptive polling (the admin doorbell is in mmapped memory).
 
         Busy after admin activity (Linux probes with dozens of admin commands in a row),
