@@ -4,6 +4,13 @@ It plays the role of the guest kernel's nvme driver, in user space: "guest RAM" 
 memfd mapped with DMA_MAP, the doorbells are written straight into the BAR0 sparse-
 mmap area (as a guest's MMIO would land there), and completions are polled by phase.
 Everything goes through the real socket and real shared memory.
+
+With `trapped = True` every doorbell write is a REGION_WRITE (what QEMU does when
+BAR0 offers no mmap area).  After `enable_shadow()` (Doorbell Buffer Config) the I/O
+queue doorbells follow the shadow-doorbell rule of Linux's nvme driver: store the
+new value in the shadow page, full barrier, read EventIdx, and write the real
+doorbell only if need_event(EventIdx, new, old); `doorbell_writes` /
+`doorbells_skipped` count what happened.
 """
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ import mmap
 import os
 import select
 import struct
+import threading
 import time
 from dataclasses import dataclass
 
@@ -23,6 +31,20 @@ MSIX_INDEX = 2   # VFIO_PCI_MSIX_IRQ_INDEX
 SGL_DATA_BLOCK, SGL_BIT_BUCKET, SGL_SEGMENT, SGL_LAST_SEGMENT = 0x00, 0x10, 0x20, 0x30
 REG_CAP, REG_VS, REG_CC, REG_CSTS, REG_AQA, REG_ASQ, REG_ACQ = 0, 8, 0x14, 0x1C, 0x24, 0x28, 0x30
 DB = 0x1000
+
+
+_barrier_lock = threading.Lock()
+
+
+def full_barrier() -> None:
+    """A locked read-modify-write (mutex acquire/release): a full fence on x86, as mb()."""
+    _barrier_lock.acquire()
+    _barrier_lock.release()
+
+
+def need_event(event_idx: int, new: int, old: int) -> bool:
+    """Linux nvme_dbbuf_need_event (16-bit): event_idx in [old, new) modulo 2^16."""
+    return ((new - event_idx - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
 
 
 class GuestRam:
@@ -119,6 +141,10 @@ class HostNvme:
         self.stray: dict[int, list[Cqe]] = {}
         self.regions: list[GuestRam] = []     # extra DMA regions (add_region)
         self.irq_fds: list[int] = []
+        self.shadow_db: memoryview | None = None    # shadow doorbell page, cast 'I'
+        self.shadow_ei: memoryview | None = None    # EventIdx page, cast 'I'
+        self.doorbell_writes = 0      # real doorbell writes (MMIO or REGION_WRITE)
+        self.doorbells_skipped = 0    # shadow-only updates (need_event said no)
 
     # memory ---------------------------------------------------------------------------
     def add_region(self, base: int, size: int, writable: bool = True) -> GuestRam:
@@ -161,7 +187,18 @@ class HostNvme:
 
         `trapped=None` uses the instance default `self.trapped` (False: mmapped).
         """
-        off = DB + (2 * qid + (1 if cq else 0)) * 4
+        word = 2 * qid + (1 if cq else 0)
+        off = DB + word * 4
+        if qid and self.shadow_db is not None and self.shadow_ei is not None:
+            # Linux nvme_dbbuf_update_and_check_event: value into the shadow page, mb(),
+            # then the EventIdx the device armed decides whether the doorbell is written.
+            old = self.shadow_db[word]
+            self.shadow_db[word] = value
+            full_barrier()
+            if not need_event(self.shadow_ei[word], value, old):
+                self.doorbells_skipped += 1
+                return
+        self.doorbell_writes += 1
         if trapped is None:
             trapped = self.trapped
         if trapped or self.db is None:
@@ -310,6 +347,16 @@ class HostNvme:
         st, _ = self.admin(0x02, nsid, buf, 0, (cdw10, numd >> 16, offset & 0xFFFFFFFF, offset >> 32))
         return st, bytes(self.ram.view(buf, nbytes))
 
+    def enable_shadow(self) -> tuple[int, int]:
+        """Doorbell Buffer Config (7Ch): shadow doorbell and EventIdx pages; (dbbuf, eventidx)."""
+        dbbuf, ei = self.ram.alloc(PAGE), self.ram.alloc(PAGE)
+        st, _ = self.admin(0x7C, 0, dbbuf, ei)
+        if st:
+            raise RuntimeError(f"doorbell buffer config: status {st:#x}")
+        self.shadow_db = self.ram.view(dbbuf, PAGE).cast("I")
+        self.shadow_ei = self.ram.view(ei, PAGE).cast("I")
+        return dbbuf, ei
+
     def submit_aer(self) -> int:
         """Post an Asynchronous Event Request (0Ch); returns its CID (completes later)."""
         cid = self.next_cid()
@@ -447,6 +494,10 @@ class HostNvme:
             return 0
 
     def close(self) -> None:
+        for v in (self.shadow_db, self.shadow_ei):
+            if v is not None:
+                v.release()
+        self.shadow_db = self.shadow_ei = None
         if self.db is not None:
             self.db.release()
         if self.bar is not None:

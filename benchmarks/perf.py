@@ -262,6 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--target-core", type=int, default=None, help="core for a spawned vnvmed")
     p.add_argument("--target-pid", type=int, help="account CPU of this process tree")
     p.add_argument("--polling", choices=("adaptive", "busy"), default="adaptive")
+    p.add_argument("--doorbells", choices=("mmap", "trapped"), default="mmap",
+                   help="doorbell mode of a spawned vnvmed (trapped: every write is a message)")
     p.add_argument("--span", default="1G", help="bytes of the namespace to spread I/O over")
     p.add_argument("--nsid", type=int, default=1)
     p.add_argument("--idle", action="store_true", help="attach and create queues, then no I/O for -t s")
@@ -270,7 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     from backends.base import parse_size
     wl = Workload(a.pattern, a.io_size, a.depth, a.time, a.mix, a.nsid, parse_size(a.span))
-    spawned = spawn_vnvmed(a.spawn, a.target_core, a.polling) if a.spawn else None
+    extra = ["--doorbells", f"nvme0={a.doorbells}"] if a.doorbells != "mmap" else []
+    spawned = spawn_vnvmed(a.spawn, a.target_core, a.polling, extra) if a.spawn else None
     try:
         sock = spawned.sock if spawned else a.socket
         pid = spawned.proc.pid if spawned else a.target_pid

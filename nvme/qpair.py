@@ -30,6 +30,19 @@ tail before seeing our EventIdx and so not rung the real doorbell: `has_work()`
 stays true and the poller must poll again instead of sleeping.  CQ EventIdx is set
 to 0xFFFFFFFF ("never ring"): we read shadow CQ heads ourselves.
 
+Lazy EventIdx (`lazy_eventidx=True`, used with trapped doorbells, where every MMIO
+doorbell write the guest makes costs a vfio-user message): while the poller is busy
+it reads the shadow tails itself, so poll() leaves EventIdx behind and the guest,
+whose need_event(EventIdx, new, old) test then fails, does not write the doorbell.
+Before the poller sleeps it calls `prepare_sleep()`, which arms every SQ (EventIdx =
+the shadow tail it reads now), issues a full barrier and re-reads the shadow tails
+(SPDK's vfio_user_sq_rearm): a tail that moved means the host may have checked the
+old EventIdx and not rung, so prepare_sleep() says "poll again" instead of sleeping.
+An SQ whose pending entries wait for CQ room has its CQ's EventIdx armed the same way
+(= the head we know), so the host's next CQ head update rings the doorbell and wakes
+us; CQs never drop back to "never ring" (an old EventIdx traps once per ring wrap,
+as 0xFFFFFFFF does with Linux's 16-bit need_event).
+
 Errors: guest input never raises out of poll().  An exception from `execute` other
 than a per-command status is our bug: logged and completed with INTERNAL_ERROR so
 the guest does not hang; NeedsMessageDma escaping execute (the worker should park
@@ -90,8 +103,10 @@ class QueueRunner:
     def __init__(self, *, doorbells: Doorbells, mem: GuestMemory, execute: ExecuteFn,
                  irq: Callable[[int], None], doorbell_error: Callable[[int, int], None],
                  shadow: ShadowDoorbells | None = None,
-                 fault: Callable[[int, str], None] | None = None, page_size: int = 4096) -> None:
+                 fault: Callable[[int, str], None] | None = None, page_size: int = 4096,
+                 lazy_eventidx: bool = False) -> None:
         self._db = doorbells
+        self._lazy = lazy_eventidx
         self._mem = mem
         self._execute = execute
         self._irq = irq
@@ -310,7 +325,7 @@ class QueueRunner:
             n = budget
             self._more = True
         done = self._fetch(s, n) if n else 0
-        if use_shadow:
+        if use_shadow and not self._lazy:
             assert sh is not None
             sh.set_sq_eventidx(qid, st.tail)
             full_barrier()
@@ -440,6 +455,60 @@ class QueueRunner:
     def has_work(self) -> bool:
         """True if the last poll left work behind (budget, EventIdx race, pending SQEs)."""
         return self._more
+
+    def set_lazy_eventidx(self, lazy: bool) -> None:
+        """Lazy EventIdx (see the module doc): only prepare_sleep() arms the SQs."""
+        self._lazy = lazy
+
+    def prepare_sleep(self) -> bool:
+        """About to sleep until a doorbell write wakes us: arm EventIdx, then re-check.
+
+        Returns False if there is work to poll for first (the caller must not sleep),
+        True if every doorbell change from now on reaches a doorbell write: with
+        shadow doorbells each SQ's EventIdx is the shadow tail read here and, for an
+        SQ whose entries wait for CQ room, the CQ's EventIdx is the head we know.
+        Without shadow doorbells there is nothing to arm; only pending work counts.
+        """
+        if self._more:
+            return False
+        sh = self._shadow
+        dbw = self._dbw
+        armed: list[tuple[_Sq, int, int | None]] = []
+        for s in self._order:
+            st, c = s.st, s.cq
+            if s.faulted or c.faulted:
+                continue        # reported as a fault: the host resets us, nothing to wait for
+            qid = st.sqid
+            use_shadow = sh is not None and qid != 0
+            tail = sh.sq_tail(qid) if use_shadow else dbw[s.dbi]
+            if tail != st.tail and (0 <= tail < st.size or not st.broken):
+                return False    # a new tail (or a fix of a broken one) poll() has not seen
+            # A CQ head we wait for: the CQ is full for this SQ's pending entries, or its
+            # doorbell holds an invalid value (reported; we wait for the host to fix it).
+            cq_wait: int | None = None
+            if use_shadow and c.st.broken:
+                assert sh is not None
+                cq_wait = sh.cq_head(c.st.cqid)
+            elif st.head != st.tail and not (st.broken or c.st.broken or self._paused):
+                if fetch_budget(st, c.st, c.inflight) > 0:
+                    return False
+                cq_wait = c.st.head
+            if use_shadow:
+                assert sh is not None
+                sh.set_sq_eventidx(qid, tail)              # the host's next tail update rings
+                if cq_wait is not None:
+                    sh.set_cq_eventidx(c.st.cqid, cq_wait)  # ... and its next head update
+                armed.append((s, tail, cq_wait))
+        if not armed:
+            return True
+        assert sh is not None
+        full_barrier()          # EventIdx stores before the re-reads (vs the host's db/ei order)
+        for s, tail, cq_wait in armed:
+            if sh.sq_tail(s.st.sqid) != tail:
+                return False
+            if cq_wait is not None and sh.cq_head(s.cq.st.cqid) != cq_wait:
+                return False
+        return True
 
     def coalesce_deadline(self) -> int | None:
         """monotonic_ns by which poll() should run again to flush coalesced interrupts."""

@@ -67,6 +67,11 @@ class NamespaceKind(StrEnum):
     FILE = "file"    # ARG = path of a regular file or block device
 
 
+class DoorbellMode(StrEnum):
+    MMAP = "mmap"        # doorbell page mmapped by the client: guest writes land in memory we poll
+    TRAPPED = "trapped"  # no mmap: every doorbell write is a REGION_WRITE that wakes its worker
+
+
 class Polling(StrEnum):
     ADAPTIVE = "adaptive"  # busy-poll while busy, back off to blocking waits when idle
     BUSY = "busy"          # never sleep: lowest latency, one full core per worker
@@ -167,6 +172,9 @@ class ControllerSpec:
     socket_owner: str | None = None
     socket_group: str | None = None
     socket_mode: int = 0o600              # owner only by default; widen with socket_mode/socket_group
+    # "trapped": BAR0 offers no mmap area, so guest doorbell writes arrive as messages and
+    # wake the owning worker at once; idle workers then sleep (nearly) without a timeout.
+    doorbells: DoorbellMode = DoorbellMode.MMAP
     namespaces: list[NamespaceSpec] = field(default_factory=list)
 
 
@@ -278,7 +286,7 @@ _TOP_SCHEMA: dict[str, tuple[type, ...]] = {
 _CTRL_SCHEMA: dict[str, tuple[type, ...]] = {
     "name": (str,), "socket": (str,), "serial": (str,), "model": (str,), "max_io_queues": (int,),
     "mqes": (int,), "mdts": (int,), "socket_owner": (str,), "socket_group": (str,),
-    "socket_mode": (int, str), "namespaces": (list,),
+    "socket_mode": (int, str), "doorbells": (str,), "namespaces": (list,),
 }
 _NS_SCHEMA: dict[str, tuple[type, ...]] = {
     "kind": (str,), "size": (int, str), "path": (str,), "nsid": (int,), "block_size": (int,),
@@ -365,6 +373,13 @@ def _socket_mode(where: _Where, key: str, v: int | str) -> int:
     return _int_in(where, key, v, 0, 0o777)
 
 
+def _doorbell_mode(where: _Where, key: str, v: str) -> DoorbellMode:
+    try:
+        return DoorbellMode(v.strip().lower())
+    except ValueError:
+        raise where.error(key, f"{v!r}: use " + " or ".join(repr(m.value) for m in DoorbellMode)) from None
+
+
 def _ascii_field(where: _Where, key: str, v: str, limit: int) -> str:
     # Identify SN/MN are space-padded ASCII fields of fixed width (NVMe Base, Figure 312).
     if not v or len(v) > limit or not all(0x20 <= ord(c) < 0x7F for c in v):
@@ -400,6 +415,7 @@ def _build_controller(where: _Where, key: str, t: dict[str, Any], run_dir: str,
     c.socket_owner = t.get("socket_owner")
     c.socket_group = t.get("socket_group")
     c.socket_mode = _socket_mode(where, f"{key}.socket_mode", t.get("socket_mode", c.socket_mode))
+    c.doorbells = _doorbell_mode(where, f"{key}.doorbells", t.get("doorbells", c.doorbells.value))
     for i, nt in enumerate(t.get("namespaces", [])):
         _check_type(where, f"{key}.namespaces[{i}]", nt, (dict,))
         c.namespaces.append(_build_namespace(where, f"{key}.namespaces[{i}]", nt))
@@ -511,6 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", metavar="DIR", help=f"runtime dir (default ${RUN_DIR_ENV} or {DEFAULT_RUN_DIR})")
     p.add_argument("--log-level", choices=LOG_LEVELS, type=str.lower)
     p.add_argument("--polling", choices=[x.value for x in Polling], type=str.lower)
+    p.add_argument("--doorbells", metavar="NAME=MODE", action="append", default=[],
+                   help="doorbell mode of controller NAME: mmap (default) or trapped; repeatable")
     return p
 
 
@@ -569,6 +587,15 @@ def from_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None 
             raise where.error(f"{key}.kind", str(e)) from None
         c.namespaces.append(check_namespace(ns, where, key))
         assign_nsids(c, where, name)
+    for i, item in enumerate(a.doorbells):
+        key = f"--doorbells[{i}]"
+        name, eq, mode = item.partition("=")
+        if not eq:
+            raise where.error(key, f"{item!r} must be NAME=MODE")
+        c = cfg.controller(name)
+        if c is None:
+            raise where.error(key, f"no controller named {name!r}; add it with --controller {name}=SOCKET")
+        c.doorbells = _doorbell_mode(where, key, mode)
     for c in cli_ctrls:
         if not c.namespaces:
             c.namespaces.append(check_namespace(NamespaceSpec.parse(DEFAULT_NAMESPACE, nsid=1), where))

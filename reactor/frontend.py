@@ -67,7 +67,8 @@ class FrontEnd:
         loop = asyncio.get_running_loop()
         namespaces = {ns["nsid"]: make_namespace(ns) for ns in self.ns_wire}
         cfg = controller_config(self.spec)
-        self.fn = NvmeFunction(self.spec.name, cfg, namespaces, cfg.max_transfer)
+        self.fn = NvmeFunction(self.spec.name, cfg, namespaces, cfg.max_transfer,
+                               doorbells=str(getattr(self.spec, "doorbells", "mmap")))
         for wid, sock in sorted(self.worker_socks.items()):
             self._link(wid, sock)
         self.server = VfioUserServer(self.spec.socket, self.fn, mode=self.spec.socket_mode)

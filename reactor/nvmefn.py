@@ -11,6 +11,12 @@ lives in a worker (placement + worker links).  BAR layout (what QEMU maps well):
     BAR4  MSI-X table (QEMU emulates it; never mmapped)   BAR5  MSI-X PBA
     CONFIG 4 KiB extended config space
 
+Doorbell modes (ControllerSpec.doorbells): "mmap" as above; "trapped" offers BAR0 with
+no MMAP flag and no sparse area, so every guest doorbell write reaches us as a
+REGION_WRITE (QEMU may post them: NO_REPLY).  Each one is stored into the same page
+and kicks the worker that owns the queue (or the admin poller), so workers and the
+admin poller can sleep without polling: idle costs ~nothing and a wake-up is immediate.
+
 Interrupt routing: MSI-X eventfds (per vector) win over INTx; the routing table is
 pushed to workers whenever it changes, so a worker writes the eventfd of the CQ's
 vector itself.  The admin CQ (vector 0) is signalled from here.
@@ -50,8 +56,11 @@ NUM_IRQS = 5
 
 class NvmeFunction:
     def __init__(self, name: str, cfg: ControllerConfig, namespaces: dict[int, Namespace],
-                 mdts_bytes: int, quiesce_timeout: float = 2.0) -> None:
+                 mdts_bytes: int, quiesce_timeout: float = 2.0, doorbells: str = "mmap") -> None:
+        if str(doorbells) not in ("mmap", "trapped"):
+            raise ValueError(f"doorbell mode {doorbells!r}: use 'mmap' or 'trapped'")
         self.name = name
+        self.trapped = str(doorbells) == "trapped"
         self.cfg = cfg
         self.mdts_bytes = mdts_bytes
         self.bar_fd = os.memfd_create(f"vnvmed-{name}-bar0", os.MFD_CLOEXEC)
@@ -80,7 +89,7 @@ class NvmeFunction:
     def add_worker(self, link: WorkerLink) -> None:
         self.links[link.wid] = link
         self.placement.set_workers(sorted(self.links))
-        link.send({"op": "hello", "db_size": BAR0_SIZE, "mdts": self.mdts_bytes,
+        link.send({"op": "hello", "db_size": BAR0_SIZE, "mdts": self.mdts_bytes, "trapped": self.trapped,
                    "ns": [self._ns_wire(ns) for ns in self.namespaces.values()]}, [self.bar_fd])
         for (iova, size), (offset, fd, r, w) in self.dma_regions.items():
             link.send(self._map_msg(iova, size, offset, fd, r, w), [fd] if fd is not None else None)
@@ -151,6 +160,9 @@ class NvmeFunction:
     def region_info(self, index: int) -> RegionInfo:
         rw = RegionFlag.READ | RegionFlag.WRITE
         if index == Region.BAR0:
+            if self.trapped:
+                # No mmap area: the client must send every doorbell write to us.
+                return RegionInfo(size=BAR0_SIZE, flags=rw)
             return RegionInfo(size=BAR0_SIZE, flags=rw | RegionFlag.MMAP,
                               sparse=((DB_OFFSET, BAR0_SIZE - DB_OFFSET),), fd=self.bar_fd)
         if index in (Region.BAR4, Region.BAR5):
@@ -233,6 +245,10 @@ class NvmeFunction:
                 w = self.placement.worker_of_sq(qid) if idx % 2 == 0 else self.placement.worker_of_cq(qid)
                 if w is not None and w in self.links:
                     self.links[w].chan.kick()
+                elif self.trapped:
+                    # No queue behind it (Write to Invalid Doorbell Register): the admin
+                    # poller's doorbell scan reports it; in trapped mode nothing else wakes it.
+                    self.admin_kick.set()
             return
         if region in (Region.BAR4, Region.BAR5):
             if offset < 0 or offset + len(data) > 0x1000:
@@ -492,7 +508,8 @@ class NvmeFunction:
 
         Busy after admin activity (Linux probes with dozens of admin commands in a row),
         backing off to `max_interval`, and to `deep_interval` after `deep_after` s of
-        silence.  CC writes and trapped admin doorbells wake the loop at once.  Doorbells of
+        silence.  CC writes and trapped admin doorbells wake the loop at once; with
+        trapped doorbells (every admin doorbell write kicks) an idle loop waits 1 s.  Doorbells of
         queues that do not exist are scanned for at most every 100 ms.
         """
         loop = asyncio.get_running_loop()
@@ -514,7 +531,9 @@ class NvmeFunction:
             if n:
                 last = now
                 interval = min_interval
-            elif self.session is None:
+            elif self.session is None or self.trapped:
+                # Trapped doorbells: every admin doorbell write and CC write kicks us, so
+                # the timeout is only a safety net.
                 interval = 1.0
             else:
                 interval = min(interval * 2, deep_interval if now - last > deep_after else max_interval)

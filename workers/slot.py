@@ -51,6 +51,10 @@ class Slot:
         self.stats = {"commands": 0, "slow": 0, "dberr": 0}
         self.lat = [0] * 48         # per-batch service time per command, log2 ns buckets
         self.dead = False
+        # Trapped doorbells (the front-end's hello says so): every doorbell write of this
+        # controller kicks us, so the worker may sleep without polling once prepare_sleep()
+        # armed EventIdx.
+        self.trapped = False
 
     # --- set-up ---------------------------------------------------------------------
     def _hello(self, msg: dict[str, Any]) -> None:
@@ -63,9 +67,10 @@ class Slot:
         for info in msg["ns"]:
             self._ns_add(info)
         self.executor = IoExecutor(self.namespaces, self.mem, msg["mdts"])
+        self.trapped = bool(msg.get("trapped", False))
         self.runner = QueueRunner(doorbells=Doorbells(memoryview(self.db_map)[DB_OFFSET:]), mem=self.mem,
                                   execute=self._execute, irq=self._irq,
-                                  doorbell_error=self._doorbell_error)
+                                  doorbell_error=self._doorbell_error, lazy_eventidx=self.trapped)
 
     def _ns_add(self, info: dict[str, Any]) -> None:
         ni = NamespaceInfo(**info)
@@ -108,6 +113,22 @@ class Slot:
             self.lat[min(((perf_counter_ns() - t0) // n).bit_length(), 47)] += n
             self.stats["commands"] += n
         return n
+
+    def prepare_sleep(self) -> bool:
+        """Trapped mode, about to sleep with no timeout worth the name: arm EventIdx.
+
+        False: work turned up (or may have, see QueueRunner.prepare_sleep): poll first.
+        A paused slot needs nothing: the resume message wakes the worker.
+        """
+        r = self.runner
+        if r is None or self.paused or self.nqueues == 0:
+            return True
+        return r.prepare_sleep()
+
+    def sleep_deadline(self) -> int | None:
+        """monotonic_ns by which poll() must run again (coalesced interrupts), or None."""
+        r = self.runner
+        return None if r is None or self.paused else r.coalesce_deadline()
 
     def check_quiesced(self) -> None:
         if self.quiesce_seq is not None and (self.runner is None or self.runner.inflight() == 0):
