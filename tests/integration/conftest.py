@@ -133,8 +133,11 @@ def vnvmed() -> Iterator[Callable[..., Daemon]]:
     try:
         yield start
     finally:
+        from reactor.shm.names import cleanup_stale
         for d in started:
-            d.kill()
+            if d.proc is not None:
+                d.stop()   # SIGTERM first: a SIGKILLed supervisor cannot unlink its RAM namespaces
+            cleanup_stale(os.fspath(d.run_dir))   # whatever a killed instance still left
 
 
 def _connect(sock: str, timeout: float = 5.0) -> VfioUserClient:

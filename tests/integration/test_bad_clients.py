@@ -92,12 +92,13 @@ def test_garbage_on_one_controller_does_not_disturb_another(tmp_path, vnvmed):
     assert not errors, errors
     assert done[0] > 10
     assert d.alive() and "Traceback" not in d.log()
+    assert d.stop() == 0 and d.shm_left() == []
 
 
 def test_dma_map_past_end_of_fd_is_refused_not_fatal(tmp_path, vnvmed):
     """A mapping past the end of the client's file would SIGBUS whoever touches it."""
-    vnvmed(tmp_path / "run", "--cores", "0", "--controller", f"a={tmp_path}/a.sock",
-           "--namespace", "a=ram:8M")
+    d = vnvmed(tmp_path / "run", "--cores", "0", "--controller", f"a={tmp_path}/a.sock",
+               "--namespace", "a=ram:8M")
     c = VfioUserClient(f"{tmp_path}/a.sock")
     fd = os.memfd_create("short")
     try:
@@ -114,3 +115,4 @@ def test_dma_map_past_end_of_fd_is_refused_not_fatal(tmp_path, vnvmed):
     finally:
         c.close()
         os.close(fd)
+    assert d.stop() == 0 and d.shm_left() == []
