@@ -426,3 +426,20 @@ def start_vnvmed(args: Sequence[str], *, run_dir: str | os.PathLike[str] | None 
     """Run bin/vnvmed ARGS with VNVMED_RUN_DIR=run_dir; returns once it logged 'vnvmed ready'."""
     rd = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="vnvmed-run-"))
     return Daemon(args, rd, log_path=log_path, new_session=True).start(ready_timeout)
+
+
+def expect_fio_verify_two_queues(res: GuestResult) -> int:
+    """The `fio` workload passed: no fio error, writes and verify reads done, both I/O
+    queues completed I/O (interrupt counts moved); returns the reported write IOPS."""
+    res.assert_ok()
+    (doc,) = res.json("fio")
+    job = doc["jobs"][0]
+    res.expect(job["error"] == 0, f"fio error {job['error']}")
+    res.expect(job["write"]["total_ios"] > 0 and job["read"]["total_ios"] > 0,
+               "fio did no write or no verify reads")
+    iops = int(res.first("FIO").kv()["write_iops"])
+    res.expect(iops > 0, "no IOPS reported")
+    delta = res.irq_delta()
+    res.expect(delta.get("nvme0q1", 0) > 0 and delta.get("nvme0q2", 0) > 0,
+               f"both I/O queues should complete I/O: {delta}")
+    return iops

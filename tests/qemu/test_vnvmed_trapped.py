@@ -21,14 +21,5 @@ def test_fio_verify_with_trapped_doorbells(tmp_path: Path) -> None:
         res = harness.run_guest(devices=[sock], workload="fio",
                                 args={"mb": 8, "rt": 10, "nns": 1},
                                 workdir=tmp_path, daemon=daemon, timeout=180)
-    res.assert_ok()
-    (doc,) = res.json("fio")
-    job = doc["jobs"][0]
-    res.expect(job["error"] == 0, f"fio error {job['error']}")
-    res.expect(job["write"]["total_ios"] > 0 and job["read"]["total_ios"] > 0,
-               "fio did no write or no verify reads")
-    delta = res.irq_delta()
-    res.expect(delta.get("nvme0q1", 0) > 0 and delta.get("nvme0q2", 0) > 0,
-               f"both I/O queues should complete I/O: {delta}")
-    print(f"vnvmed trapped doorbells, fio 4k randwrite, TCG guest: "
-          f"{res.first('FIO').kv()['write_iops']} IOPS")
+    iops = harness.expect_fio_verify_two_queues(res)
+    print(f"vnvmed trapped doorbells, fio 4k randwrite, TCG guest: {iops} IOPS")
