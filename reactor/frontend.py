@@ -22,7 +22,7 @@ from nvme.state import NamespaceInfo
 from reactor import ipc
 from reactor.channel import Channel
 from reactor.nvmefn import NvmeFunction
-from reactor.proctitle import set_process_name
+from ops.proctitle import set_process_name
 from reactor.server import VfioUserServer
 from reactor.workerlink import WorkerLink
 
@@ -174,6 +174,6 @@ def run(spec: Any, namespaces: list[dict[str, Any]], worker_socks: dict[int, soc
     """multiprocessing (spawn) entry point."""
     set_process_name(f"vnvmed: frontend {spec.name}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from reactor.logsetup import setup_logging
+    from ops.logsetup import setup_logging
     setup_logging(opts.get("log_level", "info"))
     asyncio.run(FrontEnd(spec, namespaces, worker_socks, sup, opts).main())

@@ -27,12 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backends.base import Backend, create_backend
-from reactor import ipc, notify
-from reactor.config import ConfigError, ControllerSpec, DaemonConfig, NamespaceSpec
-from reactor.cores import parse_cores
-from reactor.mgmt.jsonrpc import MgmtError
-from reactor.mgmt.server import MgmtServer
-from reactor.mgmtapi import ManagementApiMixin
+from reactor import ipc
+from ops import notify
+from ops.config import ConfigError, ControllerSpec, DaemonConfig, NamespaceSpec
+from ops.cores import parse_cores
+from ops.mgmt.jsonrpc import MgmtError
+from ops.mgmt.server import MgmtServer
+from ops.mgmtapi import ManagementApiMixin
 from reactor.shm.names import cleanup_stale, instance_prefix
 
 log = logging.getLogger("vnvmed")
@@ -384,7 +385,7 @@ class Supervisor(ManagementApiMixin):
         if not self.cfg.source:
             log.info("SIGHUP: no config file to reload")
             return
-        from reactor.config import load_toml
+        from ops.config import load_toml
         try:
             new = load_toml(self.cfg.source)
         except ConfigError as e:

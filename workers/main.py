@@ -52,7 +52,7 @@ from typing import Any
 
 from reactor import ipc
 from reactor.channel import Channel
-from reactor.proctitle import set_process_name
+from ops.proctitle import set_process_name
 from workers.slot import Slot
 
 log = logging.getLogger("vnvmed.worker")
@@ -305,7 +305,7 @@ def run(wid: int, core: int, ctl: socket.socket, opts: dict[str, Any]) -> None:
     """multiprocessing (spawn) entry point."""
     set_process_name(f"vnvmed: worker {wid}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from reactor.logsetup import setup_logging
+    from ops.logsetup import setup_logging
     setup_logging(opts.get("log_level", "info"))
     try:
         os.sched_setaffinity(0, {core})

@@ -1,7 +1,7 @@
 """Management server over a real UNIX socket, driven by raw JSON lines and by the real vnvmectl.
 
 The ManagementApi here is a small in-memory implementation built on
-reactor.config (the same validation the supervisor uses); the server runs in
+ops.config (the same validation the supervisor uses); the server runs in
 its own asyncio loop on a thread, vnvmectl runs as a subprocess.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from reactor import config as C
-from reactor.mgmt import ErrorCode, MgmtError, MgmtServer
+from ops import config as C
+from ops.mgmt import ErrorCode, MgmtError, MgmtServer
 
 ROOT = Path(__file__).resolve().parents[2]
 VNVMECTL = str(ROOT / "bin" / "vnvmectl")
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.timeout(20)
 
 
 class DemoApi:
-    """In-test ManagementApi: controllers in a dict, validated through reactor.config."""
+    """In-test ManagementApi: controllers in a dict, validated through ops.config."""
 
     def __init__(self, run_dir: str) -> None:
         self.run_dir = run_dir

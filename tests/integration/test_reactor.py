@@ -187,7 +187,7 @@ def test_two_controllers_quiescing_one_does_not_stall_the_other(tmp_path, vnvmed
         if cores == "0-1":
             # fewest queues first across controllers: a's queue pair and b's land on
             # different workers
-            from reactor.ctl import RpcClient
+            from ops.ctl import RpcClient
             with RpcClient(os.path.join(str(tmp_path / "run"), "vnvmed.rpc")) as rpc:
                 rows = {r["name"]: r for r in rpc.call("controller.list")}
             assert rows["a"]["queues"]["1"] != rows["b"]["queues"]["1"], rows

@@ -23,7 +23,7 @@ FILE_BYTES = 32 << 20
 
 def default_identity(name: str) -> tuple[str, str]:
     """The serial/model vnvmed gives a controller configured by flags only."""
-    from reactor import config
+    from ops import config
     return config._default_serial(name), config.ControllerSpec(name, "").model
 
 

@@ -1,4 +1,4 @@
-"""reactor.config: TOML loader, command line, embedded default; one test per bad input."""
+"""ops.config: TOML loader, command line, embedded default; one test per bad input."""
 from __future__ import annotations
 
 import os
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from reactor import config as C
-from reactor.config import ConfigError, NamespaceKind, Polling
+from ops import config as C
+from ops.config import ConfigError, NamespaceKind, Polling
 
 ENV = {"VNVMED_RUN_DIR": "/tmp/vnvmed-test-run"}
 

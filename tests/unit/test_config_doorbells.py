@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from reactor import config as C
+from ops import config as C
 
 pytestmark = pytest.mark.timeout(20)
 

@@ -1,9 +1,9 @@
-"""reactor.cores.parse_cores: syntax, ordering, and the affinity check."""
+"""ops.cores.parse_cores: syntax, ordering, and the affinity check."""
 import os
 
 import pytest
 
-from reactor.cores import expand_cores, format_cores, parse_cores
+from ops.cores import expand_cores, format_cores, parse_cores
 
 ALL = set(range(16))
 
@@ -70,8 +70,8 @@ def test_format_cores_round_trips():
 
 
 def test_config_uses_the_same_syntax_and_refuses_repeats():
-    """reactor.config parses --cores / cores = "..." with this module's syntax rules."""
-    from reactor import config as C
+    """ops.config parses --cores / cores = "..." with this module's syntax rules."""
+    from ops import config as C
     assert C.parse_cores(" 1-2 , 7") == [1, 2, 7]
     with pytest.raises(ValueError, match="empty item"):
         C.parse_cores("1,")

@@ -1,12 +1,12 @@
-"""reactor.mgmt.jsonrpc: the sans-I/O codec and parameter binding."""
+"""ops.mgmt.jsonrpc: the sans-I/O codec and parameter binding."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from reactor.mgmt import jsonrpc as rpc
-from reactor.mgmt.jsonrpc import ErrorCode, MgmtError, Param, Request
+from ops.mgmt import jsonrpc as rpc
+from ops.mgmt.jsonrpc import ErrorCode, MgmtError, Param, Request
 
 
 def one(line: str | bytes) -> Request | dict:

@@ -1,4 +1,4 @@
-"""reactor.logsetup: one line per event, journal vs. terminal format, rate limiting."""
+"""ops.logsetup: one line per event, journal vs. terminal format, rate limiting."""
 from __future__ import annotations
 
 import io
@@ -8,7 +8,7 @@ from typing import Iterator
 
 import pytest
 
-from reactor.logsetup import RateLimitedLogger, setup_logging, under_systemd
+from ops.logsetup import RateLimitedLogger, setup_logging, under_systemd
 
 
 @pytest.fixture(autouse=True)

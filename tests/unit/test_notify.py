@@ -1,4 +1,4 @@
-"""reactor.notify: real AF_UNIX datagram sockets stand in for systemd."""
+"""ops.notify: real AF_UNIX datagram sockets stand in for systemd."""
 from __future__ import annotations
 
 import os
@@ -10,8 +10,8 @@ from typing import Iterator
 
 import pytest
 
-from reactor import notify
-from reactor.notify import Notifier
+from ops import notify
+from ops.notify import Notifier
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -81,7 +81,7 @@ def test_module_functions_use_environment_and_unset(listener: tuple[socket.socke
     s, path = listener
     # A real child process: the module-level API reads os.environ, and
     # unset_environment hides the variables from grandchildren.
-    code = ("import os, sys; from reactor import notify; "
+    code = ("import os, sys; from ops import notify; "
             "notify.ready('up'); "
             "n = notify.Notifier(unset_environment=True); "
             "print(notify.watchdog_interval(), 'NOTIFY_SOCKET' in os.environ, n.enabled)")

@@ -1,13 +1,13 @@
-"""reactor.proctitle: the name shows in /proc/PID/comm and /proc/PID/cmdline of a real child."""
+"""ops.proctitle: the name shows in /proc/PID/comm and /proc/PID/cmdline of a real child."""
 import multiprocessing as mp
 
 import pytest
 
-from reactor.proctitle import comm_for
+from ops.proctitle import comm_for
 
 
 def _child(name, ready, done):
-    from reactor.proctitle import set_process_name
+    from ops.proctitle import set_process_name
     set_process_name(name)
     ready.set()
     done.wait(10)

@@ -5,8 +5,8 @@ import asyncio
 import sys
 from typing import Sequence
 
-from reactor.config import ConfigError, from_args
-from reactor.logsetup import setup_logging
+from ops.config import ConfigError, from_args
+from ops.logsetup import setup_logging
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Sequence
 
-from reactor.cores import expand_cores, format_cores  # format_cores: re-exported for display
+from ops.cores import expand_cores, format_cores  # format_cores: re-exported for display
 
 DEFAULT_RUN_DIR = "/run/vnvmed"
 RUN_DIR_ENV = "VNVMED_RUN_DIR"
@@ -107,7 +107,7 @@ def parse_size(value: str | int) -> int:
 def parse_cores(value: str | Sequence[int]) -> list[int]:
     """``"0-3,6"`` or ``[0, 1]`` -> sorted unique core numbers (not checked against the machine).
 
-    The string syntax is reactor.cores' (one parser for ``--cores`` everywhere); the
+    The string syntax is ops.cores' (one parser for ``--cores`` everywhere); the
     supervisor checks availability at start.  A configuration naming a core twice is
     refused here: it is more likely a typo than a wish.
     """

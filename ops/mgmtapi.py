@@ -19,10 +19,10 @@ import stat
 from typing import TYPE_CHECKING, Any
 
 from backends.base import Backend, create_backend, parse_size
-from reactor import notify
-from reactor.config import (ConfigError, NamespaceSpec, check_namespace, controller_from_options,
+from ops import notify
+from ops.config import (ConfigError, NamespaceSpec, check_namespace, controller_from_options,
                             with_controller)
-from reactor.mgmt.jsonrpc import ErrorCode, MgmtError
+from ops.mgmt.jsonrpc import ErrorCode, MgmtError
 
 if TYPE_CHECKING:
     from reactor.supervisor import FrontProc

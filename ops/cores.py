@@ -20,7 +20,7 @@ _ITEM = re.compile(r"^(\d+)(?:-(\d+))?$")
 def expand_cores(spec: str) -> list[int]:
     """Syntax only: ``"1-2,7,2"`` -> ``[1, 2, 7, 2]``, in the order written, repeats kept.
 
-    No availability check: reactor/config.py validates a configuration that may be
+    No availability check: ops/config.py validates a configuration that may be
     meant for another machine, and decides itself what a repeated core means.
 
     Raises:

@@ -13,8 +13,8 @@ import socket
 import sys
 from typing import Any, Sequence, TextIO
 
-from reactor.config import DEFAULT_RUN_DIR, RPC_SOCKET_NAME, RUN_DIR_ENV
-from reactor.mgmt import jsonrpc as rpc
+from ops.config import DEFAULT_RUN_DIR, RPC_SOCKET_NAME, RUN_DIR_ENV
+from ops.mgmt import jsonrpc as rpc
 
 
 class DaemonUnreachable(Exception):

@@ -26,8 +26,8 @@ import socket
 import stat
 from typing import Any, Protocol
 
-from reactor.mgmt import jsonrpc as rpc
-from reactor.mgmt.jsonrpc import MethodSpec, MgmtError, Param
+from ops.mgmt import jsonrpc as rpc
+from ops.mgmt.jsonrpc import MethodSpec, MgmtError, Param
 
 log = logging.getLogger("vnvmed.mgmt")
 
@@ -49,7 +49,7 @@ class ManagementApi(Protocol):
 _S, _I, _B, _N = (str,), (int,), (bool,), (type(None),)
 
 # controller.add extras mirror the [[controllers]] keys of the config file, so
-# the supervisor can feed them to reactor.config.controller_from_options.
+# the supervisor can feed them to ops.config.controller_from_options.
 CONTROLLER_ADD_OPTIONS = (
     Param("serial", _S, False), Param("model", _S, False), Param("max_io_queues", _I, False),
     Param("mqes", _I, False), Param("mdts", _I, False), Param("socket_owner", _S, False),

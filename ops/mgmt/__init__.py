@@ -1,5 +1,5 @@
 """Management plane: JSON-RPC 2.0 codec (sans-I/O) and the UNIX-socket server."""
-from reactor.mgmt.jsonrpc import ErrorCode, MgmtError, RpcError
-from reactor.mgmt.server import METHODS, ManagementApi, MgmtServer
+from ops.mgmt.jsonrpc import ErrorCode, MgmtError, RpcError
+from ops.mgmt.server import METHODS, ManagementApi, MgmtServer
 
 __all__ = ["ErrorCode", "MgmtError", "RpcError", "METHODS", "ManagementApi", "MgmtServer"]
