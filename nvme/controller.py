@@ -210,6 +210,10 @@ class Controller:
             self.fatal_reason = err
             self.hooks.fatal(err)
             return
+        # Doorbells read as their reset value at every enable (DESIGN §4): a host may
+        # have written them while EN=0 (a tail would fetch SQEs it never submitted, a
+        # head would break the admin CQ).  No queue exists yet, so nobody else reads them.
+        self._zero_doorbell_page()
         aqa = self.regs.aqa
         sq = SqState(sqid=0, cqid=0, base=self.regs.asq, size=(aqa & 0xFFF) + 1)
         cq = CqState(cqid=0, base=self.regs.acq, size=((aqa >> 16) & 0xFFF) + 1, iv=0, ien=True)
@@ -262,8 +266,11 @@ class Controller:
         self._runner = None
         self._admin = None
         if zero_doorbells:   # doorbell registers reset to 0 (not on restore: page migrates)
-            for qid in range(self.db.nqueues):
-                self.db.zero(qid)
+            self._zero_doorbell_page()
+
+    def _zero_doorbell_page(self) -> None:
+        for qid in range(self.db.nqueues):
+            self.db.zero(qid)     # aligned 32-bit stores: workers may be reading
 
     def _reset_controller_state(self) -> None:
         """What a controller reset returns to defaults (error log and SMART persist)."""
