@@ -6,8 +6,11 @@
     await server.close()
 
 One client at a time: a connection that arrives while a client is being served is
-accepted and closed at once, so the second client sees EOF immediately instead of
-hanging in the backlog.  When a client goes away its session tears down (see
+accepted and closed (after a grace of `TEARDOWN_GRACE_S`, see below), so the second
+client sees EOF instead of hanging in the backlog.  A client may reconnect the instant
+it disconnected (DESIGN §4): its new connection can be accepted before the old
+session has read the EOF, so the old session gets `TEARDOWN_GRACE_S` to notice, and
+once it is tearing down the new client waits until the teardown ends - never refused.  When a client goes away its session tears down (see
 session.py) and the next client is accepted on the same socket; the device keeps
 its state across clients (spec "Client Disconnection").
 
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
     from .device import VfioDevice
 
 log = logging.getLogger("vnvmed.vfio")
+TEARDOWN_GRACE_S = 0.5    # how long a served session has to show it is going away
 
 
 class ServerError(Exception):
@@ -119,7 +123,7 @@ class VfioUserServer:
                         await asyncio.sleep(0.1)
                         continue
                     raise
-                if self.session is not None:
+                if self.session is not None and not await self._after_teardown(self.session):
                     log.warning("%s: refusing a second client while one is served", self.path)
                     conn.close()
                     continue
@@ -127,6 +131,18 @@ class VfioUserServer:
         except asyncio.CancelledError:
             if not self._closing:
                 raise
+
+    async def _after_teardown(self, session: Session) -> bool:
+        """True once `session` (whose client disconnected) has torn down; False if its
+        client is still being served after TEARDOWN_GRACE_S."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TEARDOWN_GRACE_S
+        while not session.closing:
+            if loop.time() >= deadline or self._closing:
+                return False
+            await asyncio.sleep(0.005)
+        await self._session_done.wait()
+        return not self._closing
 
     def _start_session(self, conn: socket.socket) -> None:
         self.sessions_served += 1

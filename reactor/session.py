@@ -76,6 +76,11 @@ class Session:
     def negotiated(self) -> bool:
         return self.client_caps is not None
 
+    @property
+    def closing(self) -> bool:
+        """The client is gone (or aborted): the session is tearing down or done."""
+        return self._closed
+
     def on_negotiated(self, caps: ClientCaps) -> None:
         self.client_caps = caps
         log.info("%s: client negotiated (max_msg_fds=%d, max_xfer=%d, qemu=%s)", self.name,

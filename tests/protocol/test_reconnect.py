@@ -38,6 +38,24 @@ def test_disconnect_tears_down_and_next_client_is_served(server, device):
     c2.close()
 
 
+def test_client_reconnecting_at_once_is_queued_not_refused(server, device):
+    """DESIGN §4: a client may reconnect the instant it disconnected (no wait for the
+    server to notice); the new connection waits for the old session's teardown."""
+    device.quiesce_delay = 0.2          # a teardown that takes a while
+    for _ in range(3):
+        c = VfioUserClient(server.path, timeout=3.0)
+        c.negotiate()
+        with GuestRam(1 << 16) as ram:
+            c.dma_map(0, 1 << 16, ram.fd)
+        c.close()                       # and straight back in
+    c = VfioUserClient(server.path, timeout=3.0)
+    c.negotiate()
+    assert c.get_device_info().num_regions == 10
+    c.close()
+    server.wait_idle()
+    assert device.events.count(("disconnected",)) >= 3
+
+
 def test_second_client_refused_while_first_active(server):
     a = VfioUserClient(server.path, timeout=3.0)
     a.negotiate()
