@@ -206,7 +206,7 @@ def report(wl: Workload, r: Result, processes: int, queues: int,
     return {
         "workload": {"pattern": wl.pattern, "io_size": wl.io_size, "depth": wl.depth,
                      "seconds": wl.seconds, "read_pct": wl.read_pct,
-                     "processes": processes, "queues": queues},
+                     "processes": processes, "queues": queues, "sq_doorbells": wl.doorbells},
         "ios": r.ios, "errors": r.errors, "elapsed_s": round(secs, 3),
         "iops": round(r.ios / secs),
         "mib_s": round(r.ios * wl.io_size / secs / (1 << 20), 1),
@@ -222,6 +222,7 @@ def format_table(rep: dict[str, Any]) -> str:
     lat = rep["lat_us"]
     lines = [
         f"{w['pattern']} {w['io_size']}B qd={w['depth']} queues={w['queues']} procs={w['processes']}"
+        f" sq-doorbells={w.get('sq_doorbells', 'batch')}"
         f" t={rep['elapsed_s']}s",
         f"{'IOPS':>12} {'MiB/s':>10} {'mean us':>9} {'p50 us':>8} {'p99 us':>8} {'p99.9 us':>9} {'errors':>7}",
         f"{rep['iops']:>12,} {rep['mib_s']:>10,.1f} {lat['mean']:>9.2f} {lat['p50']:>8.2f}"
@@ -264,6 +265,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--polling", choices=("adaptive", "busy"), default="adaptive")
     p.add_argument("--doorbells", choices=("mmap", "trapped"), default="mmap",
                    help="doorbell mode of a spawned vnvmed (trapped: every write is a message)")
+    p.add_argument("--sq-doorbells", choices=("batch", "per-cmd"), default="batch",
+                   help="client access pattern: one SQ tail write per reaped batch, or one per "
+                        "command as Linux/SPDK drivers do (CQ head: once per batch either way)")
     p.add_argument("--span", default="1G", help="bytes of the namespace to spread I/O over")
     p.add_argument("--nsid", type=int, default=1)
     p.add_argument("--idle", action="store_true", help="attach and create queues, then no I/O for -t s")
@@ -271,7 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json-out", help="also write JSON to this file")
     a = p.parse_args(argv)
     from backends.base import parse_size
-    wl = Workload(a.pattern, a.io_size, a.depth, a.time, a.mix, a.nsid, parse_size(a.span))
+    wl = Workload(a.pattern, a.io_size, a.depth, a.time, a.mix, a.nsid, parse_size(a.span),
+                  doorbells=a.sq_doorbells)
     extra = ["--doorbells", f"nvme0={a.doorbells}"] if a.doorbells != "mmap" else []
     spawned = spawn_vnvmed(a.spawn, a.target_core, a.polling, extra) if a.spawn else None
     try:

@@ -17,7 +17,9 @@ messages (QEMU's server traps every BAR access).
 * the LBA and opcode sequences are pre-generated arrays walked by an index;
 * completions are scanned in bulk by phase bit, every completed CID is resubmitted
   at once (constant queue depth), then ONE SQ tail and ONE CQ head doorbell store
-  per batch;
+  per batch (`Workload.doorbells="batch"`, the default); with "per-cmd" the SQ tail
+  is stored after every SQE, as real drivers do (Linux nvme_submit_cmd, SPDK
+  nvme_pcie_qpair_submit_tracker), and the CQ head still once per reaped batch;
 * one clock read per batch; latency = batch time - submit batch time, accumulated
   into a fixed histogram (64 ns buckets) - exact enough for QD1, and at QD>1 the
   batch granularity is what a polling host sees too.
@@ -253,6 +255,10 @@ class Workload:
     nsid: int = 1
     span: int = 1 << 30         # bytes of the namespace the LBAs cover
     seed: int = 1
+    # "batch": one SQ tail store per reaped batch (this client's original pattern);
+    # "per-cmd": one SQ tail store per command, as Linux's and SPDK's drivers do.
+    # Either way the CQ head is written once per reaped batch.
+    doorbells: str = "batch"
 
 
 @dataclass(slots=True)
@@ -311,6 +317,8 @@ class QueueJob:
 
     def __init__(self, ctl: Controller, q: IoQueue, wl: Workload, block_size: int,
                  nblocks: int, index: int) -> None:
+        if wl.doorbells not in ("batch", "per-cmd"):
+            raise ValueError(f"doorbell pattern {wl.doorbells!r}: batch or per-cmd")
         if wl.io_size % block_size or wl.io_size % 4:
             raise ValueError(f"I/O size {wl.io_size} is not a multiple of the block size {block_size}")
         self.ctl, self.q, self.wl = ctl, q, wl
@@ -374,6 +382,7 @@ class QueueJob:
         tsub = [0] * depth
         cop = [0] * depth               # 1 if the CID's command in flight is a read
         clock = time.perf_counter_ns
+        per_cmd = self.wl.doorbells == "per-cmd"
         k = 0
         tail, head, phase = q.tail, q.head, q.phase
         ios = reads = errors = lat_sum = 0
@@ -392,11 +401,17 @@ class QueueJob:
             tail += 1
             if tail == size:
                 tail = 0
+            if per_cmd:
+                if dbw is not None:
+                    dbw[sq_word] = tail
+                else:
+                    ring(sq_word, tail)
         start = clock()
-        if dbw is not None:
-            dbw[sq_word] = tail
-        else:
-            ring(sq_word, tail)
+        if not per_cmd:
+            if dbw is not None:
+                dbw[sq_word] = tail
+            else:
+                ring(sq_word, tail)
         outstanding = depth
         stop = False
         while outstanding:
@@ -440,13 +455,18 @@ class QueueJob:
                 tail += 1
                 if tail == size:
                     tail = 0
+                if per_cmd:
+                    if dbw is not None:
+                        dbw[sq_word] = tail
+                    else:
+                        ring(sq_word, tail)
             if dbw is not None:
                 dbw[cq_word] = head
-                if not stop:
+                if not stop and not per_cmd:
                     dbw[sq_word] = tail
             else:
                 ring(cq_word, head)
-                if not stop:
+                if not stop and not per_cmd:
                     ring(sq_word, tail)
         elapsed = clock() - start
         q.tail, q.head, q.phase = tail, head, phase

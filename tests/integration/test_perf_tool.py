@@ -5,6 +5,7 @@ from real completions (no errors, the read/write mix it was asked for, data real
 moved), not how fast anything is.
 """
 import os
+import time
 
 import pytest
 
@@ -74,3 +75,47 @@ def test_writes_land_and_reads_return_them(daemon):
 def test_process_tree_sees_children():
     tree = process_tree(os.getppid())
     assert os.getpid() in tree
+
+
+def test_per_command_doorbells_write_the_sq_tail_for_every_command():
+    """--sq-doorbells per-cmd: one SQ tail write per submitted command (as Linux and SPDK
+    drivers do), the CQ head once per reaped batch; counted on the trapped path, where
+    every doorbell write is a real REGION_WRITE message to the daemon."""
+    sp = spawn_vnvmed("ram:16M", None, extra=["--doorbells", "nvme0=trapped"])
+    try:
+        counts = {}
+        for pattern in ("batch", "per-cmd"):
+            ctl = Controller(sp.sock, 16 << 20)
+            try:
+                assert ctl.trapped
+                ctl.enable()
+                nblocks, bs = ctl.namespace(1)
+                ctl.set_queue_count(1)
+                q = ctl.create_queue(1, 4)
+                job = QueueJob(ctl, q, Workload("randread", 4096, 4, 0.0, span=16 << 20,
+                                                doorbells=pattern), bs, nblocks, 0)
+                sq = cq = 0
+                real = ctl.ring
+
+                def ring(word, value, real=real):
+                    nonlocal sq, cq
+                    if word == 2:
+                        sq += 1
+                    elif word == 3:
+                        cq += 1
+                    real(word, value)
+                ctl.ring = ring
+                res = job.run(time.perf_counter_ns() + 300_000_000)
+                ctl.ring = real
+                assert res.errors == 0 and res.ios > 8
+                counts[pattern] = (sq, cq, res.ios)
+                ctl.disable()
+            finally:
+                ctl.close()
+        sq, cq, ios = counts["per-cmd"]
+        assert sq == ios, counts          # every command submitted (and completed) rang once
+        assert cq < ios or ios <= 4, counts
+        bsq, bcq, bios = counts["batch"]
+        assert bsq <= bcq < bios, counts   # one SQ write per reaped batch, not per command
+    finally:
+        sp.stop()
