@@ -1,6 +1,9 @@
-"""Live migration: not implemented yet.
+"""Live migration, pure: the snapshot format, the state table, the wire adapters.
 
-What it will build on already exists: `nvme.controller.Controller.snapshot()/restore()`
-(registers, admin/I-O queue records, features, AER state, error log, shadow doorbells,
-as plain msgpack-able dicts) and the coordinator's quiesce barrier.
+- `snapshot`: the one versioned blob format (magic, major.minor, section table,
+  CRC-checked msgpack sections); live upgrade and saved files use it too.
+- `states`: the v2 migration states, direct arcs and derived walks; v1 device_state
+  bits mapped onto the same table.
+
+Nothing here does I/O or imports the process layers (reactor, workers, ops).
 """
