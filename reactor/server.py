@@ -5,14 +5,18 @@
     await server.serve_forever()  # one client at a time, reconnects welcome
     await server.close()
 
-One client at a time: a connection that arrives while a client is being served is
-accepted and closed (after a grace of `TEARDOWN_GRACE_S`, see below), so the second
-client sees EOF instead of hanging in the backlog.  A client may reconnect the instant
-it disconnected (DESIGN §4): its new connection can be accepted before the old
-session has read the EOF, so the old session gets `TEARDOWN_GRACE_S` to notice, and
-once it is tearing down the new client waits until the teardown ends - never refused.  When a client goes away its session tears down (see
-session.py) and the next client is accepted on the same socket; the device keeps
-its state across clients (spec "Client Disconnection").
+One client at a time.  When a client goes away its session tears down (see
+session.py) and the next client is served on the same socket; the device keeps its
+state across clients (spec "Client Disconnection").
+
+Admission (DESIGN §4: a client may reconnect the instant it disconnected): a
+connection that arrives while a session exists waits in a short queue instead of
+being refused.  If the session's client has left (its hang-up is pending, or teardown
+is running) the waiter is served as soon as teardown ends (bounded by
+TEARDOWN_BOUND).  If the session's client is still connected after LIVE_GRACE, the
+waiter is a genuine second client: it is closed (EOF, not a hang in the backlog), and
+that log line is rate-limited, since any local user who can reach the socket can
+produce it.  More than MAX_WAITING waiters are closed at once.
 
 Device-specific behaviour lives behind `VfioDevice` (device.py); nothing here knows
 about NVMe.
@@ -25,15 +29,24 @@ import logging
 import os
 import socket
 import stat
+from collections import deque
 from typing import TYPE_CHECKING
 
+from ops.logsetup import RateLimitedLogger
+
 from .session import Session
+from .transport import peer_hung_up
 
 if TYPE_CHECKING:
     from .device import VfioDevice
 
 log = logging.getLogger("vnvmed.vfio")
-TEARDOWN_GRACE_S = 0.5    # how long a served session has to show it is going away
+# Client-triggered lines: a few per socket and reason per minute, the rest counted.
+client_log = RateLimitedLogger(log, burst=3, interval=60.0)
+
+MAX_WAITING = 4          # connections queued behind a session; more are closed at once
+LIVE_GRACE = 0.25        # s a waiter gives a session whose client is still connected
+TEARDOWN_BOUND = 20.0    # s a waiter gives a session that is tearing down
 
 
 class ServerError(Exception):
@@ -56,6 +69,8 @@ class VfioUserServer:
         self._accept: asyncio.Future[tuple[socket.socket, object]] | None = None
         self._session_done = asyncio.Event()
         self._closed = asyncio.Event()
+        self._waiting: deque[tuple[socket.socket, float]] = deque()
+        self._admit_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._claim_path()
@@ -123,26 +138,51 @@ class VfioUserServer:
                         await asyncio.sleep(0.1)
                         continue
                     raise
-                if self.session is not None and not await self._after_teardown(self.session):
-                    log.warning("%s: refusing a second client while one is served", self.path)
-                    conn.close()
+                if self.session is not None or self._waiting:
+                    self._enqueue(conn)
                     continue
                 self._start_session(conn)
         except asyncio.CancelledError:
             if not self._closing:
                 raise
 
-    async def _after_teardown(self, session: Session) -> bool:
-        """True once `session` (whose client disconnected) has torn down; False if its
-        client is still being served after TEARDOWN_GRACE_S."""
+    # ------------------------------------------------------------- admission
+    def _refuse(self, conn: socket.socket, reason: str) -> None:
+        client_log.warning((self.path, reason), "%s: %s", self.path, reason)
+        conn.close()
+
+    def _enqueue(self, conn: socket.socket) -> None:
+        if len(self._waiting) >= MAX_WAITING:
+            self._refuse(conn, "refusing a client: too many waiting for their turn")
+            return
+        self._waiting.append((conn, asyncio.get_running_loop().time()))
+        if self._admit_task is None or self._admit_task.done():
+            self._admit_task = asyncio.create_task(self._admit())
+
+    async def _admit(self) -> None:
+        """Serve the waiters in arrival order as sessions end (see the module doc)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + TEARDOWN_GRACE_S
-        while not session.closing:
-            if loop.time() >= deadline or self._closing:
-                return False
-            await asyncio.sleep(0.005)
-        await self._session_done.wait()
-        return not self._closing
+        while self._waiting and not self._closing:
+            conn, since = self._waiting[0]
+            session = self.session
+            if session is None:
+                self._waiting.popleft()
+                if peer_hung_up(conn):
+                    conn.close()        # gave up waiting: nothing to serve
+                else:
+                    self._start_session(conn)
+                continue
+            waited = loop.time() - since
+            if waited >= TEARDOWN_BOUND or (waited >= LIVE_GRACE and not session.leaving):
+                self._waiting.popleft()
+                self._refuse(conn, "refusing a second client while one is served"
+                             if waited < TEARDOWN_BOUND else
+                             "refusing a client: the previous session did not end in time")
+                continue
+            try:
+                await asyncio.wait_for(self._session_done.wait(), 0.02)
+            except asyncio.TimeoutError:
+                pass
 
     def _start_session(self, conn: socket.socket) -> None:
         self.sessions_served += 1
@@ -177,6 +217,10 @@ class VfioUserServer:
             sock, self._sock = self._sock, None
             sock.close()
             self._unlink_own_path()
+        if self._admit_task is not None:
+            self._admit_task.cancel()
+        while self._waiting:
+            self._waiting.popleft()[0].close()
         task = self._session_task
         if self.session is not None:
             self.session.abort()
@@ -195,3 +239,4 @@ class VfioUserServer:
                 os.unlink(self.path)
         except FileNotFoundError:
             pass
+

@@ -38,7 +38,7 @@ from vfio_user.wire import HEADER_SIZE, Command, Header, MsgType, command_name
 
 from .guestmem import MappedGuestMemory
 from .pipeline import Pipeline
-from .transport import Frame, Framer, Transport, close_fds
+from .transport import Frame, Framer, Transport, close_fds, peer_hung_up
 
 if TYPE_CHECKING:
     from .device import VfioDevice
@@ -73,13 +73,15 @@ class Session:
 
     # ------------------------------------------------------------- state
     @property
-    def negotiated(self) -> bool:
-        return self.client_caps is not None
+    def leaving(self) -> bool:
+        """The client is gone or going: teardown runs, or its hang-up is pending."""
+        if self._closed or (self._reader_task is not None and self._reader_task.done()):
+            return True
+        return peer_hung_up(self.transport.sock)
 
     @property
-    def closing(self) -> bool:
-        """The client is gone (or aborted): the session is tearing down or done."""
-        return self._closed
+    def negotiated(self) -> bool:
+        return self.client_caps is not None
 
     def on_negotiated(self, caps: ClientCaps) -> None:
         self.client_caps = caps

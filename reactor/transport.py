@@ -14,17 +14,27 @@ from __future__ import annotations
 
 import array
 import asyncio
+import select
 import socket
 
 from vfio_user.framing import Frame, Framer, close_fds
 from vfio_user.wire import Header
 
-__all__ = ["Frame", "Framer", "Transport", "close_fds"]
+__all__ = ["Frame", "Framer", "Transport", "close_fds", "peer_hung_up"]
 
 # SCM_MAX_FD is 253 on Linux: room for every fd a single sendmsg can carry, so we
 # see (and refuse) an over-long fd list instead of the kernel truncating it.
 _MAX_FDS_PER_RECV = 253
 RECV_CHUNK = 256 * 1024
+
+
+def peer_hung_up(sock: socket.socket) -> bool:
+    """The peer closed (or reset) its end: an EOF or error is pending on `sock` (no read)."""
+    if sock.fileno() < 0:
+        return True
+    p = select.poll()
+    p.register(sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+    return bool(p.poll(0))
 
 
 class Transport:

@@ -32,7 +32,6 @@ import gc
 import os
 import shutil
 import tempfile
-import time
 from typing import Callable, Iterable, Iterator, Sequence
 
 import pytest
@@ -141,25 +140,19 @@ def vnvmed() -> Iterator[Callable[..., Daemon]]:
 
 
 def _connect(sock: str, timeout: float = 5.0) -> VfioUserClient:
-    """Connect and negotiate; retry while the previous client is still being torn down.
+    """Connect and negotiate, once: no retry.
 
-    The server serves one client at a time and closes a connection that arrives while
-    it is busy, so right after a test disconnects, the next connect may see EOF.
+    A connection that arrives while the previous client's session is still being torn
+    down is queued by the server until teardown ends (reactor/server.py), so a test that
+    reconnects right after disconnecting is served; retrying here would hide a refusal.
     """
-    deadline = time.monotonic() + timeout
-    while True:
-        c = VfioUserClient(sock)
-        try:
-            c.negotiate()
-            return c
-        except ConnectionError:
-            c.close()
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-        except BaseException:
-            c.close()
-            raise
+    c = VfioUserClient(sock, timeout=timeout)
+    try:
+        c.negotiate()
+    except BaseException:
+        c.close()
+        raise
+    return c
 
 
 class Host:
