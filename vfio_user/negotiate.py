@@ -12,6 +12,11 @@ none): then the spec defaults apply to it (max_msg_fds 1, max_data_xfer_size
   keys until the reply fits, then fall back to `{"capabilities":{}}` and finally to
   no JSON at all.
 
+The client's JSON is bounded before it is parsed (MAX_JSON_BYTES, MAX_JSON_DEPTH):
+json.loads recurses per nesting level, so ~1000 levels raised RecursionError, which
+the pipeline rightly treats as our bug (found from outside, issue 12).  Too large or
+too deep is malformed input: EINVAL like any other bad JSON.
+
 `ClientCaps` records what the peer told us; `qemu_flavour` is set when the JSON has
 `capabilities.migration.max_bitmap_size`, which only QEMU sends: the hint used to
 pick QEMU's off-spec DMA_READ/DMA_WRITE layout.
@@ -36,6 +41,9 @@ SERVER_PGSIZES = 4096
 # Limits a sane client stays within (QEMU enforces the same on our reply).
 _MAX_FDS_LIMIT = 1024
 _MAX_XFER_LIMIT = 64 << 20
+# QEMU's JSON is ~150 bytes and 3 levels deep; libvfio-user's is smaller.
+MAX_JSON_BYTES = 16 << 10
+MAX_JSON_DEPTH = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,10 +83,7 @@ def parse_client_version(payload: bytes | memoryview) -> ClientCaps:
         raise ProtocolError(errno.ENOTSUP, f"protocol major {msg.major} not supported")
     if msg.json is None:
         return ClientCaps(msg.major, msg.minor)
-    try:
-        doc = json.loads(msg.json)
-    except ValueError as e:
-        raise ProtocolError(errno.EINVAL, f"malformed VERSION JSON: {e}") from e
+    doc = load_bounded_json(msg.json, "VERSION JSON")
     if not isinstance(doc, dict):
         raise ProtocolError(errno.EINVAL, "VERSION JSON is not an object")
     caps = doc.get("capabilities", {})
@@ -103,6 +108,44 @@ def parse_client_version(payload: bytes | memoryview) -> ClientCaps:
         had_json=True,
         proposed=frozenset(caps),
     )
+
+
+def json_depth(text: str) -> int:
+    """Deepest nesting of arrays/objects in `text` (brackets inside strings don't count).
+
+    A linear scan, no recursion; valid or not, so it can run before json.loads.
+    """
+    depth = deepest = 0
+    in_str = esc = False
+    for ch in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def load_bounded_json(text: str, what: str) -> Any:
+    """json.loads with size and depth bounded first; anything wrong is EINVAL."""
+    if len(text) > MAX_JSON_BYTES:
+        raise ProtocolError(errno.EINVAL, f"{what}: {len(text)} bytes (at most {MAX_JSON_BYTES})")
+    if json_depth(text) > MAX_JSON_DEPTH:
+        raise ProtocolError(errno.EINVAL, f"{what}: nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ProtocolError(errno.EINVAL, f"malformed {what}: {e}") from e
 
 
 def _dump(caps: dict[str, Any]) -> str:
@@ -139,9 +182,6 @@ def parse_server_version(payload: bytes | memoryview) -> tuple[Version, dict[str
     msg = Version.decode(payload)
     caps: dict[str, Any] = {}
     if msg.json:
-        try:
-            doc = json.loads(msg.json)
-        except ValueError as e:
-            raise ProtocolError(errno.EINVAL, f"malformed server JSON: {e}") from e
+        doc = load_bounded_json(msg.json, "server JSON")
         caps = doc.get("capabilities", {}) if isinstance(doc, dict) else {}
     return msg, caps
