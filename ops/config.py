@@ -172,6 +172,9 @@ class ControllerSpec:
     socket_owner: str | None = None
     socket_group: str | None = None
     socket_mode: int = 0o600              # owner only by default; widen with socket_mode/socket_group
+    # World bits in socket_mode let any local user attach to the guest's disks: refused
+    # unless this is set (and then logged at start-up).
+    allow_world_socket: bool = False
     # "trapped": BAR0 offers no mmap area, so guest doorbell writes arrive as messages and
     # wake the owning worker at once; idle workers then sleep (nearly) without a timeout.
     doorbells: DoorbellMode = DoorbellMode.MMAP
@@ -286,7 +289,7 @@ _TOP_SCHEMA: dict[str, tuple[type, ...]] = {
 _CTRL_SCHEMA: dict[str, tuple[type, ...]] = {
     "name": (str,), "socket": (str,), "serial": (str,), "model": (str,), "max_io_queues": (int,),
     "mqes": (int,), "mdts": (int,), "socket_owner": (str,), "socket_group": (str,),
-    "socket_mode": (int, str), "doorbells": (str,), "namespaces": (list,),
+    "socket_mode": (int, str), "allow_world_socket": (bool,), "doorbells": (str,), "namespaces": (list,),
 }
 _NS_SCHEMA: dict[str, tuple[type, ...]] = {
     "kind": (str,), "size": (int, str), "path": (str,), "nsid": (int,), "block_size": (int,),
@@ -415,6 +418,11 @@ def _build_controller(where: _Where, key: str, t: dict[str, Any], run_dir: str,
     c.socket_owner = t.get("socket_owner")
     c.socket_group = t.get("socket_group")
     c.socket_mode = _socket_mode(where, f"{key}.socket_mode", t.get("socket_mode", c.socket_mode))
+    c.allow_world_socket = t.get("allow_world_socket", False)
+    if c.socket_mode & 0o007 and not c.allow_world_socket:
+        raise where.error(f"{key}.socket_mode",
+                          f"{c.socket_mode:04o} lets any local user attach to this controller's disks; "
+                          "use 0660 with socket_group, or set allow_world_socket = true to force it")
     c.doorbells = _doorbell_mode(where, f"{key}.doorbells", t.get("doorbells", c.doorbells.value))
     for i, nt in enumerate(t.get("namespaces", [])):
         _check_type(where, f"{key}.namespaces[{i}]", nt, (dict,))

@@ -184,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--max-io-queues", type=int)
     add.add_argument("--mqes", type=int, help="CAP.MQES: max queue entries - 1")
     add.add_argument("--mdts", type=int)
-    add.add_argument("--socket-mode", help="octal, e.g. 0660")
+    add.add_argument("--socket-mode", help="octal, e.g. 0660 (world bits need --allow-world-socket)")
+    add.add_argument("--allow-world-socket", action="store_true", default=None,
+                     help="accept a --socket-mode any local user can connect to (logged)")
     add.add_argument("--doorbells", choices=("mmap", "trapped"),
                      help="mmap (default): doorbell page shared; trapped: every write is a message")
     add.add_argument("--socket-owner")
@@ -237,7 +239,7 @@ def request_for(a: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     if key == ("controller", "add"):
         params: dict[str, Any] = {"name": a.name, "socket": os.path.abspath(a.socket)}
         for opt in ("serial", "model", "max_io_queues", "mqes", "mdts", "socket_mode", "socket_owner",
-                    "socket_group", "doorbells"):
+                    "socket_group", "doorbells", "allow_world_socket"):
             if getattr(a, opt) is not None:
                 params[opt] = getattr(a, opt)
         return "controller.add", params

@@ -74,6 +74,10 @@ class FrontEnd:
         self.server = VfioUserServer(self.spec.socket, self.fn, mode=self.spec.socket_mode)
         await self.server.start()
         self._chown(self.spec.socket)
+        if self.spec.socket_mode & 0o007:   # only with allow_world_socket (ops.config)
+            log.warning("%s: socket %s is world-connectable (mode %04o, allow_world_socket): any "
+                        "local user can attach to this controller's disks", self.spec.name,
+                        self.spec.socket, self.spec.socket_mode)
         self.sup.setblocking(False)
         loop.add_reader(self.sup.fileno(), self._control)
         loop.add_signal_handler(signal.SIGTERM, self.stop.set)

@@ -40,6 +40,18 @@ log = logging.getLogger("vnvmed")
 CTX = multiprocessing.get_context("spawn")
 
 
+RUN_DIR_MODE = 0o750      # as systemd's RuntimeDirectoryMode in contrib/systemd/vnvmed.service
+
+
+def make_run_dir(path: str) -> None:
+    """Create the run dir 0750 (exactly: not widened by the umask); an existing one is left alone."""
+    try:
+        os.makedirs(path, mode=RUN_DIR_MODE)
+    except FileExistsError:
+        return
+    os.chmod(path, RUN_DIR_MODE)
+
+
 @dataclass
 class WorkerProc:
     wid: int
@@ -89,7 +101,7 @@ class Supervisor(ManagementApiMixin):
         loop = asyncio.get_running_loop()
         self.done = asyncio.Event()
         cores = self._cores()
-        os.makedirs(self.cfg.run_dir, mode=0o755, exist_ok=True)
+        make_run_dir(self.cfg.run_dir)
         for name in cleanup_stale(self.cfg.run_dir):
             log.info("removed stale shared memory %s of a dead instance", name)
         self.prefix = instance_prefix(self.cfg.run_dir, os.getpid())

@@ -54,6 +54,7 @@ CONTROLLER_ADD_OPTIONS = (
     Param("serial", _S, False), Param("model", _S, False), Param("max_io_queues", _I, False),
     Param("mqes", _I, False), Param("mdts", _I, False), Param("socket_owner", _S, False),
     Param("socket_group", _S, False), Param("socket_mode", (int, str), False),
+    Param("allow_world_socket", _B, False), Param("doorbells", _S, False),
 )
 
 METHODS: dict[str, MethodSpec] = rpc.method_table([
