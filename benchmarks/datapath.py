@@ -18,6 +18,7 @@ import pstats
 import struct
 import sys
 import time
+from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -37,6 +38,9 @@ def setup(depth: int, io_size: int, backend: str, flat: bool = False):
     npages = (io_size + PAGE - 1) // PAGE
     nbytes = PAGE * (8 + depth * (npages + 1)) + size * 80
     nbytes = (nbytes + PAGE - 1) // PAGE * PAGE
+    mem: Any
+    ram: Any
+    be: Any
     if flat:
         ram = bytearray(nbytes)
         mem = FlatMemory()

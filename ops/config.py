@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Sequence
 
-from ops.cores import expand_cores, format_cores  # format_cores: re-exported for display
+from ops.cores import expand_cores
 
 DEFAULT_RUN_DIR = "/run/vnvmed"
 RUN_DIR_ENV = "VNVMED_RUN_DIR"
@@ -586,24 +586,24 @@ def from_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None 
         name, eq, spec = item.partition("=")
         if not eq:
             raise where.error(key, f"{item!r} must be NAME=KIND:ARG")
-        c = cfg.controller(name)
-        if c is None:
+        target = cfg.controller(name)
+        if target is None:
             raise where.error(key, f"no controller named {name!r}; add it with --controller {name}=SOCKET")
         try:
             ns = NamespaceSpec.parse(spec)
         except ValueError as e:
             raise where.error(f"{key}.kind", str(e)) from None
-        c.namespaces.append(check_namespace(ns, where, key))
-        assign_nsids(c, where, name)
+        target.namespaces.append(check_namespace(ns, where, key))
+        assign_nsids(target, where, name)
     for i, item in enumerate(a.doorbells):
         key = f"--doorbells[{i}]"
         name, eq, mode = item.partition("=")
         if not eq:
             raise where.error(key, f"{item!r} must be NAME=MODE")
-        c = cfg.controller(name)
-        if c is None:
+        target = cfg.controller(name)
+        if target is None:
             raise where.error(key, f"no controller named {name!r}; add it with --controller {name}=SOCKET")
-        c.doorbells = _doorbell_mode(where, key, mode)
+        target.doorbells = _doorbell_mode(where, key, mode)
     for c in cli_ctrls:
         if not c.namespaces:
             c.namespaces.append(check_namespace(NamespaceSpec.parse(DEFAULT_NAMESPACE, nsid=1), where))

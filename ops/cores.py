@@ -69,7 +69,7 @@ def parse_cores(spec: str, allowed: set[int] | None = None) -> list[int]:
     if missing:
         raise ValueError(
             f"core list {spec!r}: core(s) {format_cores(missing)} not available to this process "
-            f"(allowed: {format_cores(allowed) or 'none'})")
+            f"(allowed: {format_cores(sorted(allowed)) or 'none'})")
     return sorted(cores)
 
 

@@ -25,12 +25,27 @@ from ops.config import (ConfigError, NamespaceSpec, check_namespace, controller_
 from ops.mgmt.jsonrpc import ErrorCode, MgmtError
 
 if TYPE_CHECKING:
-    from reactor.supervisor import FrontProc
+    from ops.config import DaemonConfig, ControllerSpec
+    from reactor.supervisor import FrontProc, WorkerProc
 
 log = logging.getLogger("vnvmed")
 
 
 class ManagementApiMixin:
+    if TYPE_CHECKING:   # what the supervisor provides (reactor/supervisor.py)
+        cfg: DaemonConfig
+        fronts: dict[str, FrontProc]
+        wprocs: dict[int, WorkerProc]
+        prefix: str
+
+        async def _call(self, f: FrontProc, method: str, params: dict[str, Any] | None = None,
+                        timeout: float = 5.0) -> Any: ...
+        async def _ping(self, w: WorkerProc, timeout: float = 1.0) -> dict: ...
+        async def _add_front(self, spec: ControllerSpec) -> FrontProc: ...
+        async def _stop_front(self, f: FrontProc, timeout: float = 10.0) -> None: ...
+        @staticmethod
+        def _ns_wire(ns: NamespaceSpec, b: Backend) -> dict[str, Any]: ...
+
     # ------------------------------------------------------------------ management API
     # Every method either changes nothing and raises MgmtError (a JSON-RPC error with
     # a message that says what to fix), or completes.  Order of side effects: check
@@ -219,6 +234,7 @@ class ManagementApiMixin:
         except Exception as e:
             log.error("namespace %d resized, but %s cannot be reopened: %s", ns.nsid, path, e)
             return
+        assert ns.nsid is not None   # a configured namespace always has its NSID
         f.backends[ns.nsid] = nb
         b.destroy()
 

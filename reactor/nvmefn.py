@@ -180,7 +180,7 @@ class NvmeFunction:
         flags = IrqInfoFlag.EVENTFD
         if index == Irq.INTX:
             flags |= IrqInfoFlag.MASKABLE | IrqInfoFlag.AUTOMASKED
-        return IrqInfo(count=counts[index], flags=flags)
+        return IrqInfo(count=counts[Irq(index)], flags=flags)
 
     def needs_quiesce(self, region: int, offset: int, data: bytes) -> bool:
         if region != Region.BAR0 or len(data) not in (4, 8):

@@ -121,6 +121,7 @@ class VfioUserServer:
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
+        assert self._sock is not None   # listen() ran first
         try:
             while not self._closing:
                 self._accept = asyncio.ensure_future(loop.sock_accept(self._sock))

@@ -81,7 +81,8 @@ class SlowPath:
 
     async def _run(self, wid: int, sqid: int, sqe: bytes) -> None:
         cid = int.from_bytes(sqe[2:4], "little")
-        status, dw0 = Status.DATA_TRANSFER_ERROR, 0
+        status: int = Status.DATA_TRANSFER_ERROR
+        dw0 = 0
         try:
             status, dw0 = await self._execute(sqe)
         except Exception as e:

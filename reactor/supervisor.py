@@ -83,7 +83,7 @@ class Supervisor(ManagementApiMixin):
         self._calls: dict[int, asyncio.Future] = {}
         self._pongs: dict[int, asyncio.Future] = {}
         self.mgmt: MgmtServer | None = None
-        self.done = asyncio.Event() if False else None  # created in the loop
+        self.done: asyncio.Event | None = None  # created in the loop
 
     # ------------------------------------------------------------------ set-up
     def _opts(self) -> dict[str, Any]:
@@ -99,7 +99,7 @@ class Supervisor(ManagementApiMixin):
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        self.done = asyncio.Event()
+        done = self.done = asyncio.Event()
         cores = self._cores()
         make_run_dir(self.cfg.run_dir)
         for name in cleanup_stale(self.cfg.run_dir):
@@ -127,7 +127,7 @@ class Supervisor(ManagementApiMixin):
         notify.ready()
         notify.status(f"serving {len(self.fronts)} controller(s) on {len(self.wprocs)} worker(s)")
         wd = asyncio.ensure_future(self._watchdog())
-        await self.done.wait()
+        await done.wait()
         wd.cancel()
         notify.stopping()
         log.info("stopping")
@@ -296,7 +296,7 @@ class Supervisor(ManagementApiMixin):
             if op == "listening" and f.listening is not None and not f.listening.done():
                 f.listening.set_result(True)
             elif op == "reply":
-                fut = self._calls.pop(msg.get("id"), None)
+                fut = self._calls.pop(msg.get("id", -1), None)
                 if fut is not None and not fut.done():
                     if "error" in msg:
                         fut.set_exception(MgmtError(str(msg["error"])))

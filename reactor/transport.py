@@ -56,7 +56,7 @@ class Transport:
         fd = self.sock.fileno()
         add, remove = ((loop.add_writer, loop.remove_writer) if writer
                        else (loop.add_reader, loop.remove_reader))
-        add(fd, lambda: fut.done() or fut.set_result(None))
+        add(fd, lambda: None if fut.done() else fut.set_result(None))
         try:
             await fut
         finally:

@@ -85,8 +85,8 @@ class Framer:
                 end = self._base + hdr.size
                 frame = Frame(hdr, bytes(self._buf[HEADER_SIZE:hdr.size]))
                 while self._fds and self._fds[0][0] < end:
-                    _, f, trunc = self._fds.popleft()
-                    frame.fds.extend(f)
+                    _, fds, trunc = self._fds.popleft()
+                    frame.fds.extend(fds)
                     frame.fds_truncated |= trunc
                 del self._buf[:hdr.size]
                 self._base = end

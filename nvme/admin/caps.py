@@ -52,7 +52,7 @@ class IoOpcode(IntEnum):
 DEFAULT_IO_EFFECTS: dict[int, int] = dict(IO_COMMAND_EFFECTS)
 
 # ONCS bit for each optional I/O command (NVMe Base 1.4 Identify Controller byte 521:520)
-_ONCS_BITS = {
+_ONCS_BITS: dict[int, int] = {
     IoOpcode.COMPARE: 0,
     IoOpcode.WRITE_UNCORRECTABLE: 1,
     IoOpcode.DATASET_MANAGEMENT: 2,

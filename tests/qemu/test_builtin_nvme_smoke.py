@@ -16,7 +16,6 @@ import pytest
 from tests.qemu import harness
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(200)]
-ENV = harness.provision()
 
 SERIAL = "vnvsmoke01"
 DISK_BYTES = 64 << 20
@@ -73,9 +72,9 @@ def test_dd_direct_roundtrip_reaches_backing_file(tmp_path: Path) -> None:
         res.expect(got == kv["written"], f"host file at {off:#x} does not hold what the guest wrote")
 
 
-def test_seabios_boots_bootdisk_from_builtin_nvme(tmp_path: Path) -> None:
+def test_seabios_boots_bootdisk_from_builtin_nvme(tmp_path: Path, guest_env: harness.GuestEnv) -> None:
     img = tmp_path / "boot.img"
-    shutil.copyfile(ENV.bootdisk, img)
+    shutil.copyfile(guest_env.bootdisk, img)
     res = harness.run_guest(boot_disk=True, workdir=tmp_path,
                             extra=builtin_nvme(img, bootindex=0), timeout=150)
     res.expect(res.tagged("BOOT-OK"), "no VNV-BOOT-OK marker")

@@ -15,12 +15,11 @@ import pytest
 from tests.qemu import harness
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.timeout(240)]
-ENV = harness.provision()
 
 
-def test_seabios_boots_from_vnvmed_namespace(tmp_path: Path) -> None:
+def test_seabios_boots_from_vnvmed_namespace(tmp_path: Path, guest_env: harness.GuestEnv) -> None:
     img = tmp_path / "boot.img"
-    shutil.copyfile(ENV.bootdisk, img)
+    shutil.copyfile(guest_env.bootdisk, img)
     with harness.vnvmed_controller([f"file:{img}"]) as (daemon, sock):
         res = harness.run_guest(devices=[sock], boot_disk=True, workdir=tmp_path,
                                 daemon=daemon, timeout=180)

@@ -15,7 +15,6 @@ import pytest
 from tests.qemu import harness
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.timeout(240)]
-ENV = harness.provision()
 
 
 def test_dd_direct_every_namespace(tmp_path: Path) -> None:

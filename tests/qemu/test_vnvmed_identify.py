@@ -15,7 +15,6 @@ import pytest
 from tests.qemu import harness
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.timeout(180)]
-ENV = harness.provision()
 
 RAM_BYTES = 64 << 20
 FILE_BYTES = 32 << 20

@@ -19,7 +19,6 @@ import pytest
 from tests.qemu import harness
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.timeout(240)]
-ENV = harness.provision()
 
 
 def test_reset_mid_workload(tmp_path: Path) -> None:

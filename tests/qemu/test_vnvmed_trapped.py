@@ -13,7 +13,6 @@ import pytest
 from tests.qemu import harness
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.timeout(300)]
-ENV = harness.provision()
 
 
 def test_fio_verify_with_trapped_doorbells(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from ops import config as C
 from ops.config import ConfigError, NamespaceKind, Polling
+from ops.cores import format_cores
 
 ENV = {"VNVMED_RUN_DIR": "/tmp/vnvmed-test-run"}
 
@@ -325,7 +326,7 @@ def test_parse_size_and_cores() -> None:
     for bad in ("1.5G", "-5", "M", True, 0):
         with pytest.raises(ValueError):
             C.parse_size(bad)  # type: ignore[arg-type]
-    assert C.parse_cores("0-2,5") == [0, 1, 2, 5] and C.format_cores([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert C.parse_cores("0-2,5") == [0, 1, 2, 5] and format_cores([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
 
 
 def test_namespace_parse_and_check_for_mgmt(tmp_path: Path) -> None:
