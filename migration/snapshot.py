@@ -103,7 +103,7 @@ def encode(sections: Mapping[str, Any] | Iterable[Section], *, major: int = FORM
     return b"".join([head, _HCRC.pack(hcrc), table, *bodies])
 
 
-def blob_length(prefix: bytes | memoryview) -> int | None:
+def blob_length(prefix: bytes | bytearray | memoryview) -> int | None:
     """Total length of the blob that starts `prefix`, once its header is there (else None).
 
     Checks the magic and the size bounds (SnapshotCorrupt) but not the CRC, so a
