@@ -219,3 +219,13 @@ def enabled_nvme(sock: str, qids: Iterable[int] = (), depth: int = 32) -> Iterat
         yield n
     finally:
         host.close()
+
+
+@pytest.fixture
+def run_dir() -> Iterator[str]:
+    """A short directory under /tmp (UNIX socket paths must fit in 108 bytes), removed after."""
+    d = tempfile.mkdtemp(prefix="vnops", dir="/tmp")
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -81,15 +79,6 @@ class CtlDaemon(Daemon):
                     break
                 buf += chunk
         return json.loads(buf)
-
-
-@pytest.fixture
-def run_dir() -> Iterator[str]:
-    d = tempfile.mkdtemp(prefix="vnops", dir="/tmp")
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from tests.daemon import Daemon
-from tests.integration.test_ops_daemon import CtlDaemon, ROOT, run_dir  # noqa: F401  (fixture)
+from tests.integration.test_ops_daemon import CtlDaemon, ROOT
 
 pytestmark = pytest.mark.timeout(60)
 
