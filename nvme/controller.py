@@ -41,6 +41,7 @@ from nvme.cstate import CEvent, CState, StateTable, cc_en, decode_cc_write
 from nvme.doorbell import Doorbells
 from nvme.errors import CommandError
 from nvme.memory import DmaFault, GuestMemory
+from nvme.qtable import QueueTable
 from nvme.regs import (CC_WRITABLE, CSTS_CFS, CSTS_NSSRO, CSTS_RDY, CSTS_SHST_SHIFT,
                        NSSR_MAGIC, Reg, RegisterFile)
 from nvme.state import CqState, ShadowDoorbells, SqState
@@ -59,6 +60,7 @@ class ControllerHooks(Protocol):
     def io_cq_created(self, cq: CqState) -> None: ...
     def io_sq_created(self, sq: SqState) -> None: ...
     def io_sq_deleted(self, sqid: int) -> None: ...
+    def sq_busy(self, sqid: int) -> bool: ...
     def io_cq_deleted(self, cqid: int) -> None: ...
     def shadow_doorbells_changed(self, shadow: ShadowDoorbells) -> None: ...
     def coalescing_changed(self, threshold: int, time_100us: int, exempt_vectors: set[int]) -> None: ...
@@ -69,7 +71,8 @@ class Controller:
     def __init__(self, cfg: ControllerConfig, namespaces: Mapping[int, Any], doorbells: memoryview,
                  mem: GuestMemory, hooks: ControllerHooks, *,
                  io_effects: Mapping[int, int] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 qtable: QueueTable | None = None) -> None:
         self.cfg = cfg
         self.namespaces: dict[int, Any] = dict(namespaces)
         self.mem = mem
@@ -77,6 +80,9 @@ class Controller:
         self.clock = clock
         self.db = Doorbells(doorbells)
         self._db_area = doorbells
+        # Every queue's head/tail/phase (nvme.qtable): the admin queue's records are
+        # written by our runner, the I/O queues' by the workers running them.
+        self.qtable = qtable if qtable is not None else QueueTable.private(self.db.nqueues)
         self.regs = RegisterFile.for_config(cfg)
         self.table = StateTable()
         self.io_effects: dict[int, int] = dict(io_effects if io_effects is not None else DEFAULT_IO_EFFECTS)
@@ -92,8 +98,8 @@ class Controller:
         self.fatal_reason = ""
         self._fatal_rdy = False
         self._born = clock()
-        self._runner: Any = None
-        self._admin: tuple[SqState, CqState] | None = None
+        self._runner: QueueRunner | None = None
+        self.sq_deletions: dict[int, int] = {}   # SQ id -> CID of its parked Delete I/O SQ
         self._aer_out: list[tuple[int, int]] = []
 
     # -- status -------------------------------------------------------------------
@@ -221,39 +227,35 @@ class Controller:
         self.table.apply(CEvent.ENABLE)
 
     def _start_admin(self, sq: SqState, cq: CqState) -> None:
-        self._runner = QueueRunner(doorbells=self.db, mem=self.mem, execute=self._execute,
-                                   irq=self.hooks.irq, doorbell_error=self.doorbell_error,
-                                   fault=self._admin_fault)
-        self._runner.add_cq(cq)   # raises DmaFault if unmapped (checked by the callers)
-        self._runner.add_sq(sq)
-        self._admin = (sq, cq)
+        runner = QueueRunner(doorbells=self.db, mem=self.mem, execute=self._execute,
+                             irq=self.hooks.irq, doorbell_error=self.doorbell_error,
+                             fault=self._admin_fault, table=self.qtable)
+        runner.add_cq(cq)   # raises DmaFault if unmapped (checked by the callers)
+        runner.add_sq(sq)
+        self._runner = runner
+
+    def admin_queue_state(self) -> tuple[SqState, CqState] | None:
+        """The admin SQ/CQ records as they are now (None while disabled)."""
+        if self._runner is None:
+            return None
+        return self._runner.sq_state(0), self._runner.cq_state(0)
 
     def _admin_fault(self, qid: int, reason: str) -> None:
         self.fail(f"admin queue {qid}: {reason}")
 
     def _repark_aers(self) -> None:
-        """After restore: the outstanding AER CIDs are parked commands of the new runner.
-
-        QueueRunner has no public "park" yet (its snapshot lists parked commands but it
-        is restored from queue records only), so this mirrors what it does on a None
-        result from the executor.  Without it complete() would drop the AER completion.
-        """
-        r = self._runner
-        park = getattr(r, "park", None)
+        """After restore: the outstanding AER CIDs are parked commands of the new runner
+        (without it complete() would drop the AER completion)."""
+        assert self._runner is not None
         for cid in self.aer.outstanding:
-            if park is not None:
-                park(0, cid)
-            else:
-                s = r._sqs[0]
-                s.parked.add(cid)
-                s.cq.inflight += 1
-                r._nparked += 1
+            self._runner.park(0, cid)
 
     # -- teardown / reset ---------------------------------------------------------
     def _teardown(self, zero_doorbells: bool = True) -> None:
         """EN 1->0, shutdown, reset: AERs dropped (no completions), I/O queues deleted."""
         self.aer.abort_outstanding()
         self._aer_out.clear()
+        self.sq_deletions.clear()          # parked deletes die with the admin queue
         for sqid in sorted(self.queues.sqs):
             self.hooks.io_sq_deleted(sqid)
         for cqid in sorted(self.queues.cqs):
@@ -264,7 +266,8 @@ class Controller:
             self.shadow = ShadowDoorbells()
             self.hooks.shadow_doorbells_changed(self.shadow)
         self._runner = None
-        self._admin = None
+        self.qtable.clear_sq(0)
+        self.qtable.clear_cq(0)
         if zero_doorbells:   # doorbell registers reset to 0 (not on restore: page migrates)
             self._zero_doorbell_page()
 
@@ -328,6 +331,16 @@ class Controller:
         if dw0 is None:
             return None
         return Status.SUCCESS, dw0
+
+    def sq_quiet(self, sqid: int) -> None:
+        """The front-end finished its last command of SQ sqid: a parked Delete I/O SQ
+        of it can complete now (called from the front-end loop, outside poll_admin)."""
+        cid = self.sq_deletions.pop(sqid, None)
+        if cid is None or self._runner is None or sqid not in self.queues.sqs:
+            return
+        from nvme.admin.queues import delete_io_sq
+        delete_io_sq(self, sqid)
+        self._runner.complete(0, cid, Status.SUCCESS, 0)
 
     def post_aer_completions(self, done: list[tuple[int, int]]) -> None:
         self._aer_out.extend(done)

@@ -32,8 +32,9 @@ def snapshot_controller(c: "Controller") -> dict[str, Any]:
     fs = c.features.to_dict()
     fs["timestamp_ms"] += int((now - fs.pop("timestamp_at")) * 1000)
     admin = None
-    if c._admin is not None:
-        sq, cq = c._admin
+    aq = c.admin_queue_state()
+    if aq is not None:
+        sq, cq = aq
         admin = {"sq": sq.to_dict(), "cq": cq.to_dict()}
     return {
         "version": VERSION,
@@ -79,7 +80,7 @@ def restore_controller(c: "Controller", d: dict[str, Any]) -> None:
             c._start_admin(SqState.from_dict(d["admin"]["sq"]), CqState.from_dict(d["admin"]["cq"]))
             c._repark_aers()
         except DmaFault as e:
-            c._runner = c._admin = None
+            c._runner = None
             c.fail(f"restored admin queue not mapped: {e}")
     c.queues.load(d["queues"])
     for cq in sorted(c.queues.cqs.values(), key=lambda q: q.cqid):

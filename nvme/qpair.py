@@ -43,6 +43,17 @@ An SQ whose pending entries wait for CQ room has its CQ's EventIdx armed the sam
 us; CQs never drop back to "never ring" (an old EventIdx traps once per ring wrap,
 as 0xFFFFFFFF does with Linux's 16-bit need_event).
 
+Queue state (SEAMS S1): head/tail/phase/broken of every queue live in the controller's
+queue table (nvme.qtable): the front-end reads them (stats, migration snapshots), a
+live upgrade hands them to a new process, a restarted worker re-attaches to them, the
+native data path runs on them.  The runner owning a queue is the only writer of its
+record, so it keeps the words it writes as attributes of its _Sq/_Cq (a memoryview
+item costs twice an attribute, and the QD1 poll reads a dozen of them) and stores
+every change through to the record in the same place: at the end of a batch the
+record is exact.  Whatever else writes a record (the native path, a restore) is
+followed by `reload()`, which re-reads them.  Parked commands and interrupt
+bookkeeping are this process's own.
+
 Errors: guest input never raises out of poll().  An exception from `execute` other
 than a per-command status is our bug: logged and completed with INTERNAL_ERROR so
 the guest does not hang; NeedsMessageDma escaping execute (the worker should park
@@ -60,7 +71,9 @@ from typing import Any, Callable
 
 from .doorbell import Doorbells, ShadowDoorbellView
 from .memory import DmaFault, GuestMemory, NeedsMessageDma
-from .ring import CQE_SIZE, SQE_SIZE, fetch_budget, post_cqe, valid_cq_head
+from .qtable import (BROKEN, CQ_FLAGS, CQ_HEAD, CQ_PHASE, CQ_TAIL, SQ_FLAGS, SQ_HEAD, SQ_TAIL,
+                     QueueTable, cq_state, sq_state)
+from .ring import CQE_SIZE, SQE_SIZE, cq_head_ok, write_cqe
 from .state import CqState, ShadowDoorbells, SqState
 from .status import DNR, Status
 
@@ -79,7 +92,16 @@ def full_barrier() -> None:
 
 @dataclass(slots=True, eq=False)
 class _Cq:
-    st: CqState
+    r: memoryview                     # the CQ's queue-table record (words, see nvme.qtable)
+    qid: int
+    base: int
+    size: int
+    iv: int
+    ien: bool
+    tail: int = 0                     # = r[CQ_TAIL]   (written through, see module doc)
+    phase: int = 1                    # = r[CQ_PHASE]
+    head: int = 0                     # = r[CQ_HEAD]
+    broken: bool = False              # = r[CQ_FLAGS] & BROKEN
     words: memoryview | None = None   # RW view of the ring, cast 'I'
     inflight: int = 0                 # parked commands that will post here
     pending: int = 0                  # posted, not yet signalled
@@ -87,16 +109,24 @@ class _Cq:
     faulted: bool = False
     nsq: int = 0
     dbi: int = 0                      # index of the head doorbell in Doorbells.words
+    stale: int | None = None          # doorbell value to disregard (see set_shadow)
 
 
 @dataclass(slots=True, eq=False)
 class _Sq:
-    st: SqState
+    r: memoryview                     # the SQ's queue-table record
+    qid: int
+    base: int
+    size: int
     cq: _Cq
+    head: int = 0                     # = r[SQ_HEAD]   (written through, see module doc)
+    tail: int = 0                     # = r[SQ_TAIL]
+    broken: bool = False              # = r[SQ_FLAGS] & BROKEN
     words: memoryview | None = None   # RO view of the ring, cast 'I'
     faulted: bool = False
     parked: set[int] = field(default_factory=set)   # CIDs parked on this SQ
     dbi: int = 0                      # index of the tail doorbell in Doorbells.words
+    stale: int | None = None          # doorbell value to disregard (see set_shadow)
 
 
 class QueueRunner:
@@ -104,7 +134,7 @@ class QueueRunner:
                  irq: Callable[[int], None], doorbell_error: Callable[[int, int], None],
                  shadow: ShadowDoorbells | None = None,
                  fault: Callable[[int, str], None] | None = None, page_size: int = 4096,
-                 lazy_eventidx: bool = False) -> None:
+                 lazy_eventidx: bool = False, table: QueueTable | None = None) -> None:
         self._db = doorbells
         self._lazy = lazy_eventidx
         self._mem = mem
@@ -113,6 +143,7 @@ class QueueRunner:
         self._db_error = doorbell_error
         self._fault = fault
         self._page_size = page_size
+        self.table = table if table is not None else QueueTable.private(doorbells.nqueues)
         self._cqs: dict[int, _Cq] = {}
         self._cqlist: list[_Cq] = []       # the same CQs, for the per-poll loop
         self._dbw = doorbells.words
@@ -134,32 +165,58 @@ class QueueRunner:
 
     # -- queue set ----------------------------------------------------------
     def add_cq(self, cq: CqState) -> None:
-        """Raises DmaFault if the ring is not mapped (the caller picks the status)."""
+        """Write cq into the queue table and run it.  Raises DmaFault if the ring is
+        not mapped (the caller picks the status; the record is left as written)."""
         if cq.cqid in self._cqs or cq.cqid >= self._db.nqueues:
             raise ValueError(f"CQ {cq.cqid} exists or has no doorbell")
-        words = self._mem.view(cq.base, cq.size * CQE_SIZE, write=True).cast("I")
-        c = _Cq(cq, words, dbi=(cq.cqid << 1) | 1)
-        self._cqs[cq.cqid] = c
+        self.table.put_cq(cq)
+        self.attach_cq(cq.cqid)
+
+    def attach_cq(self, cqid: int) -> None:
+        """Run the CQ whose record is already in the queue table (restore, re-attach)."""
+        if cqid in self._cqs or cqid >= self._db.nqueues:
+            raise ValueError(f"CQ {cqid} exists or has no doorbell")
+        st = self.table.get_cq(cqid)
+        if st is None:
+            raise ValueError(f"CQ {cqid} has no live record in the queue table")
+        words = self._mem.view(st.base, st.size * CQE_SIZE, write=True).cast("I")
+        c = _Cq(self.table.cq(cqid), cqid, st.base, st.size, st.iv, st.ien, st.tail, st.phase,
+                st.head, st.broken, words, dbi=(cqid << 1) | 1)
+        self._cqs[cqid] = c
         self._cqlist.append(c)
-        if self._shadow is not None and cq.cqid:
-            self._shadow.set_cq_eventidx(cq.cqid, 0xFFFFFFFF)
+        if self._shadow is not None and cqid:
+            self._shadow.set_cq_eventidx(cqid, 0xFFFFFFFF)
 
     def add_sq(self, sq: SqState) -> None:
         if sq.sqid in self._sqs or sq.sqid >= self._db.nqueues:
             raise ValueError(f"SQ {sq.sqid} exists or has no doorbell")
-        cq = self._cqs.get(sq.cqid)
-        if cq is None:
+        if sq.cqid not in self._cqs:
             raise ValueError(f"SQ {sq.sqid}: CQ {sq.cqid} does not exist")
-        words = self._mem.view(sq.base, sq.size * SQE_SIZE, write=False).cast("I")
-        s = _Sq(sq, cq, words, dbi=sq.sqid << 1)
+        self.table.put_sq(sq)
+        self.attach_sq(sq.sqid)
+
+    def attach_sq(self, sqid: int) -> None:
+        if sqid in self._sqs or sqid >= self._db.nqueues:
+            raise ValueError(f"SQ {sqid} exists or has no doorbell")
+        st = self.table.get_sq(sqid)
+        if st is None:
+            raise ValueError(f"SQ {sqid} has no live record in the queue table")
+        cq = self._cqs.get(st.cqid)
+        if cq is None:
+            raise ValueError(f"SQ {sqid}: CQ {st.cqid} does not exist")
+        words = self._mem.view(st.base, st.size * SQE_SIZE, write=False).cast("I")
+        s = _Sq(self.table.sq(sqid), sqid, st.base, st.size, cq, st.head, st.tail, st.broken,
+                words, dbi=sqid << 1)
         cq.nsq += 1
-        self._sqs[sq.sqid] = s
+        self._sqs[sqid] = s
         self._order.append(s)
-        if self._shadow is not None and sq.sqid:
-            self._shadow.set_sq_eventidx(sq.sqid, sq.tail)
+        if self._shadow is not None and sqid:
+            self._shadow.set_sq_eventidx(sqid, st.tail)
 
     def remove_sq(self, sqid: int) -> SqState:
-        """Commands still parked on it complete with ABORTED_SQ_DELETION."""
+        """Stop running the SQ; commands still parked on it complete with
+        ABORTED_SQ_DELETION.  Returns its final record (left in the table: the
+        front-end owns it again)."""
         s = self._sqs.pop(sqid)
         self._order.remove(s)
         cq = s.cq
@@ -170,7 +227,9 @@ class QueueRunner:
             self._post(cq, s, cid, Status.ABORTED_SQ_DELETION, 0)
         s.parked.clear()
         self._signal()
-        return s.st
+        st = sq_state(s.r)
+        assert st is not None
+        return st
 
     def remove_cq(self, cqid: int) -> CqState:
         c = self._cqs[cqid]
@@ -180,7 +239,9 @@ class QueueRunner:
         self._cqlist.remove(c)
         if c in self._dirty:
             self._dirty.remove(c)
-        return c.st
+        st = cq_state(c.r)
+        assert st is not None
+        return st
 
     # -- configuration --------------------------------------------------------
     def set_memory(self, mem: GuestMemory) -> None:
@@ -188,16 +249,16 @@ class QueueRunner:
         self._mem = mem
         for c in self._cqs.values():
             try:
-                c.words = mem.view(c.st.base, c.st.size * CQE_SIZE, write=True).cast("I")
+                c.words = mem.view(c.base, c.size * CQE_SIZE, write=True).cast("I")
                 c.faulted = False
             except DmaFault as e:
-                self._queue_fault(c, c.st.cqid, f"CQ memory: {e}")
+                self._queue_fault(c, c.qid, f"CQ memory: {e}")
         for s in self._sqs.values():
             try:
-                s.words = mem.view(s.st.base, s.st.size * SQE_SIZE, write=False).cast("I")
+                s.words = mem.view(s.base, s.size * SQE_SIZE, write=False).cast("I")
                 s.faulted = False
             except DmaFault as e:
-                self._queue_fault(s, s.st.sqid, f"SQ memory: {e}")
+                self._queue_fault(s, s.qid, f"SQ memory: {e}")
         if self._shadow_cfg is not None:
             try:
                 self._shadow = ShadowDoorbellView(mem, self._shadow_cfg, self._page_size)
@@ -216,28 +277,34 @@ class QueueRunner:
     def set_shadow(self, shadow: ShadowDoorbells | None) -> None:
         """Enable (raises DmaFault if the pages are not mapped) or drop shadow doorbells.
 
-        Dropping copies our view of tails/heads back into the doorbell page so the
-        next poll does not see stale values there.
+        Dropping: the doorbell page holds whatever the host last rang, which with
+        shadow doorbells may be far behind what we consumed.  We never write it (a
+        store could overwrite a doorbell write the host makes at that instant); each
+        I/O queue instead disregards the value its doorbell holds now until the host
+        writes a different one.
         """
         if shadow is None or not shadow.enabled:
             if self._shadow is not None or self._shadow_cfg is not None:
+                dbw = self._dbw
                 for s in self._sqs.values():
-                    if s.st.sqid:
-                        self._db.set_sq_tail(s.st.sqid, s.st.tail)
+                    if s.qid:
+                        s.stale = dbw[s.dbi]
                 for c in self._cqs.values():
-                    if c.st.cqid:
-                        self._db.set_cq_head(c.st.cqid, c.st.head)
+                    if c.qid:
+                        c.stale = dbw[c.dbi]
             self._shadow = None
             self._shadow_cfg = None
             return
         view = ShadowDoorbellView(self._mem, shadow, self._page_size)
         self._shadow, self._shadow_cfg = view, shadow
         for s in self._sqs.values():
-            if s.st.sqid:
-                view.set_sq_eventidx(s.st.sqid, s.st.tail)
+            s.stale = None
+            if s.qid:
+                view.set_sq_eventidx(s.qid, s.tail)
         for c in self._cqs.values():
-            if c.st.cqid:
-                view.set_cq_eventidx(c.st.cqid, 0xFFFFFFFF)
+            c.stale = None
+            if c.qid:
+                view.set_cq_eventidx(c.qid, 0xFFFFFFFF)
 
     def set_coalescing(self, threshold: int, time_100us: int, exempt_vectors: set[int]) -> None:
         """Interrupt Coalescing feature (08h): THR (0's based) and TIME (100 us units)."""
@@ -255,13 +322,12 @@ class QueueRunner:
         sh = self._shadow
         dbw = self._dbw          # one aligned 32-bit load per doorbell read
         for c in self._cqlist:
-            cst = c.st
             if sh is not None and c.dbi != 1:
-                h = sh.cq_head(cst.cqid)
+                h = sh.cq_head(c.qid)
             else:
                 h = dbw[c.dbi]
-            if (h != cst.head or cst.broken) and not c.faulted:
-                self._cq_doorbell(c, h)
+            if (h != c.head or c.broken) and not c.faulted:
+                self._cq_doorbell(c, h, sh is None)
         order = self._order
         if self._paused or not order:
             if self._dirty:
@@ -275,10 +341,9 @@ class QueueRunner:
             self._rr = start + 1
         for k in range(n):
             s = order[start + k - n if start + k >= n else start + k]
-            st = s.st
             # Idle fast path (no shadow doorbells): tail unchanged and nothing
             # pending means _run_sq would do nothing; skip the call.
-            if sh is None and dbw[s.dbi] == st.tail and st.head == st.tail and not st.broken:
+            if sh is None and dbw[s.dbi] == s.tail and s.head == s.tail and not s.broken:
                 continue
             if done >= budget:
                 self._more = True
@@ -288,37 +353,51 @@ class QueueRunner:
             self._signal()
         return done
 
-    def _cq_doorbell(self, c: _Cq, h: int) -> None:
+    def _cq_doorbell(self, c: _Cq, h: int, from_page: bool) -> None:
         """A new (or still broken) CQ head: accept it or report it once (NVMe §5.1 / 4.2)."""
-        cst = c.st
-        if valid_cq_head(cst, h):
-            cst.head = h
-            cst.broken = False
-        elif not cst.broken:
-            cst.broken = True
-            self._db_error(INVALID_DOORBELL_VALUE, cst.cqid)
+        if from_page and c.stale is not None:
+            if h == c.stale:
+                return                     # left over from shadow mode: not a host write
+            c.stale = None
+        r = c.r
+        if cq_head_ok(c.head, c.tail, c.size, h):
+            c.head = r[CQ_HEAD] = h
+            if c.broken:
+                c.broken = False
+                r[CQ_FLAGS] &= ~BROKEN
+        elif not c.broken:
+            c.broken = True
+            r[CQ_FLAGS] |= BROKEN
+            self._db_error(INVALID_DOORBELL_VALUE, c.qid)
 
     def _run_sq(self, s: _Sq, budget: int, sh: ShadowDoorbellView | None) -> int:
-        st, c = s.st, s.cq
-        cst = c.st
-        if s.faulted or c.faulted or cst.broken:
+        c = s.cq
+        if s.faulted or c.faulted or c.broken:
             return 0
-        qid = st.sqid
+        qid = s.qid
         use_shadow = sh is not None and qid != 0
-        tail = sh.sq_tail(qid) if use_shadow else self._dbw[s.dbi]
-        size = st.size
-        if tail != st.tail or st.broken:
+        tail = sh.sq_tail(qid) if use_shadow else self._dbw[s.dbi]  # type: ignore[union-attr]
+        size = s.size
+        if tail != s.tail or s.broken:
+            if s.stale is not None and not use_shadow:
+                if tail == s.stale:
+                    tail = s.tail          # left over from shadow mode: not a host write
+                else:
+                    s.stale = None
             if not 0 <= tail < size:
-                if not st.broken:
-                    st.broken = True
+                if not s.broken:
+                    s.broken = True
+                    s.r[SQ_FLAGS] |= BROKEN
                     self._db_error(INVALID_DOORBELL_VALUE, qid)
                 return 0
-            st.tail = tail
-            st.broken = False
-        # fetch_budget() inlined: pending SQEs, bounded by CQ room minus parked commands.
-        csize = cst.size
-        room = csize - 1 - (cst.tail - cst.head) % csize - c.inflight
-        n = (tail - st.head) % size
+            s.tail = s.r[SQ_TAIL] = tail
+            if s.broken:
+                s.broken = False
+                s.r[SQ_FLAGS] &= ~BROKEN
+        # Pending SQEs, bounded by CQ room minus parked commands (ring.fetch_budget).
+        csize = c.size
+        room = csize - 1 - (c.tail - c.head) % csize - c.inflight
+        n = (tail - s.head) % size
         if n > room:
             n = room if room > 0 else 0
         if n > budget:
@@ -327,28 +406,38 @@ class QueueRunner:
         done = self._fetch(s, n) if n else 0
         if use_shadow and not self._lazy:
             assert sh is not None
-            sh.set_sq_eventidx(qid, st.tail)
+            sh.set_sq_eventidx(qid, tail)
             full_barrier()
-            if sh.sq_tail(qid) != st.tail:
+            if sh.sq_tail(qid) != tail:
                 self._more = True
-        if st.head != st.tail and not self._more:
-            self._more = fetch_budget(st, cst, c.inflight) > 0
+        if s.head != tail and not self._more:
+            self._more = self._budget(s) > 0
         return done
+
+    @staticmethod
+    def _budget(s: _Sq) -> int:
+        """ring.fetch_budget on the runner's view: SQEs that may be fetched right now."""
+        c = s.cq
+        room = c.size - 1 - (c.tail - c.head) % c.size - c.inflight
+        if room <= 0:
+            return 0
+        pend = (s.tail - s.head) % s.size
+        return pend if pend < room else room
 
     def _fetch(self, s: _Sq, n: int) -> int:
         """Fetch, execute and complete n SQEs of s (the caller checked CQ room)."""
-        st, c = s.st, s.cq
-        qid = st.sqid
+        c = s.cq
+        qid = s.qid
         # Hot loop: everything it touches is in locals, the CQE is posted inline
-        # (same store order as nvme.ring.post_cqe: DW0..DW2, then DW3 in one store).
+        # (same stores in the same order as nvme.ring.write_cqe: DW0..DW2, then DW3
+        # in one store; tests/unit/test_cqe_store_order.py records them).
         words = s.words
         assert words is not None
-        cst = c.st
         cw = c.words
         execute = self._execute
-        size = st.size
-        head = st.head
-        ctail, cphase, csize = cst.tail, cst.phase, cst.size
+        size = s.size
+        head = s.head
+        ctail, cphase, csize = c.tail, c.phase, c.size
         sqid_hi = (qid & 0xFFFF) << 16
         parked = s.parked
         posted = 0
@@ -372,7 +461,8 @@ class QueueRunner:
                     log.exception("executor failed on SQ %d CID %d", qid, cid)
                     res = (Status.INTERNAL_ERROR, 0)
                 if res is None:
-                    st.head = head       # the slow path's later CQE reports SQHD from st
+                    # The parked command's later CQE reports this SQHD.
+                    s.head = s.r[SQ_HEAD] = head
                     parked.add(cid)
                     c.inflight += 1
                     self._nparked += 1
@@ -393,10 +483,12 @@ class QueueRunner:
                 ctail = 0
                 cphase ^= 1
             posted += 1
-        st.head = head
-        cst.tail = ctail
-        cst.phase = cphase
+        s.head = s.r[SQ_HEAD] = head
         if posted:
+            cr = c.r
+            c.tail = cr[CQ_TAIL] = ctail
+            if cphase != c.phase:
+                c.phase = cr[CQ_PHASE] = cphase
             if c.pending == 0:
                 c.first_ns = 0
                 self._dirty.append(c)
@@ -408,11 +500,29 @@ class QueueRunner:
             return
         if status:
             self.errors += 1
-        post_cqe(c.words, c.st, dw0, s.st.head, s.st.sqid, cid, status)
+        write_cqe(c.words, c.tail, c.phase, dw0, s.head, s.qid, cid, status)
+        t = c.tail + 1
+        cr = c.r
+        if t == c.size:
+            t = 0
+            c.phase = cr[CQ_PHASE] = c.phase ^ 1
+        c.tail = cr[CQ_TAIL] = t
         if c.pending == 0:
             c.first_ns = 0
             self._dirty.append(c)
         c.pending += 1
+
+    def reload(self) -> None:
+        """Re-read every queue's words from the table after another writer (the native
+        data path, a restore) changed them (see the module doc)."""
+        for c in self._cqs.values():
+            r = c.r
+            c.tail, c.phase, c.head = r[CQ_TAIL], r[CQ_PHASE], r[CQ_HEAD]
+            c.broken = bool(r[CQ_FLAGS] & BROKEN)
+        for s in self._sqs.values():
+            r = s.r
+            s.head, s.tail = r[SQ_HEAD], r[SQ_TAIL]
+            s.broken = bool(r[SQ_FLAGS] & BROKEN)
 
     def _signal(self) -> None:
         if not self._dirty:
@@ -420,11 +530,10 @@ class QueueRunner:
         keep: list[_Cq] = []
         now = 0
         for c in self._dirty:
-            st = c.st
-            if not st.ien:
+            if not c.ien:
                 c.pending = 0
                 continue
-            if (self._thr or self._time_ns) and st.cqid and st.iv not in self._exempt:
+            if (self._thr or self._time_ns) and c.qid and c.iv not in self._exempt:
                 if c.pending <= self._thr:
                     now = now or time.monotonic_ns()
                     if c.first_ns == 0:
@@ -433,7 +542,7 @@ class QueueRunner:
                         keep.append(c)
                         continue
             c.pending = 0
-            self._irq(st.iv)
+            self._irq(c.iv)
         self._dirty = keep
 
     # -- parked commands ------------------------------------------------------
@@ -449,8 +558,21 @@ class QueueRunner:
         self._post(s.cq, s, cid, status, dw0)
         self._signal()
 
-    def inflight(self) -> int:
-        return self._nparked
+    def park(self, sqid: int, cid: int) -> None:
+        """Count (sqid, cid) as parked without fetching it (restored AER commands)."""
+        s = self._sqs[sqid]
+        if cid in s.parked:
+            return
+        s.parked.add(cid)
+        s.cq.inflight += 1
+        self._nparked += 1
+
+    def inflight(self, sqid: int | None = None) -> int:
+        """Parked commands: of the whole runner, or of one SQ."""
+        if sqid is None:
+            return self._nparked
+        s = self._sqs.get(sqid)
+        return len(s.parked) if s is not None else 0
 
     def has_work(self) -> bool:
         """True if the last poll left work behind (budget, EventIdx race, pending SQEs)."""
@@ -475,38 +597,39 @@ class QueueRunner:
         dbw = self._dbw
         armed: list[tuple[_Sq, int, int | None]] = []
         for s in self._order:
-            st, c = s.st, s.cq
+            c = s.cq
             if s.faulted or c.faulted:
                 continue        # reported as a fault: the host resets us, nothing to wait for
-            qid = st.sqid
+            qid = s.qid
             use_shadow = sh is not None and qid != 0
-            tail = sh.sq_tail(qid) if use_shadow else dbw[s.dbi]
-            if tail != st.tail and (0 <= tail < st.size or not st.broken):
+            tail = sh.sq_tail(qid) if use_shadow else dbw[s.dbi]  # type: ignore[union-attr]
+            sbroken, cbroken = s.broken, c.broken
+            if tail != s.tail and (0 <= tail < s.size or not sbroken) and tail != s.stale:
                 return False    # a new tail (or a fix of a broken one) poll() has not seen
             # A CQ head we wait for: the CQ is full for this SQ's pending entries, or its
             # doorbell holds an invalid value (reported; we wait for the host to fix it).
             cq_wait: int | None = None
-            if use_shadow and c.st.broken:
+            if use_shadow and cbroken:
                 assert sh is not None
-                cq_wait = sh.cq_head(c.st.cqid)
-            elif st.head != st.tail and not (st.broken or c.st.broken or self._paused):
-                if fetch_budget(st, c.st, c.inflight) > 0:
+                cq_wait = sh.cq_head(c.qid)
+            elif s.head != s.tail and not (sbroken or cbroken or self._paused):
+                if self._budget(s) > 0:
                     return False
-                cq_wait = c.st.head
+                cq_wait = c.head
             if use_shadow:
                 assert sh is not None
                 sh.set_sq_eventidx(qid, tail)              # the host's next tail update rings
                 if cq_wait is not None:
-                    sh.set_cq_eventidx(c.st.cqid, cq_wait)  # ... and its next head update
+                    sh.set_cq_eventidx(c.qid, cq_wait)     # ... and its next head update
                 armed.append((s, tail, cq_wait))
         if not armed:
             return True
         assert sh is not None
         full_barrier()          # EventIdx stores before the re-reads (vs the host's db/ei order)
         for s, tail, cq_wait in armed:
-            if sh.sq_tail(s.st.sqid) != tail:
+            if sh.sq_tail(s.qid) != tail:
                 return False
-            if cq_wait is not None and sh.cq_head(s.cq.st.cqid) != cq_wait:
+            if cq_wait is not None and sh.cq_head(s.cq.qid) != cq_wait:
                 return False
         return True
 
@@ -519,18 +642,27 @@ class QueueRunner:
 
     # -- state ----------------------------------------------------------------
     def cq_state(self, cqid: int) -> CqState:
-        return self._cqs[cqid].st
+        """A copy of the CQ's record (see nvme.qtable)."""
+        st = cq_state(self._cqs[cqid].r)
+        assert st is not None
+        return st
 
     def sq_state(self, sqid: int) -> SqState:
-        return self._sqs[sqid].st
+        st = sq_state(self._sqs[sqid].r)
+        assert st is not None
+        return st
+
+    def queue_ids(self) -> tuple[list[int], list[int]]:
+        """(SQ ids, CQ ids) this runner runs."""
+        return [s.qid for s in self._order], list(self._cqs)
 
     def snapshot(self) -> dict[str, Any]:
         """Plain data (msgpack-able); restore by add_cq/add_sq of the records."""
         return {
-            "cqs": [c.st.to_dict() for c in self._cqs.values()],
-            "sqs": [s.st.to_dict() for s in self._order],
+            "cqs": [self.cq_state(q).to_dict() for q in self._cqs],
+            "sqs": [self.sq_state(s.qid).to_dict() for s in self._order],
             "shadow": None if self._shadow_cfg is None else
             {"dbbuf": self._shadow_cfg.dbbuf, "eventidx": self._shadow_cfg.eventidx},
             "coalescing": {"thr": self._thr, "time_ns": self._time_ns, "exempt": sorted(self._exempt)},
-            "parked": [[s.st.sqid, cid] for s in self._order for cid in sorted(s.parked)],
+            "parked": [[s.qid, cid] for s in self._order for cid in sorted(s.parked)],
         }

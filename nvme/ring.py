@@ -54,9 +54,14 @@ def valid_sq_tail(sq: SqState, tail: int) -> bool:
 
 def valid_cq_head(cq: CqState, head: int) -> bool:
     """head < size and within the entries posted since the last head (inclusive of none)."""
-    if not 0 <= head < cq.size:
+    return cq_head_ok(cq.head, cq.tail, cq.size, head)
+
+
+def cq_head_ok(old_head: int, tail: int, size: int, head: int) -> bool:
+    """valid_cq_head on plain ints (the runner keeps queue state in table records)."""
+    if not 0 <= head < size:
         return False
-    return (head - cq.head) % cq.size <= (cq.tail - cq.head) % cq.size
+    return (head - old_head) % size <= (tail - old_head) % size
 
 
 def fetch_budget(sq: SqState, cq: CqState, inflight_on_cq: int) -> int:
@@ -76,13 +81,23 @@ def post_cqe(cq_mem: memoryview, cq: CqState, dw0: int, sqhd: int, sqid: int, ci
     the cast view to avoid a cast per completion.  The caller checks for room.
     """
     m = cq_mem if cq_mem.format == "I" else cq_mem.cast("I")
-    i = cq.tail << 2
-    m[i] = dw0 & 0xFFFFFFFF
-    m[i + 1] = 0                                    # DW1 reserved
-    m[i + 2] = (sqhd & 0xFFFF) | ((sqid & 0xFFFF) << 16)
-    m[i + 3] = dw3(cid, status, cq.phase)           # the publishing store: last
+    write_cqe(m, cq.tail, cq.phase, dw0, sqhd, sqid, cid, status)
     t = cq.tail + 1
     if t == cq.size:
         t = 0
         cq.phase ^= 1
     cq.tail = t
+
+
+def write_cqe(m: memoryview, slot: int, phase: int, dw0: int, sqhd: int, sqid: int, cid: int,
+              status: int) -> None:
+    """The one definition of a CQE store sequence: DW0, DW1, DW2, then DW3 in one store.
+
+    `m` is the CQ ring cast to 'I'.  QueueRunner's hot loop inlines exactly these four
+    stores (tests/unit/test_cqe_store_order.py records them on the real path).
+    """
+    i = slot << 2
+    m[i] = dw0 & 0xFFFFFFFF
+    m[i + 1] = 0                                    # DW1 reserved
+    m[i + 2] = (sqhd & 0xFFFF) | ((sqid & 0xFFFF) << 16)
+    m[i + 3] = dw3(cid, status, phase)              # the publishing store: last

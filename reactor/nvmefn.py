@@ -32,6 +32,7 @@ from typing import Any
 from nvme.config import ControllerConfig
 from nvme.controller import Controller
 from nvme.namespace import Namespace
+from nvme.qtable import QueueTable, table_bytes
 from nvme.state import CqState, ShadowDoorbells, SqState
 from pci.config import PciConfig
 from reactor.coordinator import Coordinator
@@ -67,10 +68,19 @@ class NvmeFunction:
         os.ftruncate(self.bar_fd, BAR0_SIZE)
         self.bar = mmap.mmap(self.bar_fd, BAR0_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.db_words = memoryview(self.bar)[DB_OFFSET:].cast("I")
+        # The queue table (nvme.qtable, SEAMS S1): every queue's state, shared with the
+        # workers that run the I/O queues (and with whatever process takes them over).
+        self.nqueues = (BAR0_SIZE - DB_OFFSET) // 8
+        self.qt_fd = os.memfd_create(f"vnvmed-{name}-queues", os.MFD_CLOEXEC)
+        os.ftruncate(self.qt_fd, table_bytes(self.nqueues))
+        self.qt_map = mmap.mmap(self.qt_fd, table_bytes(self.nqueues), mmap.MAP_SHARED,
+                                mmap.PROT_READ | mmap.PROT_WRITE)
+        self.qtable = QueueTable(self.qt_map, self.nqueues, init=True)
         self.pci = PciConfig(bar0_size=BAR0_SIZE, msix_vectors=cfg.msix_vectors)
         self.mem = MappedGuestMemory()
         self.namespaces = namespaces
-        self.ctrl = Controller(cfg, namespaces, memoryview(self.bar)[DB_OFFSET:], self.mem, self)
+        self.ctrl = Controller(cfg, namespaces, memoryview(self.bar)[DB_OFFSET:], self.mem, self,
+                               qtable=self.qtable)
         self.links: dict[int, WorkerLink] = {}
         self.placement = Placement([])
         self.coord = Coordinator(self._request, self._send, self._quiesce_timeout, quiesce_timeout)
@@ -89,8 +99,9 @@ class NvmeFunction:
     def add_worker(self, link: WorkerLink) -> None:
         self.links[link.wid] = link
         self.placement.set_workers(sorted(self.links))
-        link.send({"op": "hello", "db_size": BAR0_SIZE, "mdts": self.mdts_bytes, "trapped": self.trapped,
-                   "ns": [self._ns_wire(ns) for ns in self.namespaces.values()]}, [self.bar_fd])
+        link.send({"op": "hello", "db_size": BAR0_SIZE, "nqueues": self.nqueues, "mdts": self.mdts_bytes,
+                   "trapped": self.trapped,
+                   "ns": [self._ns_wire(ns) for ns in self.namespaces.values()]}, [self.bar_fd, self.qt_fd])
         for (iova, size), (offset, fd, r, w) in self.dma_regions.items():
             link.send(self._map_msg(iova, size, offset, fd, r, w), [fd] if fd is not None else None)
         self._push_routes_to(link)
@@ -330,21 +341,28 @@ class NvmeFunction:
             except (TimeoutError, ConnectionError, KeyError, TypeError, ValueError):
                 pass
         w = self.placement.place_cq(cq.cqid)
-        self._sync(w, {"op": "add_cq", "cq": cq.to_dict()})
+        self.qtable.put_cq(cq)          # the worker runs the queue from its record
+        self._sync(w, {"op": "add_cq", "cqid": cq.cqid})
 
     def io_sq_created(self, sq: SqState) -> None:
         w = self.placement.place_sq(sq.sqid, sq.cqid)
-        self._sync(w, {"op": "add_sq", "sq": sq.to_dict()})
+        self.qtable.put_sq(sq)
+        self._sync(w, {"op": "add_sq", "sqid": sq.sqid})
 
     def io_sq_deleted(self, sqid: int) -> None:
         w = self.placement.remove_sq(sqid)
         if w is not None and w in self.links:
             self._sync(w, {"op": "del_sq", "sqid": sqid})
+        self.qtable.clear_sq(sqid)      # ours again (and gone)
+
+    def sq_busy(self, sqid: int) -> bool:
+        return self.slow.busy(sqid)
 
     def io_cq_deleted(self, cqid: int) -> None:
         w = self.placement.remove_cq(cqid)
         if w is not None and w in self.links:
             self._sync(w, {"op": "del_cq", "cqid": cqid})
+        self.qtable.clear_cq(cqid)
 
     def shadow_doorbells_changed(self, shadow: ShadowDoorbells) -> None:
         self.shadow = shadow
@@ -473,7 +491,7 @@ class NvmeFunction:
                 workers[str(wid)] = {"error": str(e)}
                 continue
             st = ack.get("stats") or {}
-            workers[str(wid)] = {k: v for k, v in st.items() if k != "queues"}
+            workers[str(wid)] = dict(st)
             ctrl["commands"] += int(st.get("commands") or 0)
             ctrl["doorbell_errors"] += int(st.get("dberr") or 0)
             # Counters a worker may add later (per-command bytes, errors, a log2 latency
@@ -488,16 +506,20 @@ class NvmeFunction:
                 acc.extend([0] * (len(hist) - len(acc)))
                 for i, n in enumerate(hist):
                     acc[i] += int(n)
-            snap = st.get("queues") or {}
-            cqs = {c["cqid"]: c for c in snap.get("cqs", [])}
-            for sq in snap.get("sqs", []):
-                cq = cqs.get(sq["cqid"], {})
-                queues[str(sq["sqid"])] = {
-                    "worker": wid, "cqid": sq["cqid"], "depth": sq["size"],
-                    "sq_head": sq["head"], "sq_tail": sq["tail"],
-                    # entries the host has submitted that we have not fetched yet
-                    "pending": (sq["tail"] - sq["head"]) % sq["size"] if sq["size"] else 0,
-                    "cq_head": cq.get("head"), "cq_tail": cq.get("tail"), "broken": sq.get("broken", False)}
+        # Queue progress straight from the queue table (SEAMS S1): no worker round trip,
+        # and a worker that does not answer still shows where its queues stand.
+        for sqid in sorted(self.placement.sq_cq):
+            sq = self.qtable.get_sq(sqid)
+            if sq is None:
+                continue
+            cq = self.qtable.get_cq(sq.cqid)
+            queues[str(sqid)] = {
+                "worker": self.placement.worker_of_sq(sqid), "cqid": sq.cqid, "depth": sq.size,
+                "sq_head": sq.head, "sq_tail": sq.tail,
+                # entries the host has submitted that we have not fetched yet
+                "pending": (sq.tail - sq.head) % sq.size if sq.size else 0,
+                "cq_head": cq.head if cq else None, "cq_tail": cq.tail if cq else None,
+                "broken": sq.broken}
         return {"controller": ctrl, "queues": queues, "workers": workers,
                 "errors_logged": self.ctrl.errlog.count}
 

@@ -69,12 +69,17 @@ class SlowPath:
         self.session: Any = None
         self.tasks: set[asyncio.Task] = set()
         self.count = 0
+        self.running: dict[int, int] = {}     # SQ id -> commands of it in progress here
 
     def set_session(self, session: Any) -> None:
         self.session = session
 
+    def busy(self, sqid: int) -> bool:
+        return self.running.get(sqid, 0) > 0
+
     def submit(self, wid: int, sqid: int, sqe: bytes) -> None:
         self.count += 1
+        self.running[sqid] = self.running.get(sqid, 0) + 1
         t = asyncio.ensure_future(self._run(wid, sqid, sqe))
         self.tasks.add(t)
         t.add_done_callback(self.tasks.discard)
@@ -90,6 +95,14 @@ class SlowPath:
         link = self.fn.links.get(wid)
         if link is not None:
             link.send({"op": "slow_done", "sqid": sqid, "cid": cid, "status": int(status), "dw0": dw0})
+        left = self.running[sqid] - 1
+        if left:
+            self.running[sqid] = left
+        else:
+            del self.running[sqid]
+            # A Delete I/O SQ parked behind us goes now; its del_sq follows our
+            # slow_done on the same ring, so the worker posts this command's CQE first.
+            self.fn.ctrl.sq_quiet(sqid)
 
     async def _execute(self, sqe: bytes) -> tuple[int, int]:
         if self.session is None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import time
 from time import perf_counter_ns
 from typing import Any, Callable
 
@@ -25,7 +24,8 @@ from nvme.io import IoExecutor
 from nvme.memory import NeedsMessageDma
 from nvme.namespace import Namespace
 from nvme.qpair import QueueRunner
-from nvme.state import CqState, NamespaceInfo, ShadowDoorbells, SqState
+from nvme.qtable import QueueTable, table_bytes
+from nvme.state import NamespaceInfo, ShadowDoorbells
 from reactor.channel import Channel
 from reactor.guestmem import MappedGuestMemory
 
@@ -41,6 +41,7 @@ class Slot:
         self.chan = chan
         self.mem = MappedGuestMemory()
         self.db_map: mmap.mmap | None = None
+        self.qt_map: mmap.mmap | None = None      # the controller's queue table (nvme.qtable)
         self.namespaces: dict[int, Namespace] = {}
         self.executor: IoExecutor | None = None
         self.runner: QueueRunner | None = None
@@ -58,19 +59,23 @@ class Slot:
 
     # --- set-up ---------------------------------------------------------------------
     def _hello(self, msg: dict[str, Any]) -> None:
-        (db_fd,) = self.chan.take_fds(msg["tok"])
+        db_fd, qt_fd = self.chan.take_fds(msg["tok"])
         try:
             self.db_map = mmap.mmap(db_fd, msg["db_size"], mmap.MAP_SHARED,
                                     mmap.PROT_READ | mmap.PROT_WRITE)
+            self.qt_map = mmap.mmap(qt_fd, table_bytes(msg["nqueues"]), mmap.MAP_SHARED,
+                                    mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(db_fd)
+            os.close(qt_fd)
         for info in msg["ns"]:
             self._ns_add(info)
         self.executor = IoExecutor(self.namespaces, self.mem, msg["mdts"])
         self.trapped = bool(msg.get("trapped", False))
         self.runner = QueueRunner(doorbells=Doorbells(memoryview(self.db_map)[DB_OFFSET:]), mem=self.mem,
                                   execute=self._execute, irq=self._irq,
-                                  doorbell_error=self._doorbell_error, lazy_eventidx=self.trapped)
+                                  doorbell_error=self._doorbell_error, lazy_eventidx=self.trapped,
+                                  table=QueueTable(self.qt_map, msg["nqueues"]))
 
     def _ns_add(self, info: dict[str, Any]) -> None:
         ni = NamespaceInfo(**info)
@@ -185,24 +190,25 @@ class Slot:
             os.close(fd)
         self._ack(msg)
 
+    # Queues: the front-end has written the record into the queue table (SEAMS S1);
+    # we run it from there and leave it there when we let go.
     def _op_add_cq(self, msg: dict[str, Any]) -> None:
         assert self.runner is not None
-        self.runner.add_cq(CqState.from_dict(msg["cq"]))
+        self.runner.attach_cq(int(msg["cqid"]))
         self.nqueues += 1
         self._ack(msg)
 
     def _op_add_sq(self, msg: dict[str, Any]) -> None:
         assert self.runner is not None
-        self.runner.add_sq(SqState.from_dict(msg["sq"]))
+        self.runner.attach_sq(int(msg["sqid"]))
         self.nqueues += 1
         self._ack(msg)
 
     def _op_del_sq(self, msg: dict[str, Any]) -> None:
         assert self.runner is not None
-        # Commands of this SQ that are parked on the slow path finish first (bounded).
-        deadline = time.monotonic() + 2.0
-        while self.runner.inflight() and time.monotonic() < deadline:
-            time.sleep(0.0005)
+        # The front-end sends this only once its slow-path commands on the SQ are done
+        # (their slow_done messages came before this one on the ring), so nothing is
+        # waited for here; anything still parked completes as ABORTED_SQ_DELETION.
         sq = self.runner.remove_sq(msg["sqid"])
         self.nqueues -= 1
         self._ack(msg, sq=sq.to_dict())
@@ -255,10 +261,9 @@ class Slot:
         self._ack(msg, queues=self._load())
 
     def _op_stats(self, msg: dict[str, Any]) -> None:
-        snap = self.runner.snapshot() if self.runner is not None else {}
         r, w, br, bw = self.executor.io if self.executor is not None else (0, 0, 0, 0)
         err = self.runner.errors if self.runner is not None else 0
-        self._ack(msg, stats=dict(self.stats, nqueues=self.nqueues, queues=snap,
+        self._ack(msg, stats=dict(self.stats, nqueues=self.nqueues,
                                   read_commands=r, write_commands=w, bytes_read=br,
                                   bytes_written=bw, io_errors=err, lat_log2_ns=list(self.lat)))
 
@@ -281,10 +286,12 @@ class Slot:
         for ns in self.namespaces.values():
             ns.backend.close()
         self.namespaces = {}
-        if self.db_map is not None:
-            try:
-                self.db_map.close()
-            except BufferError:
-                pass  # a view is still alive somewhere; the mapping dies with the process
-            self.db_map = None
+        for name in ("db_map", "qt_map"):
+            m = getattr(self, name)
+            if m is not None:
+                try:
+                    m.close()
+                except BufferError:
+                    pass  # a view is still alive somewhere; the mapping dies with the process
+                setattr(self, name, None)
         self.chan.close(unlink=False)

@@ -112,15 +112,27 @@ def handle_create_io_sq(c: "Controller", cmd: AdminCmd) -> int:
     return 0
 
 
-def handle_delete_io_sq(c: "Controller", cmd: AdminCmd) -> int:
+def handle_delete_io_sq(c: "Controller", cmd: AdminCmd) -> int | None:
     qid = cmd.cdw10 & 0xFFFF
-    if qid == 0 or qid not in c.queues.sqs:
+    if qid == 0 or qid not in c.queues.sqs or qid in c.sq_deletions:
         raise CommandError(Status.INVALID_QUEUE_IDENTIFIER, f"sqid {qid}")
-    # The hook returns once the worker has drained the queue's in-flight commands.
+    # Commands of this SQ that the front-end itself is still running (slow path: DMA
+    # messages to the client) must finish first, and they need the front-end's loop,
+    # which this admin command runs on: so the command is parked and completed by
+    # Controller.sq_quiet() when the last of them is done (spec: every command of a
+    # deleted SQ is completed or aborted before the delete completes).
+    if c.hooks.sq_busy(qid):
+        c.sq_deletions[qid] = cmd.cid
+        return None
+    delete_io_sq(c, qid)
+    return 0
+
+
+def delete_io_sq(c: "Controller", qid: int) -> None:
+    # The hook returns once the worker let go of the queue (parked commands completed).
     c.hooks.io_sq_deleted(qid)
     del c.queues.sqs[qid]
     c.zero_doorbells(qid, sq=True)
-    return 0
 
 
 def handle_delete_io_cq(c: "Controller", cmd: AdminCmd) -> int:

@@ -9,6 +9,7 @@ QEMU's main loop.
 from __future__ import annotations
 
 import os
+import select
 import struct
 import time
 
@@ -96,4 +97,40 @@ def test_fdless_buffer_outside_client_memory_fails_cleanly(setup):
     st = _run(c, h, h.sqe(0x02, h.next_cid(), 1, ROM, 0, (0, 0, 7)))
     assert st & 0x7FF == 0x004               # Data Transfer Error (DNR set)
     buf = ram.alloc(PAGE)                    # the queue still works
+    assert h.rw(1, True, 1, 0, 8, buf) == 0
+
+
+def test_delete_sq_while_a_slow_path_command_is_parked(setup):
+    """Delete I/O SQ while a command of that SQ waits on the slow path (the client has
+    not answered its DMA_WRITE yet).  The worker used to wait for a slow_done that sat
+    behind the delete on the same ring: the front-end stalled 2 s and the controller
+    went fatal.  Now the delete waits for the front-end's own slow-path work on that SQ,
+    then both complete and the controller carries on."""
+    d, c, ram, h = setup
+    fdless = bytearray(PAGE)
+    c.dma_map(ROM, PAGE, None, 0)
+    c.add_dma_buffer(ROM, fdless, writable=True)
+    read = h.next_cid()
+    h.submit(1, h.sqe(0x02, read, 1, ROM, 0, (0, 0, 7)))     # 4 KiB read into fd-less memory
+    # The worker parks it and the front-end asks us for a DMA_WRITE: our socket turns
+    # readable; we do not answer yet.
+    assert select.select([c.sock], [], [], 10)[0], "the slow path never sent its DMA request"
+    delete = h.next_cid()
+    h.submit(0, h.sqe(0x00, delete, 0, 0, 0, (1,)))          # Delete I/O SQ 1
+    time.sleep(0.5)               # the admin poller (<= 250 ms between polls) takes the delete
+    deadline = time.monotonic() + 10
+    done: dict[int, int] = {}
+    while len(done) < 2 and time.monotonic() < deadline:
+        c.poll(0.002)             # now answer the DMA request, as QEMU's main loop would
+        for qid in (0, 1):
+            e = h.poll_cqe(qid)
+            if e is not None:
+                done[e.cid] = e.status
+    assert done.get(read) == 0 and done.get(delete) == 0, done
+    assert bytes(fdless) == bytes(PAGE)                        # the ram namespace reads zeroes
+    assert h.reg_read(0x1C) & 2 == 0                          # CSTS.CFS clear
+    assert h.admin(0x04, 0, 0, 0, (1,))[0] == 0              # Delete I/O CQ 1
+    del h.queues[1]
+    h.create_io_queue(1, 16)                                  # and the controller carries on
+    buf = ram.alloc(PAGE)
     assert h.rw(1, True, 1, 0, 8, buf) == 0

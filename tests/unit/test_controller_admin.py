@@ -169,3 +169,30 @@ def test_doorbell_buffer_config():
     # disable drops shadow mode
     h.disable()
     assert h.hooks.calls[-1] == ("shadow", 0, 0)
+
+
+def test_delete_sq_waits_for_the_front_ends_commands_of_that_sq():
+    """While the front-end still runs commands of an SQ (slow path), Delete I/O SQ is
+    parked: no completion, the worker is not asked, a second delete of it is refused;
+    sq_quiet() deletes it and completes the parked command.  A disable drops it."""
+    h = ready_host()
+    h.create_cq(1); h.create_sq(1, 1)
+    h.hooks.busy_sqs.add(1)
+    cid = h.submit(0x00, cdw=(1,))
+    h.ctrl.poll_admin()
+    assert [c for c in h.reap() if c.cid == cid] == []
+    assert ("sq-", 1) not in h.hooks.calls
+    assert h.cmd(0x00, cdw=(1,)).status == Status.INVALID_QUEUE_IDENTIFIER
+    h.hooks.busy_sqs.clear()
+    h.ctrl.sq_quiet(1)
+    got = [c for c in h.reap() if c.cid == cid]
+    assert len(got) == 1 and got[0].status == 0 and ("sq-", 1) in h.hooks.calls
+    assert h.ok(0x04, cdw=(1,))                                  # now the CQ can go
+    # parked, then the controller is disabled: nothing completes later
+    h.create_cq(2); h.create_sq(2, 2)
+    h.hooks.busy_sqs.add(2)
+    h.submit(0x00, cdw=(2,))
+    h.ctrl.poll_admin()
+    h.disable()
+    assert h.ctrl.sq_deletions == {}
+    h.ctrl.sq_quiet(2)                                           # late: ignored

@@ -47,11 +47,13 @@ class Ns:
 class Hooks:
     calls: list = field(default_factory=list)
     irqs: list = field(default_factory=list)
+    busy_sqs: set = field(default_factory=set)
 
     def irq(self, vector): self.irqs.append(vector)
     def io_cq_created(self, cq): self.calls.append(("cq+", cq.cqid))
     def io_sq_created(self, sq): self.calls.append(("sq+", sq.sqid))
     def io_sq_deleted(self, sqid): self.calls.append(("sq-", sqid))
+    def sq_busy(self, sqid): return sqid in self.busy_sqs
     def io_cq_deleted(self, cqid): self.calls.append(("cq-", cqid))
     def shadow_doorbells_changed(self, shadow): self.calls.append(("shadow", shadow.dbbuf, shadow.eventidx))
     def coalescing_changed(self, thr, time_100us, exempt): self.calls.append(("coal", thr, time_100us, exempt))

@@ -254,9 +254,36 @@ def test_shadow_doorbells_and_eventidx():
         assert h.runner.poll() == 1
         assert h.runner.has_work()
         assert h.runner.poll() == 1
-        # dropping shadow copies tails back to the real doorbell page
+    finally:
+        h.close()
+
+
+def test_dropping_shadow_never_writes_the_doorbell_page():
+    """set_shadow(None) (shadow pages unmapped) must not store into the doorbell page: a
+    guest doorbell write made at that instant would be lost.  The stale value the page
+    holds from shadow mode is disregarded (no lap of phantom SQEs, no bad-head report)
+    until the host writes a new one, which is then taken."""
+    h = Host(shadow=ShadowDoorbells(dbbuf=DBBUF, eventidx=EVIDX))
+    try:
+        h.create(1, SQ1, CQ1, 8, 8)
+        sh = memoryview(h.ram)[DBBUF - RAM:DBBUF - RAM + P].cast("I")
+        h.db.set_sq_tail(1, 1)                        # rung once, long ago
+        h.db.set_cq_head(1, 0)
+        for cid in range(1, 4):
+            h.submit(1, cid=cid, ring=False)
+        sh[2] = h.sq_tail[1]
+        assert h.runner.poll() == 3
+        h.reap(1, ring=False)
+        sh[3] = h.cq_head[1]
+        h.runner.poll()
+        before = bytes(h.mm)
         h.runner.set_shadow(None)
-        assert h.db.sq_tail(1) == h.sq_tail[1]
+        assert bytes(h.mm) == before                  # not one doorbell word written
+        assert h.runner.poll() == 0 and not h.errors  # stale tail 1 (behind head 3): ignored
+        h.submit(1, cid=9)                            # the host rings the real doorbell now
+        assert h.runner.poll() == 1
+        assert [c[3] for c in h.reap(1)] == [9]
+        assert not h.errors
     finally:
         h.close()
 
