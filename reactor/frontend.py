@@ -175,7 +175,7 @@ class FrontEnd:
 
 def run(spec: Any, namespaces: list[dict[str, Any]], worker_socks: dict[int, socket.socket],
         sup: socket.socket, opts: dict[str, Any]) -> None:
-    """multiprocessing (spawn) entry point."""
+    """multiprocessing entry point (forked by the forkserver, see reactor/zygote.py)."""
     set_process_name(f"vnvmed: frontend {spec.name}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from ops.logsetup import setup_logging

@@ -388,6 +388,7 @@ class NvmeFunction:
         self.mem = session.memory
         self.ctrl.set_memory(self.mem)
         self.slow.set_session(session)
+        self.admin_kick.set()          # the admin poller sleeps without a timer while no guest
 
     def client_disconnected(self) -> None:
         # The next client is a new VM (or a restarted QEMU): it starts from power-on.
@@ -550,25 +551,34 @@ class NvmeFunction:
                 except Exception:
                     log.exception("%s: admin queue failed", self.name)
                     self._fatal("admin queue processing failed")
+            wait: float | None
             if n:
                 last = now
-                interval = min_interval
-            elif self.session is None or self.trapped:
+                wait = interval = min_interval
+            elif self.session is None or not self.ctrl.ready:
+                # No guest, or its controller is not enabled: nothing to poll until a CC
+                # write, a resume or a new session (all of them kick) - no timer at all,
+                # so an idle front-end without a guest never wakes (64 of them woke
+                # 64 times a second for ~0.9 % of a core).
+                wait = None
+                interval = max_interval
+            elif self.trapped:
                 # Trapped doorbells: every admin doorbell write and CC write kicks us, so
                 # the timeout is only a safety net.
-                interval = 1.0
+                wait = interval = 1.0
             else:
-                interval = min(interval * 2, deep_interval if now - last > deep_after else max_interval)
+                wait = interval = min(interval * 2, deep_interval if now - last > deep_after else max_interval)
             self.admin_kick.clear()
             # The timeout is a timer that sets the kick event itself: one TimerHandle
             # and the event's waiter future per wait.  asyncio.wait_for would wrap the
             # wait in a Task and a cancellation on every timeout - several event-loop
             # iterations and ~5x the CPU of an idle wake-up (it wakes 10x a second).
-            timer = loop.call_later(interval, self.admin_kick.set)
+            timer = loop.call_later(wait, self.admin_kick.set) if wait is not None else None
             try:
                 await self.admin_kick.wait()
             finally:
-                timer.cancel()
+                if timer is not None:
+                    timer.cancel()
 
     def close(self) -> None:
         for link in self.links.values():

@@ -3,7 +3,8 @@
 It owns the configuration, the namespaces' backends (it creates RAM namespaces in
 shared memory and is the one that unlinks them), one worker process per core (pinned)
 and one front-end process per controller, plus the management socket.  Children are
-started with the multiprocessing *spawn* context (no fork after threads); each gets a
+forked by the multiprocessing *forkserver* (a fresh single-threaded interpreter, so no
+fork after threads) that preloads reactor/zygote.py; each gets a
 SOCK_SEQPACKET control socket (reactor/ipc.py).  For every (front-end, worker) pair the
 supervisor makes the socketpair their channel starts from.
 
@@ -37,7 +38,8 @@ from ops.mgmtapi import ManagementApiMixin
 from reactor.shm.names import cleanup_stale, instance_prefix
 
 log = logging.getLogger("vnvmed")
-CTX = multiprocessing.get_context("spawn")
+CTX = multiprocessing.get_context("forkserver")
+CTX.set_forkserver_preload(["reactor.zygote"])
 
 
 RUN_DIR_MODE = 0o750      # as systemd's RuntimeDirectoryMode in contrib/systemd/vnvmed.service

@@ -182,15 +182,24 @@ class Daemon:
         return os.path.join(self.run_dir, "vnvmed.rpc")
 
     def children(self) -> dict[int, str]:
-        """pid -> command line of the daemon's direct children."""
+        """pid -> command line of the daemon's descendants (workers and front-ends are
+        forked by the daemon's forkserver, so they are its grandchildren)."""
         out = {}
-        with open(f"/proc/{self.pid}/task/{self.pid}/children") as f:
-            for pid in f.read().split():
+        todo = [self.pid]
+        while todo:
+            parent = todo.pop()
+            try:
+                with open(f"/proc/{parent}/task/{parent}/children") as f:
+                    kids = [int(p) for p in f.read().split()]
+            except FileNotFoundError:       # exited meanwhile
+                continue
+            for pid in kids:
                 try:
                     with open(f"/proc/{pid}/cmdline", "rb") as c:
-                        out[int(pid)] = c.read().replace(b"\0", b" ").decode().strip()
+                        out[pid] = c.read().replace(b"\0", b" ").decode().strip()
                 except FileNotFoundError:   # exited between the two reads
-                    pass
+                    continue
+                todo.append(pid)
         return out
 
     def pids_named(self, word: str) -> list[int]:

@@ -302,7 +302,7 @@ class Worker:
 
 
 def run(wid: int, core: int, ctl: socket.socket, opts: dict[str, Any]) -> None:
-    """multiprocessing (spawn) entry point."""
+    """multiprocessing entry point (forked by the forkserver, see reactor/zygote.py)."""
     set_process_name(f"vnvmed: worker {wid}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from ops.logsetup import setup_logging

@@ -1,0 +1,70 @@
+"""Many controllers: children come from the forkserver, idle front-ends without a guest sleep.
+
+Behaviour, not speed (the figures are benchmarks/many.py's): which process forks the
+daemon's children, and that a front-end with no guest (or a guest that has not enabled
+the controller) has no timer - it is woken by the client, and then serves it at once.
+"""
+from __future__ import annotations
+
+import time
+
+from tests.integration.test_reactor import _host
+
+
+def _switches(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def test_children_are_forked_by_the_preloaded_forkserver(tmp_path, vnvmed):
+    d = vnvmed(tmp_path / "run", "--cores", "0", "--controller", f"c0={tmp_path}/c0.sock",
+               "--controller", f"c1={tmp_path}/c1.sock", "--namespace", "c0=null:16M")
+    try:
+        (fs,) = d.pids_named("vnvmed: forkserver")
+        assert _ppid(fs) == d.pid
+        kids = d.pids_named("frontend") + d.pids_named("worker")
+        assert len(kids) == 3
+        assert {_ppid(p) for p in kids} == {fs}
+        # The forkserver imported the front-end's code once: the children did not.
+        with open(f"/proc/{fs}/smaps_rollup") as f:
+            assert "Pss" in f.read()
+    finally:
+        assert d.stop() == 0
+    assert d.shm_left() == []
+
+
+def test_front_end_without_guest_does_not_wake_and_serves_the_next_client(tmp_path, vnvmed):
+    sock = f"{tmp_path}/c0.sock"
+    d = vnvmed(tmp_path / "run", "--cores", "0", "--controller", f"c0={sock}",
+               "--namespace", "c0=null:16M")
+    try:
+        (fe,) = d.pids_named("frontend")
+        time.sleep(0.5)
+        before = _switches(fe)
+        time.sleep(2.0)
+        assert _switches(fe) - before <= 1      # no timer: nothing wakes it (was 1/s)
+        # A client connects and enables: the admin queue is served at once.
+        c, ram, h = _host(sock)
+        try:
+            ident = h.identify(1)
+            assert ident[24:64].strip()          # model number
+            time.sleep(2.0)                      # deep idle with the controller enabled ...
+            assert h.identify(1) == ident        # ... still answers (the poller has a timer)
+            h.disable()
+            time.sleep(1.5)
+            before = _switches(fe)
+            time.sleep(1.5)
+            assert _switches(fe) - before <= 1   # disabled again: no timer
+            h.enable()                           # the CC write wakes it
+            assert h.identify(1) == ident
+        finally:
+            h.close()
+            c.close()
+            ram.close()
+    finally:
+        assert d.stop() == 0
