@@ -173,7 +173,8 @@ class Controller:
     def _cc_changed(self, old: int, new: int) -> None:
         for ev in decode_cc_write(old, new):
             if not self.table.can(ev):
-                log.info("ignoring CC write %#x -> %#x in state %s", old, new, self.state.name)
+                log.info("ignoring CC write %#x -> %#x in state %s", old, new, self.state.name,
+                         extra={"ratelimit": "CC write ignored"})
                 continue
             if ev is CEvent.DISABLE:
                 self._teardown()

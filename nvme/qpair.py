@@ -263,7 +263,8 @@ class QueueRunner:
             try:
                 self._shadow = ShadowDoorbellView(mem, self._shadow_cfg, self._page_size)
             except DmaFault:
-                log.info("shadow doorbell pages unmapped: back to the doorbell page")
+                log.info("shadow doorbell pages unmapped: back to the doorbell page",
+                         extra={"ratelimit": "shadow pages unmapped"})
                 self.set_shadow(None)
 
     def _queue_fault(self, q: _Cq | _Sq, qid: int, reason: str) -> None:
@@ -272,7 +273,7 @@ class QueueRunner:
         if self._fault is not None:
             self._fault(qid, reason)
         else:
-            log.warning("queue %d faulted: %s", qid, reason)
+            log.warning("queue %d faulted: %s", qid, reason, extra={"ratelimit": "queue fault"})
 
     def set_shadow(self, shadow: ShadowDoorbells | None) -> None:
         """Enable (raises DmaFault if the pages are not mapped) or drop shadow doorbells.
@@ -455,7 +456,8 @@ class QueueRunner:
                 try:
                     res = execute(sqe, qid)
                 except NeedsMessageDma:
-                    log.warning("SQ %d CID %d needs message DMA and was not parked", qid, cid)
+                    log.warning("SQ %d CID %d needs message DMA and was not parked", qid, cid,
+                                extra={"ratelimit": "message DMA not parked"})
                     res = (Status.DATA_TRANSFER_ERROR, 0)
                 except Exception:  # our bug, not the guest's: keep the guest alive
                     log.exception("executor failed on SQ %d CID %d", qid, cid)

@@ -11,8 +11,17 @@ line.
 malformed commands, DMA outside the map): a misbehaving guest can produce them
 at millions per second, and an unbounded log is both a DoS on the disk and a
 way to hide the first, useful message.  Per key, ``burst`` messages per
-``interval`` are logged; the rest are counted and reported as one
-"suppressed K messages" line when the key is next allowed (or on ``flush``).
+``interval`` are logged; the first one over budget logs a one-line "rate limit"
+notice, the rest are counted and reported as one "suppressed K messages" line when
+the key is next allowed (or on ``flush``).
+
+Guest- and client-triggered lines are marked where they are logged, with the
+standard ``extra`` mechanism: ``log.warning(..., extra={"ratelimit": KEY})``.  The
+pure packages (nvme/, vfio_user/) can do that without importing anything of ours;
+``setup_logging`` installs `RateLimitFilter` on the handler of every process
+(supervisor, front-ends, workers), which runs each marked record through one
+`RateLimitedLogger` budget per key.  Unmarked lines (our own events and bugs) are
+never limited.
 """
 from __future__ import annotations
 
@@ -61,6 +70,7 @@ def setup_logging(level: str | int = "info", stream: TextIO | None = None,
            else f"%(asctime)s.%(msecs)03d %(levelname)s {process}[%(process)d] %(name)s: %(message)s")
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(OneLineFormatter(fmt, journal))
+    handler.addFilter(RateLimitFilter())
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
@@ -97,8 +107,13 @@ class RateLimitedLogger:
 
     def log(self, level: int, key: Any, msg: str, *args: Any, **kwargs: Any) -> bool:
         """Log unless key is over its budget; True when the message was emitted."""
-        if not self.logger.isEnabledFor(level):
+        if not self.logger.isEnabledFor(level) or not self.allow(key, level):
             return False
+        self.logger.log(level, msg, *args, **kwargs)
+        return True
+
+    def allow(self, key: Any, level: int = logging.WARNING) -> bool:
+        """Spend one message of key's budget: True if it may be logged, else it is counted."""
         now = self.clock()
         state = self._keys.get(key)
         if state is None:
@@ -112,10 +127,12 @@ class RateLimitedLogger:
             self._report(key, state, level)
             state[0], state[1] = now, 0
         if state[1] >= self.burst:
+            if not state[2]:      # say so at once, not only when the window ends
+                self.logger.log(level, "rate limit: more messages for %s suppressed for up to %.0f s",
+                                key, self.interval - (now - state[0]))
             state[2] += 1
             return False
         state[1] += 1
-        self.logger.log(level, msg, *args, **kwargs)
         return True
 
     def flush(self, level: int = logging.WARNING) -> None:
@@ -134,3 +151,26 @@ class RateLimitedLogger:
 
     def error(self, key: Any, msg: str, *args: Any, **kw: Any) -> bool:
         return self.log(logging.ERROR, key, msg, *args, **kw)
+
+
+RATE_LIMIT_ATTR = "ratelimit"
+
+
+class RateLimitFilter(logging.Filter):
+    """Handler filter: records carrying ``extra={"ratelimit": KEY}`` share KEY's budget.
+
+    The "suppressed K messages for KEY" report goes through the ``vnvmed.ratelimit``
+    logger (unmarked, so never limited itself) just before the next allowed line.
+    """
+
+    def __init__(self, burst: int = 5, interval: float = 60.0, max_keys: int = 1024,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.limiter = RateLimitedLogger(logging.getLogger("vnvmed.ratelimit"), burst, interval,
+                                         max_keys, clock)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = getattr(record, RATE_LIMIT_ATTR, None)
+        if key is None:
+            return True
+        return self.limiter.allow(key, record.levelno)

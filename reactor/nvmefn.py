@@ -48,6 +48,9 @@ from vfio_user.wire import DeviceFlag, Irq, IrqInfoFlag, Region, RegionFlag
 import errno
 
 log = logging.getLogger("vnvmed.frontend")
+# The guest can toggle CC.EN as fast as it likes: state lines are rate-limited (per line).
+_RL_SHUT, _RL_EN, _RL_DIS = ({"ratelimit": k} for k in ("shutdown complete", "controller enabled",
+                                                         "controller disabled"))
 
 BAR0_SIZE = 0x4000
 DB_OFFSET = 0x1000
@@ -272,11 +275,11 @@ class NvmeFunction:
         if before == after:
             return
         if after & 0xC != before & 0xC and (after >> 2) & 3 == 2:
-            log.info("%s: shutdown complete (CSTS.SHST=10b)", self.name)
+            log.info("%s: shutdown complete (CSTS.SHST=10b)", self.name, extra=_RL_SHUT)
         elif after & 1 and not before & 1:
-            log.info("%s: controller enabled (CSTS.RDY=1)", self.name)
+            log.info("%s: controller enabled (CSTS.RDY=1)", self.name, extra=_RL_EN)
         elif before & 1 and not after & 1:
-            log.info("%s: controller disabled", self.name)
+            log.info("%s: controller disabled", self.name, extra=_RL_DIS)
 
     @staticmethod
     def _check_doorbell_access(offset: int, count: int) -> None:
@@ -374,7 +377,7 @@ class NvmeFunction:
                          "exempt": sorted(exempt_vectors)})
 
     def fatal(self, reason: str) -> None:
-        log.error("%s: controller fatal: %s", self.name, reason)
+        log.error("%s: controller fatal: %s", self.name, reason, extra={"ratelimit": "controller fatal"})
         self.fatal_reason = reason
 
     # lifecycle --------------------------------------------------------------------------

@@ -37,6 +37,9 @@ if TYPE_CHECKING:
     from .session import Session
 
 log = logging.getLogger("vnvmed.vfio")
+# Client-triggered lines are rate-limited per key (ops.logsetup.RateLimitFilter).
+_RL_FAIL = {"ratelimit": "vfio-user request refused"}
+_RL_FDS = {"ratelimit": "vfio-user stray fds"}
 
 @dataclass(frozen=True, slots=True)
 class Reply:
@@ -295,7 +298,8 @@ class Pipeline:
             if len(frame.fds) > spec.max_fds:
                 if spec.strict_fds:
                     raise ProtocolError(errno.EINVAL, f"{len(frame.fds)} fds, at most {spec.max_fds}")
-                log.info("msg %d %s: closing %d unexpected fds", hdr.msg_id, name, len(frame.fds))
+                log.info("msg %d %s: closing %d unexpected fds", hdr.msg_id, name, len(frame.fds),
+                         extra=_RL_FDS)
                 frame.close()
             if spec.needs_version != self.session.negotiated:
                 raise ProtocolError(errno.EINVAL, "VERSION must come first, and once")
@@ -339,6 +343,6 @@ class Pipeline:
     async def _fail(self, frame: Frame, name: str, err: int, why: str) -> None:
         hdr = frame.header
         frame.close()
-        log.warning("msg %d %s: %s", hdr.msg_id, name, why)
+        log.warning("msg %d %s: %s", hdr.msg_id, name, why, extra=_RL_FAIL)
         if not hdr.no_reply:
             await self.session.send_reply(hdr.error_reply(err))

@@ -44,6 +44,13 @@ if TYPE_CHECKING:
     from .device import VfioDevice
 
 log = logging.getLogger("vnvmed.vfio")
+# Client-triggered lines are rate-limited per key (ops.logsetup.RateLimitFilter): a
+# client reconnecting in a loop must not flood the log.
+_RL_CONN = {"ratelimit": "vfio-user client negotiated"}
+_RL_GONE = {"ratelimit": "vfio-user client closed"}
+_RL_SEND = {"ratelimit": "vfio-user reply not sent"}
+_RL_STREAM = {"ratelimit": "vfio-user stream unusable"}
+_RL_REPLY = {"ratelimit": "vfio-user stray reply"}
 
 # Largest message we accept: a full-size REGION_WRITE / MIG_DATA_WRITE / DMA_READ
 # reply plus its fixed fields, with room to spare.
@@ -86,7 +93,7 @@ class Session:
     def on_negotiated(self, caps: ClientCaps) -> None:
         self.client_caps = caps
         log.info("%s: client negotiated (max_msg_fds=%d, max_xfer=%d, qemu=%s)", self.name,
-                 caps.max_msg_fds, caps.max_data_xfer_size, caps.qemu_flavour)
+                 caps.max_msg_fds, caps.max_data_xfer_size, caps.qemu_flavour, extra=_RL_CONN)
         self._connected = True
         self.device.client_connected(self)
 
@@ -95,7 +102,7 @@ class Session:
         try:
             await self.transport.send(header, payload, fds)
         except OSError as e:
-            log.info("%s: msg %d reply not sent: %s", self.name, header.msg_id, e)
+            log.info("%s: msg %d reply not sent: %s", self.name, header.msg_id, e, extra=_RL_SEND)
 
     # ------------------------------------------------------------- run
     async def run(self) -> None:
@@ -146,12 +153,12 @@ class Session:
             data, fds, trunc = await self.transport.recv_chunk()
             if not data:
                 close_fds(fds)
-                log.info("%s: client closed the connection", self.name)
+                log.info("%s: client closed the connection", self.name, extra=_RL_GONE)
                 return
             try:
                 frames = self.framer.feed(data, fds, trunc)
             except StreamError as e:
-                log.warning("%s: dropping connection, stream unusable: %s", self.name, e)
+                log.warning("%s: dropping connection, stream unusable: %s", self.name, e, extra=_RL_STREAM)
                 return
             for frame in frames:
                 if frame.header.msg_type == MsgType.REPLY:
@@ -173,12 +180,12 @@ class Session:
         hdr = frame.header
         if frame.fds:
             log.warning("%s: msg %d reply carried %d fds; closed", self.name, hdr.msg_id,
-                        len(frame.fds))
+                        len(frame.fds), extra=_RL_REPLY)
             frame.close()
         entry = self._pending.get(hdr.msg_id)
         if entry is None or entry[0] != hdr.command or entry[1].done():
             log.warning("%s: msg %d %s: reply matches no pending request; dropped",
-                        self.name, hdr.msg_id, command_name(hdr.command))
+                        self.name, hdr.msg_id, command_name(hdr.command), extra=_RL_REPLY)
             return
         del self._pending[hdr.msg_id]
         entry[1].set_result(frame)

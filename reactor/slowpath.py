@@ -91,7 +91,8 @@ class SlowPath:
         try:
             status, dw0 = await self._execute(sqe)
         except Exception as e:
-            log.warning("%s: slow-path command on SQ %d failed: %s", self.fn.name, sqid, e)
+            log.warning("%s: slow-path command on SQ %d failed: %s", self.fn.name, sqid, e,
+                        extra={"ratelimit": "slow-path failure"})
         link = self.fn.links.get(wid)
         if link is not None:
             link.send({"op": "slow_done", "sqid": sqid, "cid": cid, "status": int(status), "dw0": dw0})

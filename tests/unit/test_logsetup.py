@@ -8,7 +8,7 @@ from typing import Iterator
 
 import pytest
 
-from ops.logsetup import RateLimitedLogger, setup_logging, under_systemd
+from ops.logsetup import RateLimitFilter, RateLimitedLogger, setup_logging, under_systemd
 
 
 @pytest.fixture(autouse=True)
@@ -88,7 +88,8 @@ def test_rate_limit_per_key_then_suppressed_line() -> None:
     assert rl.warning("sq2", "other queue")          # keys are independent
     clock.t += 10
     assert rl.warning("sq1", "bad doorbell again")
-    assert out == ["bad doorbell 0", "bad doorbell 1", "other queue",
+    assert out == ["bad doorbell 0", "bad doorbell 1",
+                   "rate limit: more messages for sq1 suppressed for up to 10 s", "other queue",
                    "suppressed 3 messages for sq1 in the last 10 s", "bad doorbell again"]
 
 
@@ -97,11 +98,12 @@ def test_flush_and_key_eviction() -> None:
     rl = RateLimitedLogger(lg, burst=1, interval=60, max_keys=2, clock=Clock())
     rl.error("a", "a1"); rl.error("a", "a2"); rl.error("b", "b1")
     rl.error("c", "c1")                              # evicts "a", reporting its count
-    assert out == ["a1", "b1", "suppressed 1 messages for a in the last 60 s", "c1"]
+    notice = "rate limit: more messages for {} suppressed for up to 60 s"
+    assert out == ["a1", notice.format("a"), "b1", "suppressed 1 messages for a in the last 60 s", "c1"]
     rl.error("c", "c2"); rl.flush()
-    assert out[-1] == "suppressed 1 messages for c in the last 60 s"
+    assert out[-2:] == [notice.format("c"), "suppressed 1 messages for c in the last 60 s"]
     rl.flush()
-    assert len(out) == 5                             # nothing left to report
+    assert len(out) == 7                             # nothing left to report
 
 
 def test_rate_limit_disabled_level_costs_nothing() -> None:
@@ -111,3 +113,22 @@ def test_rate_limit_disabled_level_costs_nothing() -> None:
     assert not rl.warning("k", "w") and out == []
     with pytest.raises(ValueError):
         RateLimitedLogger(lg, burst=0)
+
+
+def test_filter_limits_only_marked_records() -> None:
+    buf = io.StringIO()
+    handler = setup_logging("info", buf, environ={})
+    lg = logging.getLogger("vnvmed.test.guest")
+    for i in range(50):
+        lg.warning("bad doorbell %d", i, extra={"ratelimit": "bad doorbell"})
+        lg.warning("ours %d", i)                       # unmarked: never limited
+    for i in range(3):
+        lg.info("other key %d", i, extra={"ratelimit": "other"})
+    lines = buf.getvalue().splitlines()
+    assert sum(re.search(r"bad doorbell \d", ln) is not None for ln in lines) == 5
+    assert sum("rate limit: more messages for bad doorbell" in ln for ln in lines) == 1
+    assert sum("ours" in ln for ln in lines) == 50
+    assert sum("other key" in ln for ln in lines) == 3
+    (flt,) = [f for f in handler.filters if isinstance(f, RateLimitFilter)]
+    flt.limiter.flush()
+    assert "suppressed 45 messages for bad doorbell" in buf.getvalue()
