@@ -69,8 +69,8 @@ class ControllerConfig:
 
     @property
     def max_transfer(self) -> int:
-        """Largest data transfer of one command in bytes (MDTS; 0 would mean unlimited)."""
-        return PAGE_SIZE << self.mdts
+        """Largest data transfer of one command in bytes; 0 = no limit (MDTS 0, NVMe 5.15.2.1)."""
+        return PAGE_SIZE << self.mdts if self.mdts else 0
 
 
 @dataclass(slots=True)

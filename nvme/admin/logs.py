@@ -168,7 +168,7 @@ def handle_get_log_page(c: "Controller", cmd: AdminCmd) -> int:
     numd = (cmd.cdw10 >> 16) | ((cmd.cdw11 & 0xFFFF) << 16)
     length = (numd + 1) * 4
     offset = cmd.cdw12 | (cmd.cdw13 << 32)
-    if length > c.cfg.max_transfer:
+    if c.cfg.max_transfer and length > c.cfg.max_transfer:
         raise CommandError(Status.INVALID_FIELD, f"log length {length} > MDTS")
     page = build_page(c, lid, cmd.nsid)
     if offset & 3 or offset > len(page):

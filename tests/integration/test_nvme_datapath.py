@@ -356,3 +356,21 @@ def test_register_and_doorbell_access_rules(h: HostNvme) -> None:
     assert h.reg_read(0x1C) & 3 == 1                        # still ready, not fatal
     buf = h.ram.alloc(PAGE)
     assert h.rw(1, False, NS_RAM, 0, 8, buf) == 0
+
+
+@pytest.mark.daemon_config("""
+[[controllers]]
+name = "nvme0"
+socket = "nvme0.sock"
+mdts = 0
+""")
+@pytest.mark.daemon_args(["--cores", "0", "--controller", "nvme0={run}/nvme0.sock",
+                          "--namespace", "nvme0=ram:8M"])
+def test_mdts_zero_means_unlimited(daemon: Daemon) -> None:
+    """MDTS 0 is "no limit": 8 KiB, 64 KiB and 1 MiB transfers work (a 4 KiB cap refused them)."""
+    with enabled_nvme(daemon.socket, [1]) as h:
+        assert h.identify(1)[77] == 0
+        wbuf, rbuf = h.ram.alloc(1 << 20), h.ram.alloc(1 << 20)
+        for nbytes in (8 << 10, 64 << 10, 1 << 20):
+            data = os.urandom(nbytes)
+            assert _write_then_read(h, 1, 1, 0, data, wbuf, rbuf) == data, nbytes
