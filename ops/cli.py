@@ -5,8 +5,10 @@ import asyncio
 import sys
 from typing import Sequence
 
+from ops import preflight
 from ops.config import ConfigError, from_args
 from ops.logsetup import setup_logging
+from ops.proctitle import set_process_name
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -15,7 +17,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"vnvmed: {e}", file=sys.stderr)
         return 2
+    try:
+        preflight.check(cfg)
+    except preflight.StartupError as e:
+        print(f"vnvmed: {e}", file=sys.stderr)
+        return 2
     setup_logging(cfg.log_level)
+    set_process_name("supervisor")
     from reactor.supervisor import Supervisor
     try:
         return asyncio.run(Supervisor(cfg).run())

@@ -546,7 +546,8 @@ def from_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None 
     argparse usage errors exit(2) as usual; semantic errors are ConfigError.
     A controller named only on the command line that gets no --namespace is
     given the default ``ram:1G`` namespace, so ``--controller c=/tmp/c.sock``
-    alone serves a disk.
+    alone serves a disk.  With no controller anywhere, ``--namespace nvme0=...``
+    adds to the embedded default controller (which keeps its ``ram:1G`` as NSID 1).
     """
     a = build_parser().parse_args(argv)
     where = _Where("<command line>")
@@ -559,7 +560,7 @@ def from_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None 
         for c in cfg.controllers:   # sockets placed relative to the old run dir follow it
             if os.path.dirname(c.socket) == old:
                 c.socket = os.path.join(a.run_dir, os.path.basename(c.socket))
-    if a.cores:
+    if a.cores is not None:      # --cores '' is an empty list, refused, not "all cores"
         try:
             cfg.cores = parse_cores(a.cores)
         except ValueError as e:
@@ -587,6 +588,10 @@ def from_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None 
         if not eq:
             raise where.error(key, f"{item!r} must be NAME=KIND:ARG")
         target = cfg.controller(name)
+        if target is None and name == DEFAULT_CONTROLLER and not cfg.controllers:
+            # No controller anywhere: the namespace is added to the embedded default.
+            target = default_controller(cfg.run_dir)
+            cfg.controllers.append(target)
         if target is None:
             raise where.error(key, f"no controller named {name!r}; add it with --controller {name}=SOCKET")
         try:

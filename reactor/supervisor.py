@@ -74,6 +74,15 @@ class FrontProc:
     stopping: bool = False
 
 
+def _tell(sock: socket.socket | None, msg: dict[str, Any]) -> None:
+    """Send a control message to a child that may have exited (then there is no one to tell)."""
+    if sock is not None:
+        try:
+            ipc.send(sock, msg)
+        except OSError:
+            pass
+
+
 class Supervisor(ManagementApiMixin):
     def __init__(self, cfg: DaemonConfig) -> None:
         self.cfg = cfg
@@ -121,7 +130,7 @@ class Supervisor(ManagementApiMixin):
         except Exception as e:
             log.error("start-up failed: %s", e)
             await self._shutdown()
-            return 1
+            return 2
         socks = ", ".join(f"{f.spec.name}={f.spec.socket}" for f in self.fronts.values())
         log.info("vnvmed ready: %d controller(s) [%s], %d worker(s) on cores %s, rpc %s",
                  len(self.fronts), socks, len(self.wprocs), ",".join(map(str, cores)),
@@ -325,8 +334,7 @@ class Supervisor(ManagementApiMixin):
         log.error("front-end of %s (pid %d) died with exit code %s: restarting it", f.spec.name,
                   f.proc.pid, f.proc.exitcode)
         for w in self.wprocs.values():
-            if w.ctl is not None:
-                ipc.send(w.ctl, {"op": "drop", "name": f.spec.name})
+            _tell(w.ctl, {"op": "drop", "name": f.spec.name})
         f.restarts += 1
         asyncio.ensure_future(self._start_front(f))
 
@@ -342,11 +350,7 @@ class Supervisor(ManagementApiMixin):
 
     async def _stop_front(self, f: FrontProc, timeout: float = 10.0) -> None:
         f.stopping = True
-        if f.ctl is not None:
-            try:
-                ipc.send(f.ctl, {"op": "stop"})
-            except OSError:
-                pass
+        _tell(f.ctl, {"op": "stop"})
         deadline = time.monotonic() + timeout
         while f.proc is not None and f.proc.is_alive() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -354,22 +358,19 @@ class Supervisor(ManagementApiMixin):
             log.error("front-end of %s did not stop: killing it", f.spec.name)
             f.proc.kill()
         for w in self.wprocs.values():
-            if w.ctl is not None:
-                ipc.send(w.ctl, {"op": "drop", "name": f.spec.name})
+            _tell(w.ctl, {"op": "drop", "name": f.spec.name})
         for b in f.backends.values():
             b.destroy()
 
     async def _shutdown(self) -> None:
+        # A SIGTERM to the whole process group reaches the children too: any of them may
+        # be gone already, so every message to a child tolerates a closed socket (_tell).
         self.stopping = True
         if self.mgmt is not None:
             await self.mgmt.close()
         await asyncio.gather(*(self._stop_front(f) for f in self.fronts.values()))
         for w in self.wprocs.values():
-            if w.ctl is not None:
-                try:
-                    ipc.send(w.ctl, {"op": "stop"})
-                except OSError:
-                    pass
+            _tell(w.ctl, {"op": "stop"})
         deadline = time.monotonic() + 5
         for w in self.wprocs.values():
             while w.proc is not None and w.proc.is_alive() and time.monotonic() < deadline:
