@@ -18,10 +18,10 @@ import mmap
 import os
 import select
 import struct
-import threading
 import time
 from dataclasses import dataclass
 
+from nvme.fence import full_barrier
 from vfio_user.client import VfioUserClient as Client
 from vfio_user.wire import DmaMapFlag, IrqSetFlag
 
@@ -33,13 +33,6 @@ REG_CAP, REG_VS, REG_CC, REG_CSTS, REG_AQA, REG_ASQ, REG_ACQ = 0, 8, 0x14, 0x1C,
 DB = 0x1000
 
 
-_barrier_lock = threading.Lock()
-
-
-def full_barrier() -> None:
-    """A locked read-modify-write (mutex acquire/release): a full fence on x86, as mb()."""
-    _barrier_lock.acquire()
-    _barrier_lock.release()
 
 
 def need_event(event_idx: int, new: int, old: int) -> bool:

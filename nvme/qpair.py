@@ -64,12 +64,12 @@ controller goes CFS) and the queue is skipped.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .doorbell import Doorbells, ShadowDoorbellView
+from .fence import full_barrier
 from .memory import DmaFault, GuestMemory, NeedsMessageDma
 from .qtable import (BROKEN, CQ_FLAGS, CQ_HEAD, CQ_PHASE, CQ_TAIL, SQ_FLAGS, SQ_HEAD, SQ_TAIL,
                      QueueTable, cq_state, sq_state)
@@ -81,13 +81,6 @@ log = logging.getLogger(__name__)
 
 ExecuteFn = Callable[[memoryview, int], "tuple[int, int] | None"]
 INVALID_DOORBELL_VALUE = 1
-_barrier_lock = threading.Lock()
-
-
-def full_barrier() -> None:
-    """A full memory fence: a mutex acquire/release is a locked RMW (mfence-strength on x86)."""
-    _barrier_lock.acquire()
-    _barrier_lock.release()
 
 
 @dataclass(slots=True, eq=False)

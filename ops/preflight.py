@@ -9,6 +9,7 @@ of a child's traceback, a half-started daemon or memory that runs out later:
 * a controller socket, or the run dir's management socket, that a live process (another
   vnvmed) is serving already - probed by connecting, as reactor/server.py does before it
   replaces a stale socket;
+* a CPU whose memory ordering the shared-memory queues cannot rely on (nvme/fence.py);
 * RAM namespaces that do not fit: they live in /dev/shm (tmpfs, sparse), so an oversized
   one starts fine and kills whoever touches the missing pages with SIGBUS much later.
   The limit is the smaller of the space /dev/shm has left and the machine's memory.
@@ -19,6 +20,7 @@ import os
 import socket
 import stat
 
+from nvme import fence
 from ops.config import DaemonConfig, NamespaceKind
 
 SHM_DIR = "/dev/shm"
@@ -94,7 +96,14 @@ def check_ram(cfg: DaemonConfig, limit: tuple[int, str] | None = None) -> None:
                            f"the limit is {what}")
 
 
+def check_machine() -> None:
+    reason = fence.unsupported_reason()
+    if reason is not None:
+        raise StartupError(reason)
+
+
 def check(cfg: DaemonConfig) -> None:
     """Every check, cheapest first; StartupError on the first failure."""
+    check_machine()
     check_sockets(cfg)
     check_ram(cfg)

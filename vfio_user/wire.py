@@ -1,7 +1,8 @@
 """vfio-user wire constants and the 16-byte message header.
 
-All integers are host-endian; we only run on little-endian x86-64/aarch64, so the
-codec uses '<' explicitly (a big-endian host would need a different client anyway).
+Integers on the wire are the host's byte order; vnvmed runs only on x86-64 (start-up
+refuses anything else, see nvme/fence.py), which is little-endian, and the codec says
+'<' explicitly so the format does not silently depend on the host.
 Numbers are the final spec's (QEMU docs/interop/vfio-user.rst): DEVICE_FEATURE is
 16, MIG_DATA_READ/WRITE 17/18 (an early draft had 15..17).
 """

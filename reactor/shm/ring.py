@@ -81,16 +81,15 @@ from __future__ import annotations
 
 import mmap
 import os
-import platform
 import select
-import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 import posix_ipc
+
+from nvme import fence
 
 __all__ = ["Ring", "RingCorrupt", "RingStats"]
 
@@ -104,10 +103,9 @@ WRAP = 0xFFFFFFFF
 MIN_CAPACITY = 64
 MAX_CAPACITY = 1 << 30   # keeps every length well inside u32
 
-# See "Sleeping without lost wake-ups": our fence is a lock round trip, a full
-# barrier only for semaphore-based locks on x86-64 (locked instructions).
-FENCE_IS_FULL_BARRIER = (sys.thread_info.lock == "semaphore"
-                         and platform.machine() in ("x86_64", "AMD64"))
+# See "Sleeping without lost wake-ups" and nvme/fence.py: our fence is a lock round
+# trip, a full barrier only for semaphore-based locks on x86-64 (locked instructions).
+FENCE_IS_FULL_BARRIER = fence.FULL_BARRIER
 _SLEEP_CAP_MS = None if FENCE_IS_FULL_BARRIER else 10
 
 
@@ -165,7 +163,6 @@ class Ring:
         self._head_w = self._view(base[_OFF_HEAD:_OFF_HEAD + 8].cast("Q"))
         self._tail_w = self._view(base[_OFF_TAIL:_OFF_TAIL + 8].cast("Q"))
         self._sleep_w = self._view(base[_OFF_SLEEPING:_OFF_SLEEPING + 4].cast("I"))
-        self._fence_lock = threading.Lock()
         self._capacity = 0
         self._base = base
         self._puts = self._gets = self._full = self._wakes = 0
@@ -479,8 +476,7 @@ class Ring:
 
     def _fence(self) -> None:
         # Full memory barrier, see "Sleeping without lost wake-ups" above.
-        self._fence_lock.acquire()
-        self._fence_lock.release()
+        fence.full_barrier()
 
     def _check_usable(self) -> None:
         if self._closed:
