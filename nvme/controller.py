@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from dataclasses import replace
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from nvme.admin.aer import AerState, AerType, AsyncEvent, LogId, NoticeInfo
@@ -90,6 +91,8 @@ class Controller:
         self.aer = AerState(cfg.aerl + 1)
         self.errlog = ErrorLog(cfg.elpe + 1)
         self.stats = IoStats()
+        # Set by the front-end: what the workers counted so far (reactor/nvmefn.py).
+        self.live_io: Callable[[], dict[str, int]] | None = None
         self.changed_ns = ChangedNsList()
         self.features = FeatureState(timestamp_at=clock())
         self.queues = IoQueues()
@@ -410,6 +413,15 @@ class Controller:
         s.read_commands += reads
         s.write_commands += writes
         s.media_errors += media_errors
+
+    def io_totals(self) -> IoStats:
+        """SMART counters: our own plus what the workers have counted (live_io)."""
+        s = replace(self.stats)
+        if self.live_io is not None:
+            for k, v in self.live_io().items():
+                if hasattr(s, k):
+                    setattr(s, k, getattr(s, k) + int(v))
+        return s
 
     def log_error(self, sqid: int, cid: int, status: int, lba: int = 0, nsid: int = 0) -> None:
         """An I/O command failed: keep an Error Information entry (no AER, spec 5.14.1.1)."""

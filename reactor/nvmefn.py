@@ -84,6 +84,7 @@ class NvmeFunction:
         self.namespaces = namespaces
         self.ctrl = Controller(cfg, namespaces, memoryview(self.bar)[DB_OFFSET:], self.mem, self,
                                qtable=self.qtable)
+        self.ctrl.live_io = self._worker_io      # SMART (Get Log Page 02h) shows the workers' I/O
         self.links: dict[int, WorkerLink] = {}
         self.placement = Placement([])
         self.coord = Coordinator(self._request, self._send, self._quiesce_timeout, quiesce_timeout)
@@ -474,6 +475,20 @@ class NvmeFunction:
         self.ctrl.namespaces[nsid] = ns
         self.ctrl.resize_namespace(nsid)
         old.backend.close()
+
+    def _worker_io(self, timeout: float = 0.5) -> dict[str, int]:
+        """The read/write command and byte counts of this controller's worker slots."""
+        keys = ("read_commands", "write_commands", "bytes_read", "bytes_written")
+        tot = dict.fromkeys(keys, 0)
+        for wid, link in sorted(self.links.items()):
+            try:
+                st = link.request_sync({"op": "stats"}, timeout=timeout).get("stats") or {}
+            except (TimeoutError, ConnectionError) as e:
+                log.warning("%s: worker %d gave no I/O counters for SMART: %s", self.name, wid, e)
+                continue
+            for k in keys:
+                tot[k] += int(st.get(k) or 0)
+        return tot
 
     def stats(self, timeout: float = 1.0) -> dict[str, Any]:
         """Counters for `vnvmectl stats`: controller, per I/O queue, per worker slot.

@@ -116,7 +116,7 @@ def _u128(b: bytearray, off: int, value: int) -> None:
 
 
 def smart_page(c: "Controller") -> bytes:
-    s = c.stats
+    s = c.io_totals()
     b = bytearray(512)
     b[0] = 0                                    # critical warning: none
     struct.pack_into("<H", b, 1, 313)           # composite temperature 40 C (Kelvin)

@@ -374,3 +374,28 @@ def test_mdts_zero_means_unlimited(daemon: Daemon) -> None:
         for nbytes in (8 << 10, 64 << 10, 1 << 20):
             data = os.urandom(nbytes)
             assert _write_then_read(h, 1, 1, 0, data, wbuf, rbuf) == data, nbytes
+
+
+def _u128(page: bytes, off: int) -> int:
+    return int.from_bytes(page[off:off + 16], "little")
+
+
+def test_smart_log_counts_the_workers_io(daemon: Daemon) -> None:
+    """Get Log Page 02h shows the I/O the workers did: commands and data units (1000 x 512 B)."""
+    with enabled_nvme(daemon.socket, [1, 2]) as h:
+        st, before = h.get_log_page(0x02, 512)
+        assert st == 0
+        buf = h.ram.alloc(64 << 10)
+        nblk = (64 << 10) // BS
+        for i in range(10):                                  # 10 writes, 640 KiB
+            assert h.rw(1 + i % 2, True, NS_RAM, i * nblk, nblk, buf) == 0
+        for i in range(6):                                   # 6 reads, 384 KiB
+            assert h.rw(1 + i % 2, False, NS_RAM, i * nblk, nblk, buf) == 0
+        st, after = h.get_log_page(0x02, 512)
+        assert st == 0
+    assert [_u128(before, off) for off in (32, 48, 64, 80)] == [0, 0, 0, 0]
+    assert _u128(after, 80) == 10                            # Host Write Commands
+    assert _u128(after, 64) == 6                             # Host Read Commands
+    # Data Units Written/Read: thousands of 512-byte units, rounded up.
+    assert _u128(after, 48) == -(-(640 << 10) // 512_000) == 2
+    assert _u128(after, 32) == -(-(384 << 10) // 512_000) == 1
