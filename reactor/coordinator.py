@@ -3,21 +3,37 @@
 Theory of operation
 -------------------
 Before anything that changes what workers may touch (DMA map/unmap, device reset,
-CC.EN/SHN teardown, migration state changes) the front-end calls `quiesce()`:
+CC.EN/SHN teardown, migration state changes) the front-end calls `quiesce()`; after the
+change, `resume()`.  Each worker holding a queue of this controller gets QUIESCE: it
+stops fetching new SQEs, finishes what it has in flight (commands parked on the slow
+path included) and acks.  Only then is the change applied; messages sent while paused
+(new memory map, queue changes) reach the worker before RESUME because a ring is FIFO.
+Other controllers are never paused: the barrier is per controller, and workers pause
+per controller slot.  The vfio-user pipeline processes requests strictly in order, so
+quiesces never nest.
 
-    RUNNING --quiesce--> PAUSING --all acks--> PAUSED --resume--> RESUMING --> RUNNING
-                            |--timeout--> PAUSED (controller marked fatal: CSTS.CFS)
+The table (EDGES; one `_apply` refuses anything else):
 
-Each worker holding a queue of this controller gets QUIESCE: it stops fetching new
-SQEs, finishes what it has in flight (commands parked on the slow path included) and
-acks.  Only then is the change applied; messages sent while PAUSED (new memory map,
-queue changes) reach the worker before RESUME because a ring is FIFO.  The wait is
-bounded: a worker that does not ack in time must not hang the client, so the
-controller goes fatal instead and the change proceeds.  Other controllers are never
-paused: the barrier is per controller, and workers pause per controller slot.
+    RUNNING  --quiesce-->  PAUSING  --every worker acked-->  PAUSED --resume--> RESUMING
+    PAUSING  --a worker late (timeout, died)-->  FAULTED      RESUMING --sent--> RUNNING
+    PAUSING  --cancelled (client gone mid-wait)-->  RESUMING  (every asked worker resumed)
+    FAULTED  --quiesce-->  FAULTED       (nothing of ours runs: no wait)
+    FAULTED  --resume, controller still fatal-->  FAULTED     (workers stay paused)
+    FAULTED  --resume after the reset cleared the fault-->  RESUMING
 
-The vfio-user pipeline processes requests strictly in order, so quiesces never nest;
-`quiesce()` while not RUNNING is a bug and raises.
+The safe behaviour on a late worker: the change must still go ahead (the client is
+waiting and will reuse its memory whatever we answer), so the controller goes fatal
+(CSTS.CFS, `on_timeout`) and from then on no worker is resumed for this controller
+until the host resets it (CC.EN 1->0 or DEVICE_RESET, both quiesced changes whose
+`resume(recovered=True)` ends FAULTED; by then the controller's queues are gone).
+A worker that was late acts on its ring in order - QUIESCE first - so once it is back
+it pauses and stays paused: it fetches nothing for this controller again.  What it
+cannot undo is the one command it was stuck in when the deadline passed; its own
+mapping keeps the client's memfd alive (no SIGBUS), so at worst that command's data
+lands in memory the client has unmapped.
+A cancelled wait (the pipeline task cancelled because the client disconnected) leaves
+no half-paused controller: every asked worker gets RESUME (after its QUIESCE, FIFO) and
+the barrier is RUNNING again, so the teardown that follows can quiesce once more.
 """
 from __future__ import annotations
 
@@ -34,13 +50,15 @@ class Phase(enum.Enum):
     PAUSING = "pausing"
     PAUSED = "paused"
     RESUMING = "resuming"
+    FAULTED = "faulted"       # a worker missed the deadline: controller fatal until reset
 
 
 EDGES: dict[Phase, set[Phase]] = {
     Phase.RUNNING: {Phase.PAUSING},
-    Phase.PAUSING: {Phase.PAUSED},
+    Phase.PAUSING: {Phase.PAUSED, Phase.FAULTED, Phase.RESUMING},
     Phase.PAUSED: {Phase.RESUMING},
     Phase.RESUMING: {Phase.RUNNING},
+    Phase.FAULTED: {Phase.FAULTED, Phase.RESUMING},
 }
 
 
@@ -53,7 +71,7 @@ class Coordinator:
         self._send = send              # (worker, msg) fire and forget
         self._on_timeout = on_timeout
         self.timeout = timeout
-        self._paused: list[int] = []
+        self._paused: list[int] = []   # asked to quiesce and not resumed since
         self.count = 0
 
     def _apply(self, to: Phase) -> None:
@@ -63,26 +81,46 @@ class Coordinator:
 
     @property
     def quiesced(self) -> bool:
-        return self.phase in (Phase.PAUSING, Phase.PAUSED)
+        return self.phase in (Phase.PAUSING, Phase.PAUSED, Phase.FAULTED)
 
     async def quiesce(self, workers: Iterable[int]) -> None:
+        if self.phase is Phase.FAULTED:
+            self._apply(Phase.FAULTED)     # every worker of ours is paused already
+            return
         self._apply(Phase.PAUSING)
         self.count += 1
         self._paused = sorted(workers)
-        if self._paused:
-            pending = {w: asyncio.ensure_future(self._request(w, {"op": "quiesce"}))
-                       for w in self._paused}
+        if not self._paused:
+            self._apply(Phase.PAUSED)
+            return
+        pending = {w: asyncio.ensure_future(self._request(w, {"op": "quiesce"}))
+                   for w in self._paused}
+        try:
             done, not_done = await asyncio.wait(pending.values(), timeout=self.timeout)
-            late = [w for w, f in pending.items() if f in not_done or f.exception() is not None]
-            for f in not_done:
+        except asyncio.CancelledError:
+            for f in pending.values():
                 f.cancel()
-            if late:
-                log.error("quiesce: workers %s did not ack within %.1fs: controller fatal", late,
-                          self.timeout)
-                self._on_timeout(late)
+            self._resume_all()
+            raise
+        late = [w for w, f in pending.items() if f in not_done or f.exception() is not None]
+        for f in not_done:
+            f.cancel()
+        if late:
+            log.error("quiesce: workers %s did not ack within %.1fs: controller fatal, its "
+                      "workers stay paused until the host resets it", late, self.timeout)
+            self._apply(Phase.FAULTED)
+            self._on_timeout(late)
+            return
         self._apply(Phase.PAUSED)
 
-    def resume(self) -> None:
+    def resume(self, recovered: bool = False) -> None:
+        """After the change.  In FAULTED only `recovered` (the reset cleared CSTS.CFS) resumes."""
+        if self.phase is Phase.FAULTED and not recovered:
+            self._apply(Phase.FAULTED)
+            return
+        self._resume_all()
+
+    def _resume_all(self) -> None:
         self._apply(Phase.RESUMING)
         for w in self._paused:
             self._send(w, {"op": "resume"})

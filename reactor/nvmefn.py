@@ -35,7 +35,7 @@ from nvme.namespace import Namespace
 from nvme.qtable import QueueTable, table_bytes
 from nvme.state import CqState, ShadowDoorbells, SqState
 from pci.config import PciConfig
-from reactor.coordinator import Coordinator
+from reactor.coordinator import Coordinator, Phase
 from reactor.device import DeviceInfo, IrqInfo, RegionInfo
 from reactor.guestmem import MappedGuestMemory
 from reactor.irqroute import IrqRouter
@@ -206,7 +206,8 @@ class NvmeFunction:
         await self.coord.quiesce(self.placement.busy_workers() & set(self.links))
 
     async def resume(self) -> None:
-        self.coord.resume()
+        # After a late worker (coordinator FAULTED) only a reset that cleared CFS resumes.
+        self.coord.resume(recovered=not self.ctrl.fatal)
         self.admin_kick.set()
 
     def region_read(self, region: int, offset: int, count: int) -> bytes:
@@ -403,6 +404,8 @@ class NvmeFunction:
             log.exception("%s: reset on disconnect", self.name)
         self.pci.reset()
         self._broadcast({"op": "unmap", "all": True})
+        if self.coord.phase is Phase.FAULTED:     # the reset above ended the fault
+            self.coord.resume(recovered=True)
         self.irqs.clear()
         self._update_routes()
         self.session = None
