@@ -163,6 +163,16 @@ class FileBackend:
         if length and not _fallocate_or_none(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
             self._write_zero_bytes(offset, length)
 
+    def open_async(self) -> Any:
+        """An engine for workers (backends.aio): io_uring when available, else a thread pool."""
+        from .uring import ThreadPoolEngine, UringEngine, uring_unavailable
+        if uring_unavailable() is None:
+            try:
+                return UringEngine(self._fd, self._dfd)
+            except OSError:
+                pass
+        return ThreadPoolEngine(self)
+
     # -- lifecycle ------------------------------------------------------------
     def spec(self) -> dict[str, Any]:
         return {"kind": "file", "path": self.path, "size": self.size,
