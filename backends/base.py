@@ -63,8 +63,29 @@ def total_len(bufs: Sequence[memoryview]) -> int:
 
 
 def create_backend(kind: str, arg: str, *, name_prefix: str, read_only: bool = False,
-                   direct: bool = False) -> Backend:
-    """Creator side: 'ram' (arg = size), 'null' (arg = size), 'file' (arg = path)."""
+                   direct: bool = False, size: int | None = None, depth: int | None = None) -> Backend:
+    """Creator side: 'ram'/'null' (arg = size), 'file' (arg = path), 'nbd' (arg = URI),
+    'rbd' (arg = POOL/IMAGE[?...]).  nbd/rbd connect once to check (ValueError, one line).
+    `depth` (async backends) travels in the spec to the workers."""
+    b = _create(kind, arg, name_prefix=name_prefix, read_only=read_only, direct=direct, size=size)
+    if depth is not None:
+        b.depth = depth  # type: ignore[attr-defined]
+    return b
+
+
+def _create(kind: str, arg: str, *, name_prefix: str, read_only: bool, direct: bool,
+            size: int | None) -> Backend:
+    if kind in ("nbd", "rbd"):
+        from .registry import unavailable
+        why = unavailable(kind)
+        if why:
+            raise ValueError(f"{kind}: backend unavailable: {why}")
+    if kind == "nbd":
+        from .nbd import NbdBackend
+        return NbdBackend.create(arg, size, read_only)
+    if kind == "rbd":
+        from .rbd import RbdBackend
+        return RbdBackend.create(arg, size, read_only)
     if kind == "ram":
         from .ram import RamBackend
         return RamBackend.create(parse_size(arg), name_prefix=name_prefix, read_only=read_only)
@@ -74,7 +95,7 @@ def create_backend(kind: str, arg: str, *, name_prefix: str, read_only: bool = F
     if kind == "file":
         from .file import FileBackend
         return FileBackend(arg, read_only=read_only, direct=direct)
-    raise ValueError(f"unknown backend kind {kind!r}: use ram:SIZE, null:SIZE or file:PATH")
+    raise ValueError(f"unknown backend kind {kind!r}: use ram:SIZE, null:SIZE, file:PATH, nbd:URI or rbd:POOL/IMAGE")
 
 
 def open_backend(spec: dict[str, Any]) -> Backend:
@@ -92,7 +113,18 @@ def open_backend(spec: dict[str, Any]) -> Backend:
             return NullBackend(int(spec["size"]), read_only=ro)
         if kind == "file":
             from .file import FileBackend
-            return FileBackend(str(spec["path"]), read_only=ro, direct=bool(spec.get("direct", False)))
+            b: Any = FileBackend(str(spec["path"]), read_only=ro, direct=bool(spec.get("direct", False)))
+        elif kind == "nbd":
+            from .nbd import NbdBackend
+            b = NbdBackend.attach(spec)
+        elif kind == "rbd":
+            from .rbd import RbdBackend
+            b = RbdBackend.attach(spec)
+        else:
+            raise ValueError(f"unknown backend kind {kind!r}")
+        if spec.get("depth") is not None:
+            b.depth = int(spec["depth"])
+        return b
     except KeyError as e:
         raise ValueError(f"backend spec {spec!r} lacks {e}") from None
     raise ValueError(f"unknown backend kind {kind!r}")

@@ -67,6 +67,7 @@ def _advance(bufs: list[memoryview], n: int) -> list[memoryview]:
 
 
 class FileBackend:
+    depth: int | None = None   # requests in flight per worker (backends.aio), None = default
     def __init__(self, path: str, read_only: bool = False, direct: bool = False) -> None:
         try:
             st = os.stat(path)
@@ -176,7 +177,7 @@ class FileBackend:
     # -- lifecycle ------------------------------------------------------------
     def spec(self) -> dict[str, Any]:
         return {"kind": "file", "path": self.path, "size": self.size,
-                "read_only": self.read_only, "direct": self.direct}
+                "read_only": self.read_only, "direct": self.direct, "depth": self.depth}
 
     def close(self) -> None:
         for fd in (self._fd, self._dfd):

@@ -112,6 +112,7 @@ def _connect_blocking(uri: str, timeout: float) -> Any:
 
 class NbdBackend:
     """Synchronous face (Backend protocol) + `open_async()` for workers."""
+    depth: int | None = None   # requests in flight per worker, None = backends.aio.DEFAULT_DEPTH
 
     def __init__(self, uri: str, size: int, read_only: bool = False) -> None:
         self.uri = uri
@@ -187,7 +188,8 @@ class NbdBackend:
         return NbdEngine(self.uri, self.read_only)
 
     def spec(self) -> dict[str, Any]:
-        return {"kind": "nbd", "uri": self.uri, "size": self.size, "read_only": self.read_only}
+        return {"kind": "nbd", "uri": self.uri, "size": self.size, "read_only": self.read_only,
+                "depth": self.depth}
 
     def close(self) -> None:
         if self._h is not None:

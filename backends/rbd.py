@@ -109,6 +109,7 @@ def _describe(e: Exception, t: dict[str, str]) -> str:
 
 class RbdBackend:
     """Synchronous face (Backend protocol) + `open_async()` for workers."""
+    depth: int | None = None   # requests in flight per worker, None = backends.aio.DEFAULT_DEPTH
 
     def __init__(self, arg: str, size: int, read_only: bool = False) -> None:
         self.arg = arg
@@ -172,7 +173,8 @@ class RbdBackend:
         return RbdEngine(self.target)
 
     def spec(self) -> dict[str, Any]:
-        return {"kind": "rbd", "target": self.arg, "size": self.size, "read_only": self.read_only}
+        return {"kind": "rbd", "target": self.arg, "size": self.size, "read_only": self.read_only,
+                "depth": self.depth}
 
     def close(self) -> None:
         if self._conn is not None:

@@ -87,6 +87,7 @@ class UringEngine:
         self._unsent = 0
         self._busy = 0
         self._later: deque[Req] = deque()   # ring full (cannot happen under AioQueue's bound)
+        self._dead: deque[Req] = deque()    # failed by close(), handed back by reap()
         self._closed = False
 
     def fileno(self) -> int:
@@ -142,6 +143,11 @@ class UringEngine:
             _L.io_uring_submit(self._ring)
 
     def reap(self, ready: bool, out: list[Req]) -> None:
+        if self._closed:
+            while self._dead:
+                out.append(self._dead.popleft())
+                self._busy -= 1
+            return
         if ready:
             try:
                 os.eventfd_read(self._efd)
@@ -232,6 +238,12 @@ class UringEngine:
             _L.io_uring_queue_exit(self._ring)
         finally:
             os.close(self._efd)
+        for req in [r for r in self._slots if r is not None] + list(self._later):
+            req.err = errno.ECANCELED
+            req.priv = None
+            self._dead.append(req)
+        self._slots = []
+        self._later.clear()
 
 
 class ThreadPoolEngine:
@@ -290,6 +302,11 @@ class ThreadPoolEngine:
         self._q.put(req)
 
     def reap(self, ready: bool, out: list[Req]) -> None:
+        if self._closed:
+            while self._dead:
+                out.append(self._dead.popleft())
+                self._busy -= 1
+            return
         if ready:
             try:
                 os.eventfd_read(self._efd)

@@ -64,13 +64,16 @@ class Status(IntEnum):
 
 
 DNR = 1 << 15  # "do not retry", bit 31 of DW3 = bit 15 of the 16-bit status field
+# Flag on a status value (above the 11 bits of SCT|SC): post it with DNR clear, the host
+# may retry (a backend that lost its connection: the command can succeed later).
+RETRY = 1 << 12
 
 
 def status_field(st: int, dnr: bool = True) -> int:
     """The 15-bit status field (without phase) as it sits in DW3[31:17], shifted to [15:1]."""
     if st == 0:
         return 0
-    return ((st & 0x7FF) << 1) | (DNR if dnr else 0)
+    return ((st & 0x7FF) << 1) | (DNR if dnr and not st & RETRY else 0)
 
 
 def dw3(cid: int, st: int, phase: int, dnr: bool = True) -> int:

@@ -27,6 +27,7 @@ import argparse
 import os
 import re
 import stat
+import sys
 import tomllib
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -65,6 +66,18 @@ class NamespaceKind(StrEnum):
     RAM = "ram"      # ARG = size; contents live in daemon memory, lost at exit
     NULL = "null"    # ARG = size; reads return zeroes, writes are discarded
     FILE = "file"    # ARG = path of a regular file or block device
+    NBD = "nbd"      # ARG = libnbd URI: nbd://host[:port]/export, nbd+unix:///export?socket=PATH
+    RBD = "rbd"      # ARG = POOL/IMAGE[?conf=PATH&id=USER&keyring=PATH] (Ceph RBD image)
+
+
+# Namespace kinds whose size comes from elsewhere (a file, a server) and may be capped by `size`.
+_REMOTE_KINDS = (NamespaceKind.NBD, NamespaceKind.RBD)
+# TOML key holding ARG, per kind.
+_ARG_KEY = {NamespaceKind.RAM: "size", NamespaceKind.NULL: "size", NamespaceKind.FILE: "path",
+            NamespaceKind.NBD: "uri", NamespaceKind.RBD: "image"}
+_NBD_URI_RE = re.compile(r"^nbds?(\+(unix|vsock|tcp))?://", re.IGNORECASE)
+_RBD_RE = re.compile(r"^[^/?\s]+/[^/?\s]+(\?.*)?$")
+MAX_QUEUE_DEPTH = 1024
 
 
 class DoorbellMode(StrEnum):
@@ -139,17 +152,46 @@ class NamespaceSpec:
     nsid: int | None = None       # None: the next free NSID is assigned at validation
     block_size: int = 512
     read_only: bool = False
-    size: int | None = None       # bytes; filled in by validation (file: from stat)
+    size: int | None = None       # bytes; filled in by validation (file: from stat); nbd/rbd:
+                                  # the configured size (None = the whole export/image)
+    direct: bool = False          # file: O_DIRECT (block devices, bypass the page cache)
+    queue_depth: int | None = None  # async backends: requests in flight per worker (None = default)
 
     @property
     def spec(self) -> str:
         return f"{self.kind.value}:{self.arg}"
 
+    def backend_options(self) -> dict[str, Any]:
+        """Keyword arguments for backends.base.create_backend beyond kind and arg."""
+        opts: dict[str, Any] = {}
+        if self.kind is NamespaceKind.FILE:
+            opts["direct"] = self.direct
+        if self.kind in _REMOTE_KINDS and self.size is not None:
+            opts["size"] = self.size
+        if self.queue_depth is not None:
+            opts["depth"] = self.queue_depth
+        return opts
+
     @classmethod
     def parse(cls, text: str, nsid: int | None = None, block_size: int = 512,
               read_only: bool = False) -> "NamespaceSpec":
-        """Parse ``KIND:ARG`` (syntax only; call check_namespace for sizes and files)."""
+        """Parse ``KIND:ARG[,OPTION...]`` (syntax only; call check_namespace for sizes and files).
+
+        Options, recognised only at the end so a path or URI with commas still works:
+        ``direct`` (file: O_DIRECT), ``ro``, ``size=SIZE`` (nbd/rbd: use only that much,
+        and refuse a smaller export), ``depth=N`` (requests in flight per worker).
+        """
         kind, sep, arg = text.partition(":")
+        opts: dict[str, str] = {}
+        while "," in arg:
+            head, _, last = arg.rpartition(",")
+            name, eq, val = last.partition("=")
+            name = name.strip().lower()
+            if (name in ("direct", "ro") and not eq) or (name in ("size", "depth") and eq and val):
+                opts.setdefault(name, val)
+                arg = head
+            else:
+                break
         kinds = ", ".join(k.value for k in NamespaceKind)
         if not sep or not arg:
             raise ValueError(f"namespace spec {text!r} must be KIND:ARG with KIND one of {kinds}")
@@ -157,7 +199,20 @@ class NamespaceSpec:
             k = NamespaceKind(kind.strip().lower())
         except ValueError:
             raise ValueError(f"unknown namespace kind {kind!r}: use one of {kinds}") from None
-        return cls(k, arg, nsid, block_size, read_only)
+        ns = cls(k, arg, nsid, block_size, read_only or "ro" in opts)
+        if "direct" in opts:
+            if k is not NamespaceKind.FILE:
+                raise ValueError(f"namespace spec {text!r}: 'direct' is for file namespaces only")
+            ns.direct = True
+        if "size" in opts:
+            if k not in _REMOTE_KINDS:
+                raise ValueError(f"namespace spec {text!r}: 'size=' is for nbd and rbd namespaces")
+            ns.size = parse_size(opts["size"])
+        if "depth" in opts:
+            if not opts["depth"].isdigit():
+                raise ValueError(f"namespace spec {text!r}: depth must be a number")
+            ns.queue_depth = int(opts["depth"])
+        return ns
 
 
 @dataclass(slots=True)
@@ -293,7 +348,7 @@ _CTRL_SCHEMA: dict[str, tuple[type, ...]] = {
 }
 _NS_SCHEMA: dict[str, tuple[type, ...]] = {
     "kind": (str,), "size": (int, str), "path": (str,), "nsid": (int,), "block_size": (int,),
-    "read_only": (bool,),
+    "read_only": (bool,), "direct": (bool,), "uri": (str,), "image": (str,), "queue_depth": (int,),
 }
 CONTROLLER_OPTIONS = tuple(k for k in _CTRL_SCHEMA if k not in ("name", "socket", "namespaces"))
 
@@ -309,6 +364,12 @@ def check_namespace(ns: NamespaceSpec, where: _Where | None = None, key: str = "
         raise w.error(f"{key}.block_size", f"{ns.block_size} is not one of {', '.join(map(str, BLOCK_SIZES))}")
     if ns.nsid is not None:
         _int_in(w, f"{key}.nsid", ns.nsid, 1, MAX_NSID)
+    if ns.queue_depth is not None:
+        _int_in(w, f"{key}.queue_depth", ns.queue_depth, 1, MAX_QUEUE_DEPTH)
+    if ns.direct and ns.kind is not NamespaceKind.FILE:
+        raise w.error(f"{key}.direct", "only file namespaces have O_DIRECT")
+    if ns.kind in _REMOTE_KINDS:
+        return _check_remote(ns, w, key)
     if ns.kind in (NamespaceKind.RAM, NamespaceKind.NULL):
         try:
             size = parse_size(ns.arg)
@@ -349,6 +410,23 @@ def check_namespace(ns: NamespaceSpec, where: _Where | None = None, key: str = "
     return ns
 
 
+def _check_remote(ns: NamespaceSpec, w: _Where, key: str) -> NamespaceSpec:
+    """nbd/rbd: syntax only.  Reachability, credentials and the export's size are checked
+    when the backend is created (start-up or namespace.add), with a one-line error."""
+    if ns.kind is NamespaceKind.NBD and not _NBD_URI_RE.match(ns.arg):
+        raise w.error(f"{key}.uri", f"{ns.arg!r} is not an NBD URI: use nbd://HOST[:PORT]/EXPORT "
+                                    "or nbd+unix:///EXPORT?socket=PATH")
+    if ns.kind is NamespaceKind.RBD and not _RBD_RE.match(ns.arg):
+        raise w.error(f"{key}.image", f"{ns.arg!r} is not an RBD image: use POOL/IMAGE"
+                                      "[?conf=PATH&id=USER&keyring=PATH]")
+    if ns.size is not None:
+        if ns.size % ns.block_size:
+            raise w.error(f"{key}.size", f"{ns.size} bytes is not a multiple of block_size {ns.block_size}")
+        if ns.size // ns.block_size >= 1 << 64:
+            raise w.error(f"{key}.size", "too large: more than 2^64 blocks")
+    return ns
+
+
 def _build_namespace(where: _Where, key: str, t: dict[str, Any]) -> NamespaceSpec:
     _check_keys(where, key, t, _NS_SCHEMA)
     if "kind" not in t:
@@ -358,13 +436,25 @@ def _build_namespace(where: _Where, key: str, t: dict[str, Any]) -> NamespaceSpe
     except ValueError:
         raise where.error(f"{key}.kind", f"unknown kind {t['kind']!r}: use one of "
                           + ", ".join(k.value for k in NamespaceKind)) from None
-    need, other = ("path", "size") if kind is NamespaceKind.FILE else ("size", "path")
+    need = _ARG_KEY[kind]
     if need not in t:
         raise where.error(f"{key}.{need}", f"missing; a {kind.value} namespace needs '{need}'")
-    if other in t:
-        raise where.error(f"{key}.{other}", f"not valid for a {kind.value} namespace (use '{need}')")
+    allowed = {need, "size"} if kind in _REMOTE_KINDS else {need}
+    for other in set(_ARG_KEY.values()) - allowed:
+        if other in t:
+            raise where.error(f"{key}.{other}", f"not valid for a {kind.value} namespace (use '{need}')")
     arg = str(t[need])
     ns = NamespaceSpec(kind, arg, t.get("nsid"), t.get("block_size", 512), t.get("read_only", False))
+    if "direct" in t:
+        if kind is not NamespaceKind.FILE:
+            raise where.error(f"{key}.direct", f"not valid for a {kind.value} namespace (file only)")
+        ns.direct = t["direct"]
+    if kind in _REMOTE_KINDS and "size" in t:
+        try:
+            ns.size = parse_size(t["size"])
+        except ValueError as e:
+            raise where.error(f"{key}.size", str(e)) from None
+    ns.queue_depth = t.get("queue_depth")
     return check_namespace(ns, where, key)
 
 
@@ -521,17 +611,32 @@ def load_toml(path: str, environ: dict[str, str] | None = None) -> DaemonConfig:
     return cfg
 
 
+def _availability_epilog() -> str:
+    # The one place ops/config looks at backends: what this Python can serve (help text only).
+    from backends.registry import availability_lines
+    return "\n\nbackends on this host (" + sys.executable + "):\n" + "\n".join(
+        "  " + line for line in availability_lines())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vnvmed", description="Emulated NVMe controllers for VMs over vfio-user.",
-        epilog="KIND:ARG is ram:SIZE, null:SIZE or file:PATH; SIZE like 4096, 64M, 1G. "
-               "Flags override the config file.")
+        epilog="KIND:ARG is one of\n"
+               "  ram:SIZE, null:SIZE           SIZE like 4096, 64M, 1G\n"
+               "  file:PATH[,direct]            regular file or block device (direct: O_DIRECT)\n"
+               "  nbd:URI[,size=SIZE]           nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH\n"
+               "  rbd:POOL/IMAGE[?conf=PATH&id=USER&keyring=PATH][,size=SIZE]\n"
+               "',depth=N' bounds one namespace's requests in flight per worker, ',ro' makes it\n"
+               "read-only.  Flags override the config file."
+               + _availability_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE", help="TOML config file (see contrib/vnvmed.toml)")
     p.add_argument("--cores", metavar="LIST", help="worker cores, e.g. 0-3 or 1,3")
     p.add_argument("--controller", metavar="NAME=SOCKET", action="append", default=[],
                    help="add a controller (or move an existing one's socket); repeatable")
     p.add_argument("--namespace", metavar="NAME=KIND:ARG", action="append", default=[],
-                   help="add a namespace to controller NAME; repeatable")
+                   help="add a namespace to controller NAME (KIND:ARG[,direct|,size=SIZE|,depth=N]); "
+                        "repeatable")
     p.add_argument("--run-dir", metavar="DIR", help=f"runtime dir (default ${RUN_DIR_ENV} or {DEFAULT_RUN_DIR})")
     p.add_argument("--log-level", choices=LOG_LEVELS, type=str.lower)
     p.add_argument("--polling", choices=[x.value for x in Polling], type=str.lower)

@@ -125,7 +125,7 @@ class ManagementApiMixin:
                             ErrorCode.CONFLICT)
         try:
             b = create_backend(str(ns.kind.value), ns.arg, name_prefix=f"{self.prefix}-{ctrl}",
-                               read_only=ns.read_only)
+                               read_only=ns.read_only, **ns.backend_options())
         except Exception as e:
             raise MgmtError(f"namespace not added: {e}") from None
         try:

@@ -54,6 +54,10 @@ def make_run_dir(path: str) -> None:
     os.chmod(path, RUN_DIR_MODE)
 
 
+class BackendConfigError(ValueError):
+    """A namespace's backend cannot be opened as configured (start-up: one line, exit 2)."""
+
+
 @dataclass
 class WorkerProc:
     wid: int
@@ -127,6 +131,9 @@ class Supervisor(ManagementApiMixin):
                 await self._add_front(spec)
             self.mgmt = MgmtServer(self, self.cfg.rpc_socket)
             await self.mgmt.start()
+        except BackendConfigError:
+            await self._shutdown()
+            raise             # ops.cli prints the one line and exits 2
         except Exception as e:
             log.error("start-up failed: %s", e)
             await self._shutdown()
@@ -238,10 +245,12 @@ class Supervisor(ManagementApiMixin):
                 assert ns.nsid is not None
                 made[ns.nsid] = create_backend(str(ns.kind.value), ns.arg,
                                                name_prefix=f"{self.prefix}-{spec.name}",
-                                               read_only=ns.read_only)
-        except Exception:
+                                               read_only=ns.read_only, **ns.backend_options())
+        except Exception as e:
             for b in made.values():
                 b.destroy()
+            if isinstance(e, (ValueError, OSError)):   # bad input: an unreachable server, a missing image...
+                raise BackendConfigError(f"controller {spec.name}: namespace {ns.nsid} ({ns.kind.value}): {e}") from None
             raise
         return made
 

@@ -83,6 +83,7 @@ class Worker:
         self._ep_dirty = True      # slots/pending changed: rebuild the epoll set before sleeping
         self._rings: list[Any] = []
         self._ring_by_fd: dict[int, Any] = {}
+        self._aio_by_fd: dict[int, Slot] = {}
         self._flagged = False      # some ring may still say "sleeping" (see theory above)
         self.polls = 0
         self.idle_polls = 0
@@ -182,6 +183,10 @@ class Worker:
         self._ring_by_fd = {r.fileno(): r for r in self._rings}
         for r in self._rings:
             ep.register(r.fileno(), select.EPOLLIN)
+        # Backend completion sources (workers/aio.py): one epoll fd per slot with async namespaces.
+        self._aio_by_fd = {s.aio.fileno(): s for s in self.slots if not s.dead and s.aio is not None}
+        for fd in self._aio_by_fd:
+            ep.register(fd, select.EPOLLIN)
         for _, sock in self.pending:
             ep.register(sock.fileno(), select.EPOLLIN)
         self._ep = ep
@@ -211,10 +216,12 @@ class Worker:
         by_fd = self._ring_by_fd
         for fd, _ in events:
             r = by_fd.get(fd)
-            if r is None:
-                other = True
-            else:
+            if r is not None:
                 r.woke()
+            elif fd in self._aio_by_fd:
+                self._aio_by_fd[fd].aio_woke = True
+            else:
+                other = True
         return other
 
     def _wake_rings(self) -> None:

@@ -15,9 +15,11 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import time
 from time import perf_counter_ns
 from typing import Any, Callable
 
+from backends.aio import DEFAULT_DEPTH
 from backends.base import open_backend
 from nvme.doorbell import Doorbells
 from nvme.io import IoExecutor
@@ -28,6 +30,7 @@ from nvme.qtable import QueueTable, table_bytes
 from nvme.state import NamespaceInfo, ShadowDoorbells
 from reactor.channel import Channel
 from reactor.guestmem import MappedGuestMemory
+from workers.aio import BackendIo
 
 log = logging.getLogger("vnvmed.worker")
 DB_OFFSET = 0x1000  # doorbells start at BAR0 + 0x1000 (DSTRD 0)
@@ -56,6 +59,10 @@ class Slot:
         # controller kicks us, so the worker may sleep without polling once prepare_sleep()
         # armed EventIdx.
         self.trapped = False
+        # Asynchronous backends (workers/aio.py): parked commands complete from here.
+        # Made now, not at hello: the worker's epoll set may be built before hello arrives.
+        self.aio: BackendIo | None = BackendIo(lambda *a: self.runner.complete(*a))  # type: ignore[union-attr]
+        self.aio_woke = False      # the worker's epoll reported self.aio's fd ready
 
     # --- set-up ---------------------------------------------------------------------
     def _hello(self, msg: dict[str, Any]) -> None:
@@ -71,6 +78,9 @@ class Slot:
         for info in msg["ns"]:
             self._ns_add(info)
         self.executor = IoExecutor(self.namespaces, self.mem, msg["mdts"])
+        self.aio.bind(self.executor)
+        for nsid, ns in self.namespaces.items():
+            self._aio_attach(nsid, ns)
         self.trapped = bool(msg.get("trapped", False))
         self.runner = QueueRunner(doorbells=Doorbells(memoryview(self.db_map)[DB_OFFSET:]), mem=self.mem,
                                   execute=self._execute, irq=self._irq,
@@ -81,13 +91,21 @@ class Slot:
         ni = NamespaceInfo(**info)
         old = self.namespaces.pop(ni.nsid, None)
         if old is not None:
+            if self.aio is not None:
+                self.aio.detach(ni.nsid)
             old.backend.close()
-        self.namespaces[ni.nsid] = Namespace(ni, open_backend(ni.backend))
+        ns = Namespace(ni, open_backend(ni.backend))
+        self.namespaces[ni.nsid] = ns
+        self._aio_attach(ni.nsid, ns)
+
+    def _aio_attach(self, nsid: int, ns: Namespace) -> None:
+        if self.aio is not None and self.executor is not None:
+            self.aio.attach(nsid, ns.backend, getattr(ns.backend, "depth", None) or DEFAULT_DEPTH)
 
     # --- callbacks from the runner --------------------------------------------------
     def _execute(self, sqe: memoryview, sqid: int) -> tuple[int, int] | None:
         try:
-            return self.executor.execute(sqe)  # type: ignore[union-attr]
+            return self.executor.execute(sqe, sqid)  # type: ignore[union-attr]
         except NeedsMessageDma:
             self.stats["slow"] += 1
             self.chan.send({"op": "slow", "sqid": sqid, "sqe": bytes(sqe)})
@@ -108,8 +126,14 @@ class Slot:
     # --- the loop's entry points ----------------------------------------------------
     def poll(self) -> int:
         r = self.runner
+        done = 0
+        aio = self.aio
+        if aio is not None and (aio.outstanding or self.aio_woke):
+            # Also while paused: parked commands must finish for the quiesce ack.
+            done = aio.service(self.aio_woke)
+            self.aio_woke = False
         if r is None or self.paused or self.nqueues == 0:
-            return 0
+            return done
         t0 = perf_counter_ns()
         n = r.poll()
         if n:
@@ -117,7 +141,7 @@ class Slot:
             # [2^(k-1), 2^k)); one clock pair per batch keeps it off the per-I/O budget.
             self.lat[min(((perf_counter_ns() - t0) // n).bit_length(), 47)] += n
             self.stats["commands"] += n
-        return n
+        return n + done
 
     def prepare_sleep(self) -> bool:
         """Trapped mode, about to sleep with no timeout worth the name: arm EventIdx.
@@ -207,8 +231,16 @@ class Slot:
     def _op_del_sq(self, msg: dict[str, Any]) -> None:
         assert self.runner is not None
         # The front-end sends this only once its slow-path commands on the SQ are done
-        # (their slow_done messages came before this one on the ring), so nothing is
-        # waited for here; anything still parked completes as ABORTED_SQ_DELETION.
+        # (their slow_done messages came before this one on the ring).  Commands parked on
+        # an asynchronous backend finish first (bounded: a stalled server must not hang the
+        # worker), so no backend read lands in guest memory after the SQ is gone; anything
+        # still parked then completes as ABORTED_SQ_DELETION.
+        deadline = time.monotonic() + 2.0
+        aio = self.aio
+        while aio is not None and aio.outstanding and self.runner.inflight(msg["sqid"]) \
+                and time.monotonic() < deadline:
+            if not aio.service(True):
+                time.sleep(0.0005)
         sq = self.runner.remove_sq(msg["sqid"])
         self.nqueues -= 1
         self._ack(msg, sq=sq.to_dict())
@@ -254,6 +286,8 @@ class Slot:
     def _op_ns_del(self, msg: dict[str, Any]) -> None:
         ns = self.namespaces.pop(msg["nsid"], None)
         if ns is not None:
+            if self.aio is not None:
+                self.aio.detach(msg["nsid"])
             ns.backend.close()
         self._ack(msg)
 
@@ -282,6 +316,9 @@ class Slot:
             except OSError:
                 pass
         self.vectors = {}
+        if self.aio is not None:
+            self.aio.close()     # outstanding backend requests finish (bounded) before unmapping
+            self.aio = None
         self.mem.unmap_all()
         for ns in self.namespaces.values():
             ns.backend.close()

@@ -25,6 +25,7 @@ from ..memory import DmaFault, GuestMemory, NeedsMessageDma
 from ..namespace import Namespace
 from ..prp import list_is_contiguous, map_dptr
 from ..status import Status
+from .aio import OP_DISCARD, OP_FLUSH, OP_WRITE_ZEROES, AioCommand, Submit, park_compare, park_ranges, park_rw
 from .opcodes import NAMESPACE_WRITE_PROTECTED, IoOpcode
 
 BROADCAST_NSID = 0xFFFFFFFF
@@ -55,12 +56,18 @@ class IoExecutor:
         # Successful Reads, Writes, bytes read, bytes written: counted here, where the
         # numbers are at hand, so callers need no per-command wrapper for statistics.
         self.io: list[int] = [0, 0, 0, 0]
+        # Namespaces served asynchronously (nvme.io.aio): nsid -> submitter.  Empty for
+        # the front-end's slow path and for ram/null, so the fast path pays one falsy test.
+        self.aio_ns: dict[int, Submit] = {}
+        self._sqid = 0
 
     def set_memory(self, mem: GuestMemory) -> None:
         self.mem = mem
 
     # -- entry ------------------------------------------------------------------
-    def execute(self, sqe: memoryview) -> Result:
+    def execute(self, sqe: memoryview, sqid: int = 0) -> Result | None:
+        """(status, dw0), or None: parked on an asynchronous backend (nvme.io.aio)."""
+        self._sqid = sqid
         d = sqe if sqe.format == "I" else sqe.cast("I")
         dw0 = d[0]
         opc = dw0 & 0xFF
@@ -104,6 +111,11 @@ class IoExecutor:
                     # Not one mapping (e.g. the run straddles two DMA regions)
                     # or not mapped: the general path splits or reports it.
                     return self._general(d, opc, dw0)
+                if self.aio_ns:
+                    sub = self.aio_ns.get(d[1])
+                    if sub is not None:
+                        return park_rw(sub, sqid, dw0 >> 16, opc, slba << ns.lba_shift, length, [view],
+                                       bool(d[12] & (1 << 30)))
                 one = self._one
                 one[0] = view
                 try:
@@ -127,7 +139,7 @@ class IoExecutor:
                 return _OK
         return self._general(d, opc, dw0)
 
-    def _general(self, d: memoryview, opc: int, dw0: int) -> Result:
+    def _general(self, d: memoryview, opc: int, dw0: int) -> Result | None:
         handler = self._table[opc]
         if handler is None:
             return (Status.INVALID_OPCODE, 0)
@@ -147,6 +159,9 @@ class IoExecutor:
             return (Status.WRITE_FAULT, 0)
 
     # -- helpers ----------------------------------------------------------------
+    def _async(self, ns: Namespace) -> Submit | None:
+        return self.aio_ns.get(ns.nsid) if self.aio_ns else None
+
     def _ns(self, nsid: int) -> Namespace:
         ns = self.namespaces.get(nsid)
         if ns is None:
@@ -168,6 +183,9 @@ class IoExecutor:
         ns = self._ns(d[1])
         off, length = self._rw_range(d, ns, True)
         views = map_dptr(self.mem, d, length, True, self.page_size)
+        sub = self._async(ns)
+        if sub is not None:
+            return park_rw(sub, self._sqid, d[0] >> 16, IoOpcode.READ, off, length, views, False)
         ns.backend.read_into(off, views)
         io = self.io
         io[0] += 1
@@ -180,6 +198,10 @@ class IoExecutor:
         if ns.read_only:
             return (NAMESPACE_WRITE_PROTECTED, 0)
         views = map_dptr(self.mem, d, length, False, self.page_size)
+        sub = self._async(ns)
+        if sub is not None:
+            return park_rw(sub, self._sqid, d[0] >> 16, IoOpcode.WRITE, off, length, views,
+                           bool(d[12] & (1 << 30)))
         ns.backend.write_from(off, views)
         if d[12] & (1 << 30):          # FUA: make this write durable before completing
             ns.backend.flush()
@@ -192,6 +214,9 @@ class IoExecutor:
         ns = self._ns(d[1])
         off, length = self._rw_range(d, ns, True)
         views = map_dptr(self.mem, d, length, False, self.page_size)
+        sub = self._async(ns)
+        if sub is not None:
+            return park_compare(sub, self._sqid, d[0] >> 16, off, length, views)
         stored = bytearray(length)
         ns.backend.read_into(off, [memoryview(stored)])
         pos = 0
@@ -207,22 +232,41 @@ class IoExecutor:
         off, length = self._rw_range(d, ns, False)   # Write Zeroes moves no data: no MDTS
         if ns.read_only:
             return (NAMESPACE_WRITE_PROTECTED, 0)
+        sub = self._async(ns)
+        if sub is not None:
+            return park_ranges(sub, self._sqid, d[0] >> 16, IoOpcode.WRITE_ZEROES,
+                               OP_DISCARD if d[12] & WZ_DEAC else OP_WRITE_ZEROES, [(off, length)])
         if d[12] & WZ_DEAC:
             ns.backend.discard(off, length)          # every backend reads discarded blocks as zero
         else:
             ns.backend.write_zeroes(off, length)
         return _OK
 
-    def _flush(self, d: memoryview) -> Result:
+    def _flush(self, d: memoryview) -> Result | None:
         nsid = d[1]
         if nsid == BROADCAST_NSID:
             seen: set[int] = set()
+            subs: list[Submit] = []
             for ns in self.namespaces.values():
                 if id(ns.backend) not in seen:
                     seen.add(id(ns.backend))
-                    ns.backend.flush()
-            return _OK
-        self._ns(nsid).backend.flush()
+                    sub = self._async(ns)
+                    if sub is not None:
+                        subs.append(sub)
+                    else:
+                        ns.backend.flush()
+            if not subs:
+                return _OK
+            cmd = AioCommand(self._sqid, d[0] >> 16, IoOpcode.FLUSH)
+            cmd.pending = len(subs)
+            for sub in subs:
+                sub(cmd, OP_FLUSH, 0, 0, (), False)
+            return None
+        ns = self._ns(nsid)
+        sub = self._async(ns)
+        if sub is not None:
+            return park_ranges(sub, self._sqid, d[0] >> 16, IoOpcode.FLUSH, OP_FLUSH, [(0, 0)])
+        ns.backend.flush()
         return _OK
 
     def _dsm(self, d: memoryview) -> Result:
@@ -242,6 +286,9 @@ class IoExecutor:
             if nlb == 0:
                 continue
             ranges.append(ns.byte_range(slba, nlb))   # LBA_OUT_OF_RANGE before touching data
+        sub = self._async(ns)
+        if sub is not None and ranges:
+            return park_ranges(sub, self._sqid, d[0] >> 16, IoOpcode.DATASET_MANAGEMENT, OP_DISCARD, ranges)
         for off, length in ranges:
             ns.backend.discard(off, length)
         return _OK

@@ -1,0 +1,160 @@
+"""Worker side of asynchronous backends: one BackendIo per slot (controller).
+
+Theory of operation
+-------------------
+For every namespace whose backend has an asynchronous engine (backends.aio:
+file on io_uring or a thread pool, nbd, rbd) the slot's BackendIo opens the engine,
+puts a depth-bounded AioQueue in front of it and registers a submitter in
+`executor.aio_ns`, so the executor parks commands on it (nvme.io.aio).  Backend
+requests carry their AioCommand as owner.
+
+`service(woke)` is called by the worker loop every round (also while the slot is
+paused for quiesce: parked commands must finish for the quiesce ack).  With nothing
+outstanding it returns at once.  Otherwise it reaps every queue - engines whose
+completions are visible in memory (io_uring CQ, librbd's hand-over deque) need no
+system call - and, only if an engine needs readiness (an NBD socket) or the worker
+just woke from a sleep, asks its own epoll set which engine fds are ready (one
+epoll_wait with timeout 0).  Each finished command is completed on the runner
+(`QueueRunner.complete(sqid, cid, status, 0)`), which posts the CQE and interrupts.
+
+Sleeping: `fileno()` is that epoll set; the worker adds it to the epoll it sleeps
+in, so an idle worker with requests outstanding wakes when an engine fd becomes
+ready (an eventfd written by io_uring / librbd / the pool, an NBD socket readable).
+After a wake-up the worker calls service(woke=True), which drains the eventfds.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import select
+import time
+from typing import Any, Callable, Sequence
+
+from backends.aio import DEFAULT_DEPTH, AioQueue, Op, Req, open_async
+from nvme.io import aio as nvme_aio
+from nvme.io.aio import AioCommand
+from nvme.io.opcodes import IoOpcode
+
+log = logging.getLogger("vnvmed.worker")
+
+assert (Op.READ, Op.WRITE, Op.FLUSH, Op.WRITE_ZEROES, Op.DISCARD) == (
+    nvme_aio.OP_READ, nvme_aio.OP_WRITE, nvme_aio.OP_FLUSH, nvme_aio.OP_WRITE_ZEROES, nvme_aio.OP_DISCARD)
+
+CompleteFn = Callable[[int, int, int, int], None]   # (sqid, cid, status, dw0)
+
+
+class BackendIo:
+    def __init__(self, complete: CompleteFn) -> None:
+        self._aio_ns: dict[int, Any] = {}    # the executor's aio_ns once bound: nsid -> submitter
+        self._complete = complete
+        self._io = [0, 0, 0, 0]
+        self._ep = select.epoll()
+        self.queues: dict[int, AioQueue] = {}
+        self._by_fd: dict[int, int] = {}     # engine fd -> nsid
+        self._poll_needed = False            # some engine only completes after readiness
+        self.outstanding = 0                 # backend requests submitted or waiting
+        self._out: list[Req] = []
+        self.completed = 0
+
+    def bind(self, executor: Any) -> None:
+        """Serve this executor (IoExecutor): its aio_ns dict and its I/O counters."""
+        executor.aio_ns = self._aio_ns
+        self._io = executor.io
+
+    # -- namespaces ------------------------------------------------------------
+    def attach(self, nsid: int, backend: Any, depth: int = DEFAULT_DEPTH) -> bool:
+        """Serve nsid asynchronously if its backend can; False if it stays synchronous."""
+        self.detach(nsid)
+        engine = open_async(backend)
+        if engine is None:
+            return False
+        q = AioQueue(engine, depth, name=f"ns{nsid}")
+        fd = engine.fileno()
+        self._ep.register(fd, select.EPOLLIN)
+        self._by_fd[fd] = nsid
+        self.queues[nsid] = q
+        self._poll_needed = any(getattr(x.engine, "needs_readiness", False) for x in self.queues.values())
+        self._aio_ns[nsid] = self._submitter(q)
+        return True
+
+    def detach(self, nsid: int, timeout: float = 2.0) -> None:
+        """Stop serving nsid: its outstanding requests finish first (bounded), then the engine closes."""
+        q = self.queues.get(nsid)
+        if q is None:
+            return
+        self._aio_ns.pop(nsid, None)
+        deadline = time.monotonic() + timeout
+        while q.outstanding() and time.monotonic() < deadline:
+            self.service(woke=True)
+            if q.outstanding():
+                self._ep.poll(0.005)
+        del self.queues[nsid]
+        fd = q.engine.fileno()
+        self._by_fd.pop(fd, None)
+        try:
+            self._ep.unregister(fd)
+        except (OSError, ValueError):
+            pass
+        left: list[Req] = []
+        q.fail_waiting(errno.ECANCELED, left)
+        busy = q.engine.busy()
+        q.engine.close()               # engines give back what they still held, failed
+        q.engine.reap(False, left)
+        if busy:
+            log.warning("namespace %d detached with %d backend requests outstanding", nsid, busy)
+        self.outstanding -= len(left)
+        self._finish(left)
+        self._poll_needed = any(getattr(x.engine, "needs_readiness", False) for x in self.queues.values())
+
+    def _submitter(self, q: AioQueue) -> Callable[[AioCommand, int, int, int, Sequence[memoryview], bool], None]:
+        def submit(cmd: AioCommand, op: int, offset: int, length: int,
+                   bufs: Sequence[memoryview], fua: bool) -> None:
+            self.outstanding += 1
+            q.submit(Req(op, offset, length, bufs, fua, cmd))
+        return submit
+
+    # -- the loop ----------------------------------------------------------------
+    def fileno(self) -> int:
+        return self._ep.fileno()
+
+    def service(self, woke: bool = False) -> int:
+        """Reap completions and complete finished commands; returns commands completed."""
+        if not self.outstanding and not woke:
+            return 0
+        ready: set[int] | None = None
+        if woke or self._poll_needed:
+            by_fd = self._by_fd
+            ready = {by_fd[fd] for fd, _ in self._ep.poll(0) if fd in by_fd}
+        out = self._out
+        for nsid, q in self.queues.items():
+            q.reap(ready is not None and nsid in ready, out)
+        if not out:
+            return 0
+        self.outstanding -= len(out)
+        return self._finish(out)
+
+    def _finish(self, out: list[Req]) -> int:
+        n = 0
+        io = self._io
+        complete = self._complete
+        for req in out:
+            cmd: AioCommand = req.owner
+            if cmd.part_done(req.err):
+                st = cmd.finish()
+                if not st:
+                    if cmd.opc == IoOpcode.READ:
+                        io[0] += 1
+                        io[2] += cmd.length
+                    elif cmd.opc == IoOpcode.WRITE:
+                        io[1] += 1
+                        io[3] += cmd.length
+                complete(cmd.sqid, cmd.cid, st, 0)
+                n += 1
+        out.clear()
+        self.completed += n
+        return n
+
+    def close(self) -> None:
+        for nsid in list(self.queues):
+            self.detach(nsid, timeout=0.5)
+        self._ep.close()
