@@ -302,11 +302,6 @@ class ThreadPoolEngine:
         self._q.put(req)
 
     def reap(self, ready: bool, out: list[Req]) -> None:
-        if self._closed:
-            while self._dead:
-                out.append(self._dead.popleft())
-                self._busy -= 1
-            return
         if ready:
             try:
                 os.eventfd_read(self._efd)

@@ -130,8 +130,12 @@ class Slot:
         aio = self.aio
         if aio is not None and (aio.outstanding or self.aio_woke):
             # Also while paused: parked commands must finish for the quiesce ack.
-            done = aio.service(self.aio_woke)
-            self.aio_woke = False
+            woke, self.aio_woke = self.aio_woke, False
+            try:
+                done = aio.service(woke)
+            except Exception:
+                self.aio = None        # our bug: the worker faults this controller; no log flood
+                raise
         if r is None or self.paused or self.nqueues == 0:
             return done
         t0 = perf_counter_ns()
