@@ -113,7 +113,10 @@ class SlowPath:
         for _ in range(MAX_FETCHES):
             mem.writeback.clear()
             try:
-                status, dw0 = ex.execute(memoryview(sqe))
+                res = ex.execute(memoryview(sqe))   # no async namespaces here: never parks
+                if res is None:
+                    return Status.INTERNAL_ERROR, 0
+                status, dw0 = res
             except NeedFetch as f:
                 data = await self.session.dma_read(f.addr, f.length)
                 mem.fetched[(f.addr, f.length)] = bytes(data)

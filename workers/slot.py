@@ -78,6 +78,7 @@ class Slot:
         for info in msg["ns"]:
             self._ns_add(info)
         self.executor = IoExecutor(self.namespaces, self.mem, msg["mdts"])
+        assert self.aio is not None
         self.aio.bind(self.executor)
         for nsid, ns in self.namespaces.items():
             self._aio_attach(nsid, ns)

@@ -89,7 +89,7 @@ class AioCommand:
 
 
 def park_rw(submit: Submit, sqid: int, cid: int, opc: int, offset: int, length: int,
-            bufs: Sequence[memoryview], fua: bool) -> None:
+            bufs: Sequence[memoryview], fua: bool) -> tuple[int, int] | None:
     """Read or Write on an asynchronous namespace: one request, parked."""
     cmd = AioCommand(sqid, cid, opc, length)
     cmd.pending = 1
@@ -98,7 +98,7 @@ def park_rw(submit: Submit, sqid: int, cid: int, opc: int, offset: int, length: 
 
 
 def park_compare(submit: Submit, sqid: int, cid: int, offset: int, length: int,
-                 host: Sequence[memoryview]) -> None:
+                 host: Sequence[memoryview]) -> tuple[int, int] | None:
     cmd = AioCommand(sqid, cid, IoOpcode.COMPARE)
     cmd.pending = 1
     cmd.compare = host
@@ -108,7 +108,7 @@ def park_compare(submit: Submit, sqid: int, cid: int, offset: int, length: int,
 
 
 def park_ranges(submit: Submit, sqid: int, cid: int, opc: int, op: int,
-                ranges: Sequence[tuple[int, int]]) -> None:
+                ranges: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
     """Write Zeroes / Deallocate / Flush: one request per range ((0, 0) for a flush)."""
     cmd = AioCommand(sqid, cid, opc)
     cmd.pending = len(ranges)

@@ -44,7 +44,7 @@ class IoExecutor:
         self.mem = mem
         self.mdts_bytes = mdts_bytes   # 0 = no limit
         self.page_size = page_size
-        table: list[Callable[[memoryview], Result] | None] = [None] * 256
+        table: list[Callable[[memoryview], Result | None] | None] = [None] * 256
         table[IoOpcode.FLUSH] = self._flush
         table[IoOpcode.WRITE] = self._write
         table[IoOpcode.READ] = self._read
@@ -179,7 +179,7 @@ class IoExecutor:
         return slba << ns.lba_shift, length
 
     # -- commands ---------------------------------------------------------------
-    def _read(self, d: memoryview) -> Result:
+    def _read(self, d: memoryview) -> Result | None:
         ns = self._ns(d[1])
         off, length = self._rw_range(d, ns, True)
         views = map_dptr(self.mem, d, length, True, self.page_size)
@@ -192,7 +192,7 @@ class IoExecutor:
         io[2] += length
         return _OK
 
-    def _write(self, d: memoryview) -> Result:
+    def _write(self, d: memoryview) -> Result | None:
         ns = self._ns(d[1])
         off, length = self._rw_range(d, ns, True)
         if ns.read_only:
@@ -210,7 +210,7 @@ class IoExecutor:
         io[3] += length
         return _OK
 
-    def _compare(self, d: memoryview) -> Result:
+    def _compare(self, d: memoryview) -> Result | None:
         ns = self._ns(d[1])
         off, length = self._rw_range(d, ns, True)
         views = map_dptr(self.mem, d, length, False, self.page_size)
@@ -227,7 +227,7 @@ class IoExecutor:
             pos += n
         return _OK
 
-    def _write_zeroes(self, d: memoryview) -> Result:
+    def _write_zeroes(self, d: memoryview) -> Result | None:
         ns = self._ns(d[1])
         off, length = self._rw_range(d, ns, False)   # Write Zeroes moves no data: no MDTS
         if ns.read_only:
@@ -269,7 +269,7 @@ class IoExecutor:
         ns.backend.flush()
         return _OK
 
-    def _dsm(self, d: memoryview) -> Result:
+    def _dsm(self, d: memoryview) -> Result | None:
         ns = self._ns(d[1])
         nr = (d[10] & 0xFF) + 1                       # up to 256 ranges
         if not d[11] & DSM_ATTR_DEALLOCATE:
