@@ -166,7 +166,10 @@ class UringEngine:
                 break
             c = cqe[0]
             slot = c.user_data
-            res = c.res
+            try:
+                res = c.res
+            except OSError as e:      # the binding raises a negative result as OSError
+                res = -(e.errno or errno.EIO)
             _L.io_uring_cqe_seen(ring, c)
             req = slots[slot]
             slots[slot] = None
