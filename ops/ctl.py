@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("--force", action="store_true", help="even if a VM is connected")
 
     ns = sub.add_parser("namespace", help="add/remove/resize namespaces").add_subparsers(dest="cmd", required=True)
-    nadd = ns.add_parser("add", parents=[common], help="attach KIND:ARG (ram:SIZE, null:SIZE, file:PATH)")
+    nadd = ns.add_parser("add", parents=[common], help="attach KIND:ARG (ram:SIZE, null:SIZE, file:PATH[,direct], "
+                                                       "nbd:URI[,size=SIZE], rbd:POOL/IMAGE[?conf=..&id=..])")
     nadd.add_argument("ctrl")
     nadd.add_argument("spec", metavar="KIND:ARG")
     nadd.add_argument("--nsid", type=int)
@@ -213,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", parents=[common], help="counters (all controllers, or one)")
     st.add_argument("ctrl", nargs="?")
     sub.add_parser("workers", parents=[common], help="worker processes and their queues")
+    sub.add_parser("backends", parents=[common], help="namespace kinds the daemon can serve, and why not")
     return p
 
 
@@ -257,13 +259,15 @@ def request_for(a: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         return "namespace.resize", {"ctrl": a.ctrl, "nsid": a.nsid, "size": a.size}
     if a.group == "stats":
         return "stats", ({"ctrl": a.ctrl} if a.ctrl else {})
+    if a.group == "backends":
+        return "backends", {}
     return "workers", {}
 
 
 def render(method: str, value: Any) -> str:
     if method == "controller.list" and isinstance(value, list):
         return format_controllers(value)
-    if method == "workers" and isinstance(value, list):
+    if method in ("workers", "backends") and isinstance(value, list):
         return format_records(value)
     return format_result(value)
 

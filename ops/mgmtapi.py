@@ -184,6 +184,9 @@ class ManagementApiMixin:
             f.backends[nsid] = nb
             b.destroy()
             ns.arg = str(new)
+        elif kind in ("nbd", "rbd"):
+            raise MgmtError(f"a {kind} namespace is resized on its server or cluster: resize the "
+                            "export/image there, then remove and re-add the namespace")
         else:
             await self._resize_file(f, ns, b, new)
         ns.size = new
@@ -250,6 +253,13 @@ class ManagementApiMixin:
 
     async def workers(self) -> list[dict]:
         return await self._worker_rows()
+
+    async def backends(self) -> list[dict]:
+        """Which namespace kinds this daemon's Python can serve, and why not."""
+        import sys
+        from backends.registry import availability
+        return [{"kind": k, "available": v["available"], "detail": v["detail"], "python": sys.executable}
+                for k, v in availability().items()]
 
     async def _worker_rows(self) -> list[dict]:
         out = []

@@ -9,7 +9,9 @@ the namespace).  Helpers raise `CommandError(status)`; execute turns it into the
 status.  Backend OSErrors become media errors (Unrecovered Read Error for reads,
 Write Fault for writes).  A DmaFault from helpers is a Data Transfer Error.
 `NeedsMessageDma` is the only exception that leaves execute: the caller may run
-the command again on the front-end's slow path (message-based DMA).
+the command again on the front-end's slow path (message-based DMA).  On a namespace
+with an asynchronous backend (`aio_ns`, set by a worker) execute returns None after
+validation: the command is parked and completed later (nvme/io/aio.py).
 
 Checks, in order: FUSE (not supported -> INVALID_FIELD), NSID (INVALID_NAMESPACE),
 MDTS for data-moving commands (INVALID_FIELD), SLBA+NLB on Python ints

@@ -44,6 +44,7 @@ class ManagementApi(Protocol):
     async def namespace_resize(self, ctrl: str, nsid: int, size: str) -> dict: ...
     async def stats(self, ctrl: str | None = None) -> dict: ...
     async def workers(self) -> list[dict]: ...
+    async def backends(self) -> list[dict]: ...
 
 
 _S, _I, _B, _N = (str,), (int,), (bool,), (type(None),)
@@ -67,7 +68,7 @@ METHODS: dict[str, MethodSpec] = rpc.method_table([
     MethodSpec("namespace.add", "namespace_add",
                (Param("ctrl", _S), Param("spec", _S), Param("nsid", _I + _N, False, None),
                 Param("block_size", _I, False, 512), Param("read_only", _B, False, False)),
-               doc="attach KIND:ARG (ram:SIZE, null:SIZE, file:PATH)"),
+               doc="attach KIND:ARG (ram:SIZE, null:SIZE, file:PATH[,direct], nbd:URI, rbd:POOL/IMAGE)"),
     MethodSpec("namespace.remove", "namespace_remove", (Param("ctrl", _S), Param("nsid", _I)),
                doc="detach a namespace"),
     MethodSpec("namespace.resize", "namespace_resize",
@@ -76,6 +77,7 @@ METHODS: dict[str, MethodSpec] = rpc.method_table([
     MethodSpec("stats", "stats", (Param("ctrl", _S + _N, False, None),),
                doc="per controller/queue/worker counters"),
     MethodSpec("workers", "workers", doc="worker processes, cores and queue assignments"),
+    MethodSpec("backends", "backends", doc="namespace kinds this daemon can serve (nbd/rbd need Debian bindings)"),
 ])
 
 

@@ -186,3 +186,25 @@ def test_namespace_add_refuses_bad_exports(run_dir: str) -> None:
     finally:
         finish_daemon(d)
         kit.stop()
+
+
+def test_backend_availability_is_reported(run_dir: str) -> None:
+    # A Python that cannot see Debian's bindings (-S: no site-packages) says so in --help...
+    r = subprocess.run(["/usr/bin/python3", "-S", os.path.join(ROOT, "bin", "vnvmed"), "--help"],
+                       capture_output=True, text=True, timeout=30, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 0, r.stderr
+    assert "backends on this host (/usr/bin/python3)" in r.stdout
+    assert "nbd   NO   libnbd Python binding not importable" in r.stdout
+    assert "rbd   NO   Ceph Python bindings not importable" in r.stdout
+    # ... and a daemon that can serve them says so through vnvmectl.
+    d = _daemon(run_dir, "ram:8M")
+    try:
+        r = subprocess.run([sys.executable, VNVMECTL, "--rpc", os.path.join(run_dir, "vnvmed.rpc"), "backends"],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        rows = {line.split()[0]: line for line in r.stdout.splitlines()[1:] if line.strip()}
+        assert set(rows) >= {"ram", "null", "file", "nbd", "rbd"}
+        assert rows["nbd"].split()[1] == "yes" and "asynchronous" in rows["nbd"]
+        assert ("io_uring" in rows["file"]) or ("thread pool" in rows["file"])
+    finally:
+        finish_daemon(d)
