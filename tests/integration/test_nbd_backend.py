@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import site
 import subprocess
 import sys
 import tempfile
@@ -189,11 +190,14 @@ def test_namespace_add_refuses_bad_exports(run_dir: str) -> None:
 
 
 def test_backend_availability_is_reported(run_dir: str) -> None:
-    # A Python that cannot see Debian's bindings (-S: no site-packages) says so in --help...
-    r = subprocess.run(["/usr/bin/python3", "-S", os.path.join(ROOT, "bin", "vnvmed"), "--help"],
-                       capture_output=True, text=True, timeout=30, env=dict(os.environ, PYTHONPATH=ROOT))
+    # A Python that cannot see Debian's bindings says so in --help: this interpreter's own
+    # site-packages (the project's deps) without Debian's dist-packages (-S, PYTHONPATH).
+    own = [p for p in site.getsitepackages() if "dist-packages" not in p]
+    r = subprocess.run([sys.executable, "-S", os.path.join(ROOT, "bin", "vnvmed"), "--help"],
+                       capture_output=True, text=True, timeout=30,
+                       env=dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, *own])))
     assert r.returncode == 0, r.stderr
-    assert "backends on this host (/usr/bin/python3)" in r.stdout
+    assert f"backends on this host ({sys.executable})" in r.stdout
     assert "nbd   NO   libnbd Python binding not importable" in r.stdout
     assert "rbd   NO   Ceph Python bindings not importable" in r.stdout
     # ... and a daemon that can serve them says so through vnvmectl.
