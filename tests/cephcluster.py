@@ -136,7 +136,7 @@ mon data avail warn = 1
                 return
             for p in self.procs:
                 if p.poll() is not None:
-                    raise RuntimeError(f"{p.args[0]} exited with {p.returncode}; see {self.dir}")
+                    raise RuntimeError(f"a Ceph daemon (pid {p.pid}) exited with {p.returncode}; see {self.dir}")
             time.sleep(0.2)
         raise RuntimeError("osd.0 did not come up")
 
