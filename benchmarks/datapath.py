@@ -46,14 +46,12 @@ def setup(depth: int, io_size: int, backend: str, flat: bool = False):
         mem = FlatMemory()
         mem.add(0x10000, ram)
     else:   # the worker's own guest memory class, over a memfd like QEMU's RAM
-        import mmap
         from reactor.guestmem import MappedGuestMemory
-        fd = os.memfd_create("datapath-bench")
-        os.ftruncate(fd, nbytes)
+        from vfio_user.client import GuestRam
+        guest = GuestRam(nbytes, base=0x10000, name="datapath-bench")
         mem = MappedGuestMemory()
-        mem.map(0x10000, nbytes, 0, fd, True, True)
-        ram = mmap.mmap(fd, nbytes)
-        os.close(fd)
+        mem.map(0x10000, nbytes, 0, guest.fd, True, True)
+        ram = guest.mm
     db = bytearray(PAGE)
     dbw = memoryview(db).cast("I")
     sq, cq = 0x10000, 0x10000 + PAGE * ((size * 64 + PAGE - 1) // PAGE)

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 
 from nvme.fence import full_barrier
-from vfio_user.client import VfioUserClient as Client
+from vfio_user.client import GuestRam, VfioUserClient as Client
 from vfio_user.wire import DmaMapFlag, IrqSetFlag
 
 PAGE = 4096
@@ -38,32 +38,6 @@ DB = 0x1000
 def need_event(event_idx: int, new: int, old: int) -> bool:
     """Linux nvme_dbbuf_need_event (16-bit): event_idx in [old, new) modulo 2^16."""
     return ((new - event_idx - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
-
-
-class GuestRam:
-    """memfd-backed 'guest RAM' with a page allocator (iova == offset + base)."""
-
-    def __init__(self, size: int, base: int = 0) -> None:
-        self.fd = os.memfd_create("vnvmed-test-ram", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, size)
-        self.mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self.size = size
-        self.base = base
-        self._next = PAGE  # keep page 0 unused: address 0 is a classic bug magnet
-
-    def alloc(self, n: int, align: int = PAGE) -> int:
-        off = (self._next + align - 1) // align * align
-        if off + n > self.size:
-            raise MemoryError("guest RAM exhausted")
-        self._next = off + n
-        return self.base + off
-
-    def view(self, addr: int, n: int) -> memoryview:
-        return memoryview(self.mm)[addr - self.base:addr - self.base + n]
-
-    def close(self) -> None:
-        self.mm.close()
-        os.close(self.fd)
 
 
 @dataclass

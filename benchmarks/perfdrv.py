@@ -39,46 +39,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from vfio_user.client import VfioUserClient
+from vfio_user.client import GuestRam, VfioUserClient
 from vfio_user.wire import Region
 
 PAGE = 4096
 DB = 0x1000
 REG_CAP, REG_CC, REG_CSTS, REG_AQA, REG_ASQ, REG_ACQ = 0, 0x14, 0x1C, 0x24, 0x28, 0x30
+RAM_BASE = 0x1_0000_0000         # iova of the client's RAM
 BAR0_ADDR = 0xFE000000          # where we "place" BAR0 in config space
 HIST_SHIFT = 6                  # 64 ns latency buckets
 HIST_SIZE = 1 << 17             # up to ~8.4 ms; slower ones go to `over`
 OPC_WRITE, OPC_READ = 0x01, 0x02
-
-
-class GuestRam:
-    """memfd 'guest RAM' at iova `base`, with a bump allocator."""
-
-    def __init__(self, size: int, base: int = 0x1_0000_0000) -> None:
-        self.fd = os.memfd_create("vnvmed-perf-ram", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, size)
-        self.mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self.size = size
-        self.base = base
-        self._next = PAGE
-
-    def alloc(self, n: int, align: int = PAGE) -> int:
-        off = (self._next + align - 1) // align * align
-        if off + n > self.size:
-            raise MemoryError(f"guest RAM of {self.size} bytes exhausted")
-        self._next = off + n
-        return self.base + off
-
-    def view(self, addr: int, n: int) -> memoryview:
-        off = addr - self.base
-        return memoryview(self.mm)[off:off + n]
-
-    def close(self) -> None:
-        try:
-            self.mm.close()
-        except BufferError:
-            pass
-        os.close(self.fd)
 
 
 @dataclass(slots=True)
@@ -97,7 +68,7 @@ class Controller:
         self.c = VfioUserClient(timeout=timeout)
         self.c.connect(sock)
         self.c.negotiate()
-        self.ram = GuestRam(ram_size)
+        self.ram = GuestRam(ram_size, base=RAM_BASE, name="vnvmed-perf-ram")
         self._place_bar0()
         info, fd = self.c.get_region_info(Region.BAR0)
         self.bar_mm: mmap.mmap | None = None
@@ -241,7 +212,10 @@ class Controller:
         if self.bar_mm is not None:
             self.bar_mm.close()
         self.c.close()
-        self.ram.close()
+        try:
+            self.ram.close()
+        except BufferError:     # a result view is still alive: the mapping goes with the process
+            pass
 
 
 # ------------------------------------------------------------------------------ workload

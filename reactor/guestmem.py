@@ -8,9 +8,13 @@ at the map's file offset rounded down to the mapping granularity
 size) and covers `[offset, offset + size)`.  Before mapping we check
 `offset + size <= fstat(fd).st_size`: touching a page past the end of the file
 raises SIGBUS, which kills a Python process.  A memfd that is not sealed against
-shrinking (F_SEAL_SHRINK) could still be truncated later by the client; such a
-mapping is accepted but flagged (`Mapping.shrinkable`) so callers can decide how much
-to trust it.
+shrinking (F_SEAL_SHRINK) could still be truncated later by the client, and the next
+worker access would kill a process that serves other controllers too: such a memfd
+is refused (EINVAL).  QEMU seals its memory-backend-memfd by default (seal=on); a
+client that wants to be served seals it.  An fd that cannot carry seals at all (a
+regular or hugetlbfs file, shm_open memory) is accepted and flagged
+`Mapping.shrinkable`: that file could be truncated too (by its owner), which is the
+client's own memory and its administrator's business, not a guest's.
 
 `view(addr, length, write)` is the hot path: a bisect in the `DmaTable`, permission
 checks, and a slice of a memoryview kept for the whole mapping.  Read views are
@@ -114,6 +118,15 @@ class MappedGuestMemory:
             # A mapping past the end of the file would SIGBUS on first touch.
             raise ProtocolError(errno.EINVAL,
                                 f"DMA map {offset:#x}+{size:#x} past end of fd ({st.st_size:#x})")
+        shrinkable = True
+        try:
+            shrinkable = not (fcntl.fcntl(fd, _F_GET_SEALS) & _F_SEAL_SHRINK)
+        except OSError:
+            pass        # not a memfd: a regular/hugetlbfs/shm file, it cannot carry seals
+        else:
+            if shrinkable:
+                raise ProtocolError(errno.EINVAL, "DMA fd is a memfd not sealed against shrinking "
+                                    "(F_SEAL_SHRINK): truncating it would crash the worker")
         gran = _granularity(st)
         start = offset - offset % gran
         delta = offset - start
@@ -123,11 +136,6 @@ class MappedGuestMemory:
         except (OSError, ValueError, OverflowError) as e:
             raise ProtocolError(getattr(e, "errno", None) or errno.EINVAL,
                                 f"mmap of DMA fd failed: {e}") from e
-        shrinkable = True
-        try:
-            shrinkable = not (fcntl.fcntl(fd, _F_GET_SEALS) & _F_SEAL_SHRINK)
-        except OSError:
-            pass        # not a memfd: a regular/hugetlbfs file, can be truncated too
         base = memoryview(mm)[delta:delta + size]
         return Mapping(mm, base, readable, writable, shrinkable, base.toreadonly())
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import array
 import errno
+import fcntl
 import mmap
 import os
 import socket
@@ -37,24 +38,49 @@ QEMU_VERSION_JSON = (
 SPEC_VERSION_JSON = '{"capabilities": {"max_msg_fds": 8, "max_data_xfer_size": 1048576}}'
 
 _DEFAULT = object()
+PAGE = 4096
 
 
 class GuestRam:
-    """Guest RAM for tests: a memfd of `size` bytes, mapped here too."""
+    """The guest RAM of every client we drive (tests, benchmarks, host drivers).
 
-    def __init__(self, size: int, name: str = "guest-ram", seal: bool = True) -> None:
+    A memfd of `size` bytes sealed against shrinking and growing, as QEMU's
+    memory-backend-memfd does by default (vnvmed refuses an unsealed memfd: a client
+    could truncate it under a worker, SIGBUS), mapped here too.  Guest addresses
+    (iova) start at `base`; `alloc()` hands out aligned chunks (page 0 stays unused:
+    address 0 is a classic bug magnet), `view()` is a memoryview at an iova.
+    """
+
+    def __init__(self, size: int, base: int = 0, name: str = "guest-ram", seal: bool = True) -> None:
         flags = os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if seal else 0)
         self.fd = os.memfd_create(name, flags)
         self.size = size
+        self.base = base
+        self._next = PAGE
         os.ftruncate(self.fd, size)
         if seal:
-            import fcntl
             fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
-        self.mm = mmap.mmap(self.fd, size)
+        self.mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+    def alloc(self, n: int, align: int = PAGE) -> int:
+        """iova of `n` fresh bytes aligned to `align` (MemoryError when exhausted)."""
+        off = (self._next + align - 1) // align * align
+        if off + n > self.size:
+            raise MemoryError(f"guest RAM of {self.size} bytes exhausted")
+        self._next = off + n
+        return self.base + off
+
+    def view(self, addr: int, n: int) -> memoryview:
+        off = addr - self.base
+        return memoryview(self.mm)[off:off + n]
 
     def close(self) -> None:
-        self.mm.close()
-        os.close(self.fd)
+        """Unmap and close.  BufferError while a view is still held: drop it, call again."""
+        if not self.mm.closed:
+            self.mm.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def __enter__(self) -> "GuestRam":
         return self

@@ -100,12 +100,21 @@ def test_unmap_with_outstanding_view_parks_mapping(ram):
     assert m.collect() == 0
 
 
-def test_shrinkable_flag(ram):
+def test_unsealed_memfd_refused_files_flagged(ram, tmp_path):
     m = MappedGuestMemory()
     m.map(0, 4096, 0, ram.fd, True, True)        # GuestRam seals against shrinking
     assert not m.mapping_at(0).shrinkable
-    fd = os.memfd_create("unsealed")
-    os.ftruncate(fd, 4096)
+    for flags in (0, os.MFD_ALLOW_SEALING):       # sealing impossible / possible but not done
+        fd = os.memfd_create("unsealed", flags)
+        os.ftruncate(fd, 4096)
+        with pytest.raises(ProtocolError) as e:
+            m.map(0x1000, 4096, 0, fd, True, True)
+        os.close(fd)
+        assert e.value.errno == errno.EINVAL and "F_SEAL_SHRINK" in str(e.value)
+        assert len(m.table) == 1                  # the refused map left nothing behind
+    path = tmp_path / "ram.img"                   # a file cannot carry seals: accepted, flagged
+    path.write_bytes(bytes(4096))
+    fd = os.open(path, os.O_RDWR)
     m.map(0x1000, 4096, 0, fd, True, True)
     os.close(fd)                                  # the mapping keeps its own reference
     assert m.mapping_at(0x1000).shrinkable
