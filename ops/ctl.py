@@ -113,18 +113,51 @@ def _cell(v: Any) -> str:
 
 
 def format_controllers(ctrls: list[dict[str, Any]]) -> str:
+    """controller.list records (ops/schema.py) as a table; a fatal reason goes on its own line."""
     if not ctrls:
         return "no controllers"
-    rows = []
+    rows, notes = [], []
     for c in ctrls:
-        nss = c.get("namespaces") or []
-        ns = ", ".join(f"{n.get('nsid', '?')}={n.get('kind', '?')}:{n.get('arg', '?')}"
-                       f"({fmt_size(n.get('size'))}/{n.get('block_size', '?')})" for n in nss) or "-"
-        q = c.get("queues")
-        queues = str(len(q)) if isinstance(q, list) else _cell(q)
-        rows.append([_cell(c.get("name")), _cell(c.get("state")), _cell(c.get("client_connected")),
-                     queues, _cell(c.get("socket")), ns])
-    return table(rows, ["NAME", "STATE", "CLIENT", "QUEUES", "SOCKET", "NAMESPACES (nsid=spec(size/bs))"])
+        ns = ", ".join(f"{n['nsid']}={n['kind']}:{n['arg']}({fmt_size(n['size'])}/{n['block_size']}"
+                       f"{',ro' if n['read_only'] else ''})" for n in c["namespaces"]) or "-"
+        rows.append([_cell(c["name"]), c["state"], _cell(c["client_connected"]), str(len(c["queues"])),
+                     _cell(c["socket"]), ns])
+        if c["fatal_reason"]:
+            notes.append(f"{c['name']}: {c['fatal_reason']}")
+    out = table(rows, ["NAME", "STATE", "CLIENT", "QUEUES", "SOCKET", "NAMESPACES (nsid=kind:arg(size/bs))"])
+    return "\n".join([out, *notes])
+
+
+_CTRL_COLS = (("commands", "COMMANDS"), ("read_commands", "READS"), ("write_commands", "WRITES"),
+              ("bytes_read", "READ"), ("bytes_written", "WRITTEN"), ("slow_commands", "SLOW"),
+              ("doorbell_errors", "DBERR"), ("quiesces", "QUIESCES"))
+_QUEUE_COLS = ("worker", "cqid", "depth", "sq_head", "sq_tail", "pending", "cq_head", "cq_tail", "broken")
+_WORKER_COLS = ("id", "core", "pid", "alive", "restarts", "polls", "idle", "sleeps", "queues")
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    """`stats` as tables: controllers, each controller's I/O queues, worker processes."""
+    ctrls = stats.get("controllers") or {}
+    rows = []
+    for name, s in sorted(ctrls.items()):
+        c = s.get("controller") if isinstance(s, dict) else None
+        if not isinstance(c, dict):
+            rows.append([name, *(["-"] * len(_CTRL_COLS)), _cell((s or {}).get("error", "no answer"))])
+            continue
+        rows.append([name, *(fmt_size(c.get(k)) if k.startswith("bytes") else _cell(c.get(k))
+                             for k, _ in _CTRL_COLS), _cell(s.get("errors_logged"))])
+    parts = [table(rows, ["CONTROLLER", *(h for _, h in _CTRL_COLS), "ERRLOG"]) if rows else "no controllers"]
+    for name, s in sorted(ctrls.items()):
+        queues = (s.get("queues") if isinstance(s, dict) else None) or {}
+        if queues:
+            qrows = [[str(sq), *(_cell(q.get(k)) for k in _QUEUE_COLS)]
+                     for sq, q in sorted(queues.items(), key=lambda kv: int(kv[0]))]
+            parts.append(f"\n{name}: I/O queues\n" + table(qrows, ["SQ", *(k.upper() for k in _QUEUE_COLS)]))
+    workers = stats.get("workers") or []
+    if workers:
+        wrows = [[_cell(w.get(k)) for k in _WORKER_COLS] for w in workers]
+        parts.append("\nworkers\n" + table(wrows, [k.upper() for k in _WORKER_COLS]))
+    return "\n".join(parts)
 
 
 def format_records(recs: list[dict[str, Any]]) -> str:
@@ -267,6 +300,8 @@ def request_for(a: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 def render(method: str, value: Any) -> str:
     if method == "controller.list" and isinstance(value, list):
         return format_controllers(value)
+    if method == "stats" and isinstance(value, dict):
+        return format_stats(value)
     if method in ("workers", "backends") and isinstance(value, list):
         return format_records(value)
     return format_result(value)
@@ -286,10 +321,19 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
     except rpc.RpcError as e:
         print(f"vnvmectl: {method}: {e.message}", file=err)
         return 1
-    if getattr(a, "json", False):
-        print(json.dumps(value, indent=2, sort_keys=True), file=out)
-    else:
-        print(render(method, value), file=out)
+    text = json.dumps(value, indent=2, sort_keys=True) if getattr(a, "json", False) else render(method, value)
+    try:
+        print(text, file=out)
+        out.flush()
+    except BrokenPipeError:
+        # The reader left (`vnvmectl stats | head`): not an error of ours.  Point stdout at
+        # /dev/null so the interpreter's own flush at exit does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, out.fileno())
+        except (OSError, ValueError):
+            pass
+        os.close(devnull)
     return 0
 
 

@@ -19,7 +19,7 @@ import stat
 from typing import TYPE_CHECKING, Any
 
 from backends.base import Backend, create_backend, parse_size
-from ops import notify
+from ops import notify, schema
 from ops.config import (ConfigError, NamespaceSpec, check_namespace, controller_from_options,
                             with_controller)
 from ops.mgmt.jsonrpc import ErrorCode, MgmtError
@@ -68,14 +68,19 @@ class ManagementApiMixin:
                             f"see the log") from None
 
     async def controller_list(self) -> list[dict]:
+        """One ops.schema.controller_record per controller (the shape vnvmectl reads)."""
         out = []
         for f in self.fronts.values():
-            try:
-                info = await self._mcall(f, "info")
-            except Exception as e:
-                info = {"state": f"unavailable: {e}"}
-            out.append({"name": f.spec.name, "socket": f.spec.socket, "pid": f.proc.pid if f.proc else None,
-                        "restarts": f.restarts, **info})
+            running = f.ctl is not None and f.proc is not None and f.proc.is_alive()
+            info, error = None, None
+            if running:
+                try:
+                    info = await self._mcall(f, "info")
+                except (MgmtError, OSError) as e:
+                    error = str(e)
+            out.append(schema.controller_record(
+                f.spec.name, f.spec.socket, f.spec.namespaces, info, pid=f.proc.pid if f.proc else None,
+                restarts=f.restarts, running=running, error=error))
         return out
 
     async def controller_add(self, name: str, socket: str, **opts: Any) -> dict:

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from ops import config as C
+from ops import config as C, schema
 from ops.mgmt import ErrorCode, MgmtError, MgmtServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,9 +47,12 @@ class DemoApi:
         return {"nsid": n.nsid, "kind": n.kind.value, "arg": n.arg, "size": n.size, "block_size": n.block_size}
 
     async def controller_list(self) -> list[dict]:
+        """Built by the server's own ops.schema (the fake cannot drift from the real shape)."""
         self.calls.append("controller_list")
-        return [{"name": c.name, "socket": c.socket, "state": "listening", "client_connected": False,
-                 "namespaces": [self._ns(n) for n in c.namespaces], "queues": []} for c in self.cfg.controllers]
+        idle = {"client_connected": False, "enabled": False, "ready": False, "fatal": False,
+                "queues": {}}
+        return [schema.controller_record(c.name, c.socket, c.namespaces, idle, pid=4321)
+                for c in self.cfg.controllers]
 
     async def controller_add(self, name: str, socket: str, **opts: Any) -> dict:
         self.calls.append("controller_add")
@@ -90,7 +93,13 @@ class DemoApi:
         if ctrl is not None:
             self._ctrl(ctrl)
         names = [ctrl] if ctrl else [c.name for c in self.cfg.controllers]
-        return {"controllers": {n: {"reads": 3, "writes": 4, "queues": {"1": {"sq_depth": 0}}} for n in names}}
+        ctrl = {"commands": 7, "read_commands": 3, "write_commands": 4, "bytes_read": 12288,
+                "bytes_written": 16384, "slow_commands": 0, "doorbell_errors": 0, "quiesces": 1}
+        queue = {"worker": 0, "cqid": 1, "depth": 32, "sq_head": 7, "sq_tail": 7, "pending": 0,
+                 "cq_head": 7, "cq_tail": 7, "broken": False}
+        return {"controllers": {n: {"controller": ctrl, "queues": {"1": queue}, "workers": {},
+                                    "errors_logged": 0} for n in names},
+                "workers": await self.workers()}
 
     async def workers(self) -> list[dict]:
         if any(c.name == "boom" for c in self.cfg.controllers):
@@ -187,14 +196,16 @@ def test_vnvmectl_add_list_namespace_stats(daemon: tuple[DemoApi, str], tmp_path
     assert r.returncode == 0, r.stderr
     header, row = r.stdout.splitlines()
     assert header.split()[:5] == ["NAME", "STATE", "CLIENT", "QUEUES", "SOCKET"]
-    assert row.startswith("vm1") and "listening" in row and f"5=file:{img}(8K/512)" in row
+    assert row.split()[:4] == ["vm1", "no-client", "no", "0"] and f"5=file:{img}(8K/512)" in row
     assert "1=ram:64M(64M/512)" in row
     r = ctl(path, "controller", "list", "--json")
     (c,) = json.loads(r.stdout)
     assert [n["nsid"] for n in c["namespaces"]] == [1, 5] and c["namespaces"][0]["size"] == 64 << 20
     r = ctl(path, "stats", "vm1")
-    assert r.returncode == 0 and "controllers.vm1.reads: 3" in r.stdout
-    assert "controllers.vm1.queues.1.sq_depth: 0" in r.stdout
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and lines[0].split()[:4] == ["CONTROLLER", "COMMANDS", "READS", "WRITES"]
+    assert lines[1].split()[:6] == ["vm1", "7", "3", "4", "12K", "16K"], lines
+    assert "vm1: I/O queues" in lines and any(ln.split()[:4] == ["1", "0", "1", "32"] for ln in lines)
     r = ctl(path, "workers")
     assert r.returncode == 0 and r.stdout.split()[:3] == ["PID", "CORE", "QUEUES"]
     r = ctl(path, "--json", "workers")

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from ops import schema
 from tests.daemon import Daemon
 from tests.integration import conftest
 from vfio_user.client import VfioUserClient
@@ -401,5 +402,64 @@ def test_sighup_reloads_controllers_from_the_config_file(run_dir: str) -> None:
             assert time.monotonic() < deadline, d.log()
             time.sleep(0.05)
         assert d.alive() and set(d.controllers()) == {"keep", "fresh"}
+    finally:
+        assert d.stop() == 0
+
+
+def test_vnvmectl_tables_against_the_real_daemon(run_dir: str) -> None:
+    """controller list / stats from the daemon's real records (ops/schema.py): state, every
+    namespace's kind and argument (the file's path), queues; `stats` as tables; a reader
+    that leaves early (`| head -1`) costs no traceback."""
+    img = os.path.join(run_dir, "disk.img")
+    with open(img, "wb") as f:
+        f.truncate(2 * MiB)
+    d = CtlDaemon(run_dir, ["--controller", f"vm1={run_dir}/vm1.sock", "--namespace", "vm1=ram:4M",
+                            "--namespace", f"vm1=file:{img}", "--controller", f"idle={run_dir}/idle.sock",
+                            "--namespace", "idle=null:1M"])
+    try:
+        d.wait_ready(20)
+        (rec,) = [c for c in d.ctl_json("controller", "list") if c["name"] == "idle"]
+        assert schema.missing_fields(rec) == [] and rec["state"] == "no-client"
+        h = Host(f"{run_dir}/vm1.sock")
+        try:
+            for qid in (1, 2):
+                h.nvme.create_io_queue(qid, 16)
+            buf = h.ram.alloc(4096)
+            assert h.nvme.rw(1, True, 2, 0, 8, buf) == 0
+            assert h.nvme.rw(2, False, 1, 0, 8, buf) == 0
+            recs = {c["name"]: c for c in d.ctl_json("controller", "list")}
+            assert [schema.missing_fields(r) for r in recs.values()] == [[], []]
+            vm1 = recs["vm1"]
+            assert vm1["state"] == "ready" and vm1["client_connected"] is True
+            assert [(n["nsid"], n["kind"], n["arg"], n["size"]) for n in vm1["namespaces"]] == \
+                [(1, "ram", "4M", 4 * MiB), (2, "file", img, 2 * MiB)]
+            assert sorted(q["sqid"] for q in vm1["queues"]) == [1, 2]
+            r = d.ctl("controller", "list")
+            assert r.returncode == 0, r.stderr
+            rows = {ln.split()[0]: ln for ln in r.stdout.splitlines()[1:]}
+            assert rows["vm1"].split()[:4] == ["vm1", "ready", "yes", "2"], r.stdout
+            assert f"1=ram:4M(4M/512), 2=file:{img}(2M/512)" in rows["vm1"], r.stdout
+            assert rows["idle"].split()[:4] == ["idle", "no-client", "no", "0"], r.stdout
+            assert "-" not in rows["vm1"].split()[:4] and "?" not in r.stdout
+            r = d.ctl("stats")
+            assert r.returncode == 0, r.stderr
+            lines = r.stdout.splitlines()
+            head = lines[0].split()
+            assert head[:4] == ["CONTROLLER", "COMMANDS", "READS", "WRITES"], r.stdout
+            row = dict(zip(head, next(ln.split() for ln in lines if ln.startswith("vm1 "))))
+            assert (row["READS"], row["WRITES"], row["READ"], row["WRITTEN"]) == ("1", "1", "4K", "4K"), r.stdout
+            assert "vm1: I/O queues" in lines and "workers" in lines, r.stdout
+        finally:
+            h.close()
+        for args in (["stats"], ["controller", "list"], ["--json", "stats"]):
+            # The reader is gone before vnvmectl writes (what `| head` ends up as): EPIPE.
+            r_end, w_end = os.pipe()
+            os.close(r_end)
+            try:
+                p = subprocess.run([sys.executable, VNVMECTL, "--rpc", d.rpc, *args], stdout=w_end,
+                                   stderr=subprocess.PIPE, text=True, timeout=20)
+            finally:
+                os.close(w_end)
+            assert p.returncode == 0 and p.stderr == "", (args, p.stderr)
     finally:
         assert d.stop() == 0
