@@ -41,6 +41,7 @@ log = logging.getLogger("vnvmed.vfio")
 _RL_FAIL = {"ratelimit": "vfio-user request refused"}
 _RL_FDS = {"ratelimit": "vfio-user stray fds"}
 
+
 @dataclass(frozen=True, slots=True)
 class Reply:
     """A handler's answer: payload bytes and fds to send with it (not given away)."""
@@ -78,7 +79,8 @@ def handle_version(p: "Pipeline", payload: bytes, frame: Frame) -> Reply:
 
 
 def handle_dma_map(p: "Pipeline", m: DmaMap, frame: Frame) -> Reply:
-    if m.flags & ~(DmaMapFlag.READ | DmaMapFlag.WRITE):
+    # int(): on 3.11 `~` of an IntFlag keeps only its members (always 0 here).
+    if m.flags & ~int(DmaMapFlag.READ | DmaMapFlag.WRITE):
         raise ProtocolError(errno.EINVAL, f"DMA_MAP flags {m.flags:#x}")
     r, w = bool(m.flags & DmaMapFlag.READ), bool(m.flags & DmaMapFlag.WRITE)
     fds = frame.take_fds()
@@ -100,7 +102,7 @@ def handle_dma_map(p: "Pipeline", m: DmaMap, frame: Frame) -> Reply:
 
 
 def handle_dma_unmap(p: "Pipeline", m: DmaUnmap, frame: Frame) -> Reply:
-    if m.flags & ~DmaUnmapFlag.ALL:
+    if m.flags & ~int(DmaUnmapFlag.ALL):
         # GET_DIRTY_BITMAP belongs to migration v1, which we do not offer.
         raise ProtocolError(errno.EINVAL, f"DMA_UNMAP flags {m.flags:#x}")
     s = p.session

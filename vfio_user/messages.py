@@ -220,7 +220,7 @@ class RegionInfoReply:
         if caps and fits:
             flags |= RegionFlag.CAPS
         else:
-            flags &= ~RegionFlag.CAPS
+            flags &= ~int(RegionFlag.CAPS)   # int(): keep bits RegionFlag does not name
         head = _REGION_INFO.pack(need, flags, self.index,
                                  _REGION_INFO.size if caps and fits else 0,
                                  self.size, self.offset)
