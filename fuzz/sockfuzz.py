@@ -38,9 +38,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from benchmarks.hostnvme import GuestRam, HostNvme
+from benchmarks.hostnvme import HostNvme
 from tests.daemon import Daemon
-from vfio_user.client import QEMU_VERSION_JSON, VfioUserClient
+from vfio_user.client import QEMU_VERSION_JSON, GuestRam, VfioUserClient
 from vfio_user.errors import ProtocolError
 from vfio_user.messages import (DeviceInfoMsg, DmaMap, DmaUnmap, IrqInfoMsg, RegionAccess,
                                 RegionInfoRequest, SetIrqs, Version)

@@ -187,9 +187,12 @@ class NvmeIoTarget:
         self.ro[:m] = rest[:m]                  # "ROM" content set by the test, not the device
         image = bytes(self.ro)
         try:
-            status, _dw0 = self.ex.execute(d)
+            res = self.ex.execute(d)
         except NeedsMessageDma:
-            status = 0
+            res = (0, 0)
+        if res is None:
+            raise FuzzBug("a synchronous backend's command was parked")
+        status = res[0]
         if not isinstance(status, int) or not 0 <= status <= 0x7FF:
             raise FuzzBug(f"status {status!r} is not an NVMe status")
         if bytes(self.ro) != image:
