@@ -32,6 +32,7 @@ import bisect
 import errno
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from vfio_user.errors import ProtocolError
 
@@ -187,3 +188,32 @@ class DirtyLog:
             for run in _RUNS.finditer(bytes(m.bm)):
                 out.update(range(m.first + run.start(), m.first + run.end()))
         return out
+
+
+class MarkingMemory:
+    """A GuestMemory that marks every writable view it hands out (front-end admin path).
+
+    Only for a single-threaded user whose REPORTs cannot run between taking a view and
+    writing through it (the front-end): the mark precedes the write by a few bytecodes.
+    Workers mark after their writes instead (DirtyLog.mark).
+    """
+
+    def __init__(self, mem: Any, log: DirtyLog) -> None:
+        self.inner = mem
+        self.log = log
+
+    def view(self, addr: int, length: int, write: bool = False) -> memoryview:
+        v = self.inner.view(addr, length, write)
+        if write:
+            self.log.mark(addr, length)
+        return v
+
+    def read(self, addr: int, length: int) -> bytes:
+        return self.inner.read(addr, length)
+
+    def write(self, addr: int, data: bytes) -> None:
+        self.inner.write(addr, data)
+        self.log.mark(addr, len(data))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)

@@ -97,3 +97,23 @@ class FlatMemory:
             raise NeedsMessageDma(addr, length, "mapped without fd")
         mv = r.buf[off:off + length]
         return mv if write else mv.toreadonly()
+
+
+class WriteRecorder:
+    """A GuestMemory that remembers the writable ranges it handed out.
+
+    Dirty-page logging marks pages only after the device's write completed; a
+    caller maps through this, writes, then marks each recorded range.
+    """
+
+    __slots__ = ("inner", "writes")
+
+    def __init__(self, inner: GuestMemory) -> None:
+        self.inner = inner
+        self.writes: list[tuple[int, int]] = []
+
+    def view(self, addr: int, length: int, write: bool = False) -> memoryview:
+        v = self.inner.view(addr, length, write)
+        if write:
+            self.writes.append((addr, length))
+        return v

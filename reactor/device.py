@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from vfio_user.errors import ProtocolError
 
@@ -72,7 +72,7 @@ class VfioDevice(Protocol):
     def reset(self) -> None: ...
     def client_connected(self, session: "Session") -> None: ...
     def client_disconnected(self) -> None: ...
-    def device_feature(self, flags: int, data: bytes) -> bytes: ...
+    def device_feature(self, flags: int, data: bytes, argsz: int) -> bytes: ...
     def mig_data_read(self, size: int) -> bytes: ...
     def mig_data_write(self, data: bytes) -> None: ...
 
@@ -109,8 +109,11 @@ class DeviceBase:
     def reset(self) -> None:
         return None
 
-    def device_feature(self, flags: int, data: bytes) -> bytes:
+    def device_feature(self, flags: int, data: bytes, argsz: int) -> bytes:
         raise ProtocolError(errno.EINVAL, "no device features")
+
+    def dirty_pages(self, msg: Any, caps: Any) -> bytes:
+        raise ProtocolError(errno.ENOTSUP, "no dirty page tracking")
 
     def mig_data_read(self, size: int) -> bytes:
         raise ProtocolError(errno.EINVAL, "no migration")

@@ -10,6 +10,7 @@ lives in a worker (placement + worker links).  BAR layout (what QEMU maps well):
           arrive as REGION_WRITE are stored into the same page and wake the worker)
     BAR4  MSI-X table (QEMU emulates it; never mmapped)   BAR5  MSI-X PBA
     CONFIG 4 KiB extended config space
+    9     migration region (v1): register page + data area, see reactor/migctl.py
 
 Doorbell modes (ControllerSpec.doorbells): "mmap" as above; "trapped" offers BAR0 with
 no MMAP flag and no sparse area, so every guest doorbell write reaches us as a
@@ -35,10 +36,12 @@ from nvme.namespace import Namespace
 from nvme.qtable import QueueTable, table_bytes
 from nvme.state import CqState, ShadowDoorbells, SqState
 from pci.config import PciConfig
+from reactor import devstate
 from reactor.coordinator import Coordinator, Phase
 from reactor.device import DeviceInfo, IrqInfo, RegionInfo
 from reactor.guestmem import MappedGuestMemory
 from reactor.irqroute import IrqRouter
+from reactor.migctl import MigrationController
 from reactor.placement import Placement
 from reactor.slowpath import SlowPath
 from reactor.workerlink import WorkerLink
@@ -54,7 +57,7 @@ _RL_SHUT, _RL_EN, _RL_DIS = ({"ratelimit": k} for k in ("shutdown complete", "co
 
 BAR0_SIZE = 0x4000
 DB_OFFSET = 0x1000
-NUM_REGIONS = 9
+NUM_REGIONS = 10          # BAR0-5, ROM, CONFIG, VGA, migration (v1, index 9)
 NUM_IRQS = 5
 
 
@@ -98,6 +101,8 @@ class NvmeFunction:
         self.admin_kick = asyncio.Event()
         self.slow = SlowPath(self)
         self.fatal_reason: str | None = None
+        self.fingerprints: dict[int, str] = {}     # nsid -> operator's backend fingerprint
+        self.mig = MigrationController(self)
 
     # ------------------------------------------------------------------ workers
     def add_worker(self, link: WorkerLink) -> None:
@@ -184,6 +189,8 @@ class NvmeFunction:
             return RegionInfo(size=0x1000, flags=rw)
         if index == Region.CONFIG:
             return RegionInfo(size=0x1000, flags=rw)
+        if index == Region.MIGRATION:
+            return self.mig.region_info()
         if 0 <= index < NUM_REGIONS:
             return RegionInfo(size=0, flags=0)
         raise ProtocolError(errno.EINVAL, f"no region {index}")
@@ -198,14 +205,23 @@ class NvmeFunction:
         return IrqInfo(count=counts[Irq(index)], flags=flags)
 
     def needs_quiesce(self, region: int, offset: int, data: bytes) -> bool:
+        if region == Region.MIGRATION:
+            return self.mig.region_needs_quiesce(offset, data)
         if region != Region.BAR0 or len(data) not in (4, 8):
             return False
         return self.ctrl.register_write_tears_down(offset, len(data), int.from_bytes(data, "little"))
 
+    def feature_needs_quiesce(self, flags: int, data: bytes) -> bool:
+        return self.mig.feature_needs_quiesce(flags, data)
+
     async def quiesce(self) -> None:
-        await self.coord.quiesce(self.placement.busy_workers() & set(self.links))
+        if self.mig.held:
+            return          # stopped for migration: already drained (reactor/migctl.py)
+        await self.coord.quiesce(self.mig.quiesce_set(self.placement.busy_workers()))
 
     async def resume(self) -> None:
+        if self.mig.held:
+            return
         # After a late worker (coordinator FAULTED) only a reset that cleared CFS resumes.
         self.coord.resume(recovered=not self.ctrl.fatal)
         self.admin_kick.set()
@@ -228,6 +244,8 @@ class NvmeFunction:
             if offset < 0 or count <= 0 or offset + count > 0x1000:
                 raise ProtocolError(errno.EINVAL, "MSI-X BAR access out of range")
             return bytes(count)  # table is emulated by the client; nothing pending in PBA
+        if region == Region.MIGRATION:
+            return self.mig.region_read(offset, count)
         raise ProtocolError(errno.EINVAL, f"region {region} is not readable")
 
     def region_write(self, region: int, offset: int, data: bytes) -> None:
@@ -270,6 +288,9 @@ class NvmeFunction:
             if offset < 0 or offset + len(data) > 0x1000:
                 raise ProtocolError(errno.EINVAL, "MSI-X BAR access out of range")
             return
+        if region == Region.MIGRATION:
+            self.mig.region_write(offset, data)
+            return
         raise ProtocolError(errno.EINVAL, f"region {region} is not writable")
 
     def _log_csts(self, before: int, after: int) -> None:
@@ -300,12 +321,14 @@ class NvmeFunction:
                                           readable, writable)
         self._broadcast(self._map_msg(iova, size, offset, fd, readable, writable),
                         [fd] if fd is not None else None)
+        self.mig.dirty.mapped(iova, size, fd, writable)
 
     def dma_unmapped(self, iova: int, size: int) -> None:
         log.debug("%s: DMA unmap %#x+%#x", self.name, iova, size)
         entry = self.dma_regions.pop((iova, size), None)
         if entry is not None and entry[1] is not None:
             os.close(entry[1])
+        self.mig.dirty.unmapped(iova, size)
         self._broadcast({"op": "unmap", "iova": iova, "size": size})
 
     # IRQs -----------------------------------------------------------------------------
@@ -384,6 +407,7 @@ class NvmeFunction:
 
     # lifecycle --------------------------------------------------------------------------
     def reset(self) -> None:
+        self.mig.reset(resume=False)     # inside the pipeline's quiesce bracket
         self.ctrl.reset()
         self.pci.reset()
         self._update_routes()
@@ -392,6 +416,7 @@ class NvmeFunction:
         self.session = session
         self.mem = session.memory
         self.ctrl.set_memory(self.mem)
+        self.mig.dirty.memory_changed()
         self.slow.set_session(session)
         self.admin_kick.set()          # the admin poller sleeps without a timer while no guest
 
@@ -402,6 +427,8 @@ class NvmeFunction:
             self.ctrl.reset()
         except Exception:
             log.exception("%s: reset on disconnect", self.name)
+        self.mig.dirty.stop()
+        self.mig.reset(resume=True)      # queues are gone: a held controller may run again
         self.pci.reset()
         self._broadcast({"op": "unmap", "all": True})
         if self.coord.phase is Phase.FAULTED:     # the reset above ended the fault
@@ -413,14 +440,26 @@ class NvmeFunction:
         self.mem = MappedGuestMemory()
         self.ctrl.set_memory(self.mem)
 
-    def device_feature(self, flags: int, data: bytes) -> bytes:
-        raise ProtocolError(errno.ENOTSUP, "no device features (migration is not implemented yet)")
+    # migration (reactor/migctl.py, reactor/devstate.py) ----------------------------------
+    def device_feature(self, flags: int, data: bytes, argsz: int) -> bytes:
+        return self.mig.device_feature(flags, data, argsz)
 
     def mig_data_read(self, size: int) -> bytes:
-        raise ProtocolError(errno.EINVAL, "migration is not implemented yet")
+        return self.mig.mig_data_read(size)
 
     def mig_data_write(self, data: bytes) -> None:
-        raise ProtocolError(errno.EINVAL, "migration is not implemented yet")
+        self.mig.mig_data_write(data)
+
+    def dirty_pages(self, msg: Any, caps: Any) -> bytes:
+        return self.mig.dirty_pages(msg, caps)
+
+    def save_state(self) -> bytes:
+        """SEAMS S4: the controller as one snapshot blob (stopped: see reactor/devstate.py)."""
+        return devstate.save_state(self)
+
+    def load_state(self, data: bytes) -> None:
+        """SEAMS S4: restore a snapshot blob (stopped; raises SnapshotError, see devstate)."""
+        devstate.load_state(self, data)
 
     # management --------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -435,7 +474,8 @@ class NvmeFunction:
                                for ns in self.namespaces.values()],
                 "queues": {str(sq): w for sq, w in ((sq, self.placement.worker_of_sq(sq))
                                                     for sq in self.placement.sq_cq)},
-                "slow_commands": self.slow.count, "quiesces": self.coord.count}
+                "slow_commands": self.slow.count, "quiesces": self.coord.count,
+                "migration": self.mig.info()}
 
     def add_namespace(self, ns: Namespace) -> None:
         self._broadcast({"op": "ns_add", "ns": self._ns_wire(ns)})
@@ -602,6 +642,7 @@ class NvmeFunction:
                     timer.cancel()
 
     def close(self) -> None:
+        self.mig.close()
         for link in self.links.values():
             try:
                 link.send({"op": "bye"})

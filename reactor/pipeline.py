@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from vfio_user.errors import ProtocolError
 from vfio_user.irqs import validate_set_irqs
+from vfio_user.migmsg import DirtyPages
 from vfio_user.messages import (DeviceFeature, DeviceInfoMsg, DmaMap, DmaUnmap, IrqInfoMsg,
                                 MigData, RegionAccess, RegionInfoReply, RegionInfoRequest,
                                 RegionWriteMulti, SetIrqs)
@@ -185,7 +186,7 @@ def handle_reset(p: "Pipeline", m: bytes, frame: Frame) -> Reply:
 
 
 def handle_feature(p: "Pipeline", m: DeviceFeature, frame: Frame) -> Reply:
-    data = p.device.device_feature(m.flags, m.data)
+    data = p.device.device_feature(m.flags, m.data, m.argsz)
     return Reply(DeviceFeature(DeviceFeature.SIZE + len(data), m.flags, data).encode())
 
 
@@ -199,6 +200,10 @@ def handle_mig_read(p: "Pipeline", m: MigData, frame: Frame) -> Reply:
 def handle_mig_write(p: "Pipeline", m: MigData, frame: Frame) -> Reply:
     p.device.mig_data_write(m.data)
     return Reply()
+
+
+def handle_dirty_pages(p: "Pipeline", m: DirtyPages, frame: Frame) -> Reply:
+    return Reply(p.device.dirty_pages(m, p.session.client_caps))
 
 
 def _raw(payload: bytes) -> bytes:
@@ -243,8 +248,9 @@ TABLE: dict[int, CommandSpec] = {
         lambda b: MigData.decode_read(b, SERVER_MAX_XFER), handle_mig_read),
     Command.MIG_DATA_WRITE: CommandSpec(
         lambda b: MigData.decode_write(b, SERVER_MAX_XFER), handle_mig_write),
-    # Not served: GET_REGION_IO_FDS (optional, QEMU never sends it), DIRTY_PAGES
-    # (migration v1), DMA_READ/DMA_WRITE (server->client only) -> ENOSYS.
+    Command.DIRTY_PAGES: CommandSpec(DirtyPages.decode, handle_dirty_pages),
+    # Not served: GET_REGION_IO_FDS (optional, QEMU never sends it), DMA_READ/DMA_WRITE
+    # (server->client only) -> ENOSYS.
 }
 
 
@@ -257,7 +263,7 @@ def _reply_limit(hdr: Header, msg: Any) -> int:
         return HEADER_SIZE + msg.argsz
     if cmd == Command.REGION_READ:
         return HEADER_SIZE + RegionAccess.SIZE + msg.count
-    if cmd in (Command.DEVICE_FEATURE, Command.MIG_DATA_READ):
+    if cmd in (Command.DEVICE_FEATURE, Command.MIG_DATA_READ, Command.DIRTY_PAGES):
         return max(hdr.size, HEADER_SIZE + msg.argsz)
     return hdr.size
 

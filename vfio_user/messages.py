@@ -7,8 +7,9 @@ codec is exercised in both directions by every protocol test.
 
 Decoders check *structure* only (lengths, argsz vs. the struct size, counts vs.
 the payload, transfer limits) and raise `ProtocolError` with the errno the peer
-should see: EINVAL for short or inconsistent payloads, E2BIG for counts above the
-negotiated transfer size.  Semantic checks that need device knowledge (is this
+should see: EINVAL for short or inconsistent payloads, E2BIG for region access
+counts above the negotiated transfer size (MIG_DATA sizes above it: EINVAL, as
+libvfio-user answers).  Semantic checks that need device knowledge (is this
 region index valid, is this IRQ combination allowed for this index) live in the
 pipeline / `irqs.py`.
 
@@ -441,8 +442,8 @@ class MigData:
                     max_xfer: int = DEFAULT_MAX_XFER) -> "MigData":
         _need(payload, cls.SIZE, "MIG_DATA_READ")
         argsz, size = _MIG.unpack_from(payload, 0)
-        if size > max_xfer:
-            raise ProtocolError(errno.E2BIG, f"MIG_DATA_READ size {size} > {max_xfer}")
+        if size > max_xfer:   # libvfio-user answers EINVAL here, not E2BIG
+            raise ProtocolError(errno.EINVAL, f"MIG_DATA_READ size {size} > {max_xfer}")
         _argsz(argsz, cls.SIZE + size, "MIG_DATA_READ")
         return cls(argsz, size)
 
@@ -452,7 +453,7 @@ class MigData:
         _need(payload, cls.SIZE, "MIG_DATA_WRITE")
         argsz, size = _MIG.unpack_from(payload, 0)
         if size > max_xfer:
-            raise ProtocolError(errno.E2BIG, f"MIG_DATA_WRITE size {size} > {max_xfer}")
+            raise ProtocolError(errno.EINVAL, f"MIG_DATA_WRITE size {size} > {max_xfer}")
         if len(payload) != cls.SIZE + size:
             raise ProtocolError(errno.EINVAL, "MIG_DATA_WRITE data length != size")
         _argsz(argsz, cls.SIZE, "MIG_DATA_WRITE")

@@ -6,7 +6,8 @@ none): then the spec defaults apply to it (max_msg_fds 1, max_data_xfer_size
 
 - major 0, minor 0 (<= the client's minor); a different major is refused (ENOTSUP).
 - capabilities only ever a subset of what the client proposed, and never
-  `write_multiple` or `twin_socket` (we implement neither);
+  `write_multiple` or `twin_socket` (we implement neither); `migration: {pgsize}`
+  (v1-era dirty bitmaps, DIRTY_PAGES) only if the client offered it;
 - **no larger than the request**: QEMU receives the reply into a buffer the size of
   its request and fails "reply larger than recv buffer" otherwise.  We drop optional
   keys until the reply fits, then fall back to `{"capabilities":{}}` and finally to
@@ -148,6 +149,22 @@ def load_bounded_json(text: str, what: str) -> Any:
         raise ProtocolError(errno.EINVAL, f"malformed {what}: {e}") from e
 
 
+def migration_pgsize(client: ClientCaps) -> int | None:
+    """The dirty-bitmap page size of the v1-era `migration` capability, or None.
+
+    Only when the client offered `migration` with a usable pgsize (a power of two, at
+    least 4 KiB): we log at 4 KiB and fold into any larger page, so the smaller of the
+    two sides is always 4096 (reference §2).
+    """
+    mig = client.migration
+    if not isinstance(mig, dict):
+        return None
+    pg = mig.get("pgsize", 4096)
+    if isinstance(pg, bool) or not isinstance(pg, int) or pg < 4096 or pg & (pg - 1):
+        return None
+    return SERVER_PGSIZES
+
+
 def _dump(caps: dict[str, Any]) -> str:
     return json.dumps({"capabilities": caps}, separators=(",", ":"))
 
@@ -166,6 +183,9 @@ def build_server_version(client: ClientCaps, request_size: int) -> Version:
         ("pgsizes", SERVER_PGSIZES),
     ]
     caps = {k: v for k, v in wanted if k in client.proposed}
+    pg = migration_pgsize(client)
+    if pg is not None:
+        caps["migration"] = {"pgsize": pg}      # least important: dropped first when short
     while caps:
         text = _dump(caps)
         if len(text.encode()) <= budget:

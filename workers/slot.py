@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from backends.aio import DEFAULT_DEPTH
 from backends.base import open_backend
+from migration.dirty import DirtyLog
 from nvme.doorbell import Doorbells
 from nvme.io import IoExecutor
 from nvme.memory import NeedsMessageDma
@@ -63,6 +64,9 @@ class Slot:
         # Made now, not at hello: the worker's epoll set may be built before hello arrives.
         self.aio: BackendIo | None = BackendIo(lambda *a: self.runner.complete(*a))  # type: ignore[union-attr]
         self.aio_woke = False      # the worker's epoll reported self.aio's fd ready
+        # Dirty-page logging (migration, SEAMS S3): byte maps shared with the front-end.
+        self.dirty = DirtyLog()
+        self._dirty_maps: dict[int, mmap.mmap] = {}
 
     # --- set-up ---------------------------------------------------------------------
     def _hello(self, msg: dict[str, Any]) -> None:
@@ -306,6 +310,42 @@ class Slot:
                                   read_commands=r, write_commands=w, bytes_read=br,
                                   bytes_written=bw, io_errors=err, lat_log2_ns=list(self.lat)))
 
+    def _op_dirty_add(self, msg: dict[str, Any]) -> None:
+        (fd,) = self.chan.take_fds(msg["tok"])
+        try:
+            mm = mmap.mmap(fd, msg["len"], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self.dirty.add(msg["iova"], msg["size"], memoryview(mm))
+        self._dirty_maps[msg["iova"]] = mm
+        self._set_dirty(self.dirty)
+        self._ack(msg)
+
+    def _op_dirty_del(self, msg: dict[str, Any]) -> None:
+        self._drop_dirty(msg["iova"])
+        self._ack(msg)
+
+    def _op_dirty_off(self, msg: dict[str, Any]) -> None:
+        self._set_dirty(None)
+        for iova in list(self._dirty_maps):
+            self._drop_dirty(iova)
+        self._ack(msg)
+
+    def _set_dirty(self, log: DirtyLog | None) -> None:
+        if self.executor is not None:
+            self.executor.dirty = log
+
+    def _drop_dirty(self, iova: int) -> None:
+        m = self.dirty.remove(iova)
+        mm = self._dirty_maps.pop(iova, None)
+        if m is not None:
+            m.bm.release()
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:
+                pass
+
     def _op_bye(self, msg: dict[str, Any]) -> None:
         self._ack(msg)
         self.close()
@@ -315,6 +355,9 @@ class Slot:
             return
         self.dead = True
         self.runner = None
+        self._set_dirty(None)
+        for iova in list(self._dirty_maps):
+            self._drop_dirty(iova)
         for fd in set(self.vectors.values()):
             try:
                 os.close(fd)

@@ -23,7 +23,7 @@ worker at import) so nvme/ stays free of project imports.
 from __future__ import annotations
 
 import errno
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from ..status import RETRY, Status
 from .opcodes import NAMESPACE_WRITE_PROTECTED, IoOpcode
@@ -54,7 +54,8 @@ def status_for(opc: int, err: int) -> int:
 
 class AioCommand:
     """One parked NVMe command and the backend requests it still waits for."""
-    __slots__ = ("sqid", "cid", "opc", "pending", "status", "length", "compare", "bounce")
+    __slots__ = ("sqid", "cid", "opc", "pending", "status", "length", "compare", "bounce",
+                 "dirty", "marks")
 
     def __init__(self, sqid: int, cid: int, opc: int, length: int = 0) -> None:
         self.sqid = sqid
@@ -65,6 +66,8 @@ class AioCommand:
         self.length = length          # bytes moved (statistics)
         self.compare: Sequence[memoryview] | None = None   # Compare: the host's data
         self.bounce: bytearray | None = None                # Compare: what the backend holds
+        self.dirty: Any = None        # a read while dirty logging: mark(addr, n) when done
+        self.marks: Sequence[tuple[int, int]] | None = None  # the guest ranges it fills
 
     def part_done(self, err: int) -> bool:
         """One backend request of this command finished; True when the command is complete."""
@@ -74,7 +77,15 @@ class AioCommand:
         return self.pending <= 0
 
     def finish(self) -> int:
-        """The command's status (call once part_done returned True)."""
+        """The command's status (call once part_done returned True).
+
+        A read under dirty logging marks the guest pages it filled here: the data has
+        landed, the completion is not posted yet (migration.dirty).
+        """
+        if self.dirty is not None and self.marks:
+            for addr, n in self.marks:
+                self.dirty.mark(addr, n)
+            self.dirty = self.marks = None
         if not self.status and self.compare is not None and self.bounce is not None:
             pos = 0
             stored = self.bounce
@@ -89,10 +100,16 @@ class AioCommand:
 
 
 def park_rw(submit: Submit, sqid: int, cid: int, opc: int, offset: int, length: int,
-            bufs: Sequence[memoryview], fua: bool) -> tuple[int, int] | None:
-    """Read or Write on an asynchronous namespace: one request, parked."""
+            bufs: Sequence[memoryview], fua: bool, dirty: Any = None,
+            marks: Sequence[tuple[int, int]] | None = None) -> tuple[int, int] | None:
+    """Read or Write on an asynchronous namespace: one request, parked.
+
+    `dirty`/`marks`: a read while dirty logging is on marks `marks` when it finishes.
+    """
     cmd = AioCommand(sqid, cid, opc, length)
     cmd.pending = 1
+    if dirty is not None and opc == IoOpcode.READ:
+        cmd.dirty, cmd.marks = dirty, marks
     submit(cmd, OP_READ if opc == IoOpcode.READ else OP_WRITE, offset, length, bufs, fua)
     return None
 

@@ -13,6 +13,10 @@ the command again on the front-end's slow path (message-based DMA).  On a namesp
 with an asynchronous backend (`aio_ns`, set by a worker) execute returns None after
 validation: the command is parked and completed later (nvme/io/aio.py).
 
+Dirty-page logging (live migration): while `dirty` is set (a DirtyLog from the
+worker), every read marks the guest pages it filled, after the data landed; the
+test costs one attribute load per read when logging is off.
+
 Checks, in order: FUSE (not supported -> INVALID_FIELD), NSID (INVALID_NAMESPACE),
 MDTS for data-moving commands (INVALID_FIELD), SLBA+NLB on Python ints
 (LBA_OUT_OF_RANGE), write to read-only namespace (NAMESPACE_WRITE_PROTECTED), then
@@ -20,10 +24,10 @@ the data pointer (PRP/SGL statuses).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from ..errors import CommandError
-from ..memory import DmaFault, GuestMemory, NeedsMessageDma
+from ..memory import DmaFault, GuestMemory, NeedsMessageDma, WriteRecorder
 from ..namespace import Namespace
 from ..prp import list_is_contiguous, map_dptr
 from ..status import Status
@@ -62,6 +66,7 @@ class IoExecutor:
         # the front-end's slow path and for ram/null, so the fast path pays one falsy test.
         self.aio_ns: dict[int, Submit] = {}
         self._sqid = 0
+        self.dirty: Any = None                   # mark(addr, length) while logging
 
     def set_memory(self, mem: GuestMemory) -> None:
         self.mem = mem
@@ -116,8 +121,9 @@ class IoExecutor:
                 if self.aio_ns:
                     sub = self.aio_ns.get(d[1])
                     if sub is not None:
+                        dirty = self.dirty if read else None   # marked when the data landed
                         return park_rw(sub, sqid, dw0 >> 16, opc, slba << ns.lba_shift, length, [view],
-                                       bool(d[12] & (1 << 30)))
+                                       bool(d[12] & (1 << 30)), dirty, [(prp1, length)])
                 one = self._one
                 one[0] = view
                 try:
@@ -133,6 +139,8 @@ class IoExecutor:
                     one[0] = _EMPTY      # drop the view: the mapping may go away later
                 io = self.io
                 if read:
+                    if self.dirty is not None:
+                        self.dirty.mark(prp1, length)   # after the data landed
                     io[0] += 1
                     io[2] += length
                 else:
@@ -184,11 +192,16 @@ class IoExecutor:
     def _read(self, d: memoryview) -> Result | None:
         ns = self._ns(d[1])
         off, length = self._rw_range(d, ns, True)
-        views = map_dptr(self.mem, d, length, True, self.page_size)
+        rec = WriteRecorder(self.mem) if self.dirty is not None else None
+        views = map_dptr(rec or self.mem, d, length, True, self.page_size)
         sub = self._async(ns)
         if sub is not None:
-            return park_rw(sub, self._sqid, d[0] >> 16, IoOpcode.READ, off, length, views, False)
+            return park_rw(sub, self._sqid, d[0] >> 16, IoOpcode.READ, off, length, views, False,
+                           self.dirty, rec.writes if rec is not None else None)
         ns.backend.read_into(off, views)
+        if rec is not None:
+            for addr, n in rec.writes:                  # after the data landed
+                self.dirty.mark(addr, n)
         io = self.io
         io[0] += 1
         io[2] += length

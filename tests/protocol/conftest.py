@@ -199,7 +199,7 @@ class DemoDevice(DeviceBase):
             os.close(fd)
         self.irq_fds.clear()
 
-    def device_feature(self, flags: int, data: bytes) -> bytes:
+    def device_feature(self, flags: int, data: bytes, argsz: int) -> bytes:
         if flags & 0xFFFF == 1 and flags & (1 << 16):
             return struct.pack("<Q", 1)
         raise ProtocolError(errno.EINVAL, "feature not supported")

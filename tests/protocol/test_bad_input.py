@@ -22,9 +22,16 @@ def _err(client, mid):
 
 
 def test_unknown_and_unserved_commands_enosys(client):
-    for cmd in (99, Command.DEVICE_GET_REGION_IO_FDS, Command.DIRTY_PAGES,
-                Command.DMA_READ, Command.DMA_WRITE):
+    for cmd in (99, Command.DEVICE_GET_REGION_IO_FDS, Command.DMA_READ, Command.DMA_WRITE):
         assert _err(client, client.send(cmd, b"\0" * 16)) == errno.ENOSYS
+    assert client.get_device_info().num_irqs == 5
+
+
+def test_dirty_pages_on_a_device_without_tracking(client):
+    # Served (v1-era command 14) but this device has no dirty tracking: ENOTSUP;
+    # a malformed request is EINVAL first.
+    assert _err(client, client.send(Command.DIRTY_PAGES, struct.pack("<II", 8, 1))) == errno.ENOTSUP
+    assert _err(client, client.send(Command.DIRTY_PAGES, b"\0" * 4)) == errno.EINVAL
     assert client.get_device_info().num_irqs == 5
 
 

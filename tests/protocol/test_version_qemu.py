@@ -35,5 +35,6 @@ def test_reply_fits_qemu_buffer_and_passes_qemu_checks(raw_client):
     assert caps["max_data_xfer_size"] <= 64 << 20
     assert caps["pgsizes"] % 4096 == 0
     assert "write_multiple" not in caps and "twin_socket" not in caps
+    assert caps["migration"] == {"pgsize": 4096}   # QEMU offered it; pgsize a 4 KiB multiple
     # The session is now negotiated: device info works.
     assert raw_client.get_device_info().num_regions >= 8

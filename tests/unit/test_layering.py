@@ -16,7 +16,7 @@ ALLOWED = {
     "backends": set(),
     "pci": {"vfio_user"},            # ProtocolError for bad config accesses
     "migration": {"vfio_user", "pci", "nvme", "backends"},
-    "workers": {"nvme", "backends", "vfio_user", "reactor", "ops"},
+    "workers": {"nvme", "backends", "vfio_user", "reactor", "ops", "migration"},
 }
 # modules of reactor a worker may use (shared-memory plumbing, not the front-end loop)
 WORKER_REACTOR_OK = {"reactor.channel", "reactor.guestmem", "reactor.ipc", "reactor.shm",

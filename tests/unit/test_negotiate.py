@@ -6,7 +6,7 @@ import pytest
 
 from vfio_user.errors import ProtocolError
 from vfio_user.messages import Version
-from vfio_user.negotiate import (SERVER_MAX_MSG_FDS, build_server_version,
+from vfio_user.negotiate import (SERVER_MAX_MSG_FDS, build_server_version, migration_pgsize,
                                  parse_client_version, parse_server_version)
 
 QEMU_JSON = ('{"capabilities": {"pgsizes": 4096, "max_msg_fds": 16, "max_dma_maps": 65535, '
@@ -24,8 +24,21 @@ def test_qemu_request_parsed_and_reply_fits():
     msg, server = parse_server_version(reply.encode())
     assert (msg.major, msg.minor) == (0, 0)
     assert server == {"max_msg_fds": SERVER_MAX_MSG_FDS, "max_data_xfer_size": 1 << 20,
-                      "pgsizes": 4096}
+                      "pgsizes": 4096, "migration": {"pgsize": 4096}}
     assert "write_multiple" not in server and "twin_socket" not in server
+
+
+def test_migration_capability_only_when_offered_and_valid():
+    for text, want in [('{"capabilities": {"max_msg_fds": 4}}', None),
+                       ('{"capabilities": {"migration": {"pgsize": 65536}}}', {"pgsize": 4096}),
+                       ('{"capabilities": {"migration": {}}}', {"pgsize": 4096}),
+                       ('{"capabilities": {"migration": {"pgsize": 1000}}}', None),
+                       ('{"capabilities": {"migration": {"pgsize": 2048}}}', None)]:
+        caps = parse_client_version(Version(0, 0, text).encode())
+        reply = build_server_version(caps, 400)
+        got = json.loads(reply.json)["capabilities"].get("migration")
+        assert got == want, text
+        assert migration_pgsize(caps) == (want or {}).get("pgsize")
 
 
 def test_no_json_client_gets_no_json():

@@ -1,0 +1,165 @@
+"""Device state save/restore of one NVMe function (SEAMS S4): the front-end side.
+
+Theory of operation
+-------------------
+`save_state(fn)` and `load_state(fn, data)` are the only ways a controller's state
+leaves or enters a front-end: live migration (reactor/migctl.py, both wire schemes),
+live upgrade (handover to a new process), `vnvmectl controller save` and start-up
+from a saved file all call them.  The blob is migration.snapshot's format with the
+sections of migration.nvmeimage.
+
+Both need the controller *stopped*: every worker of the controller quiesced (fetching
+stopped, every fetched command - slow path included - completed with its CQE posted)
+and the admin poller idle.  Inside a vfio-user request the migration controller
+arranges that; anyone else uses `await stop(fn)` ... `await start(fn)`.  Then:
+
+- save: queue records are read from the workers (frozen while quiesced), the
+  controller model snapshots itself with them, and the doorbell page is read as the
+  guest last wrote it - tails/heads written after the last poll are in it, not in any
+  worker, and SQEs behind them are still in guest memory for whoever polls next.
+- load: everything is checked before anything changes (format, identity against this
+  controller's configuration, structure, every ring mapped in guest memory).  Then the
+  PCI config and the doorbell page are restored, the controller model restores itself
+  and re-creates the I/O queues on this front-end's workers (placement as usual, the
+  workers are paused) and re-parks outstanding AERs.  `start()` then resumes every
+  worker, whose first poll reads every doorbell: nothing written during the blackout
+  is lost.  If applying fails half-way the controller is reset to power-on and the
+  error is reported: a destination never runs a half-restored controller.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Any, Iterable
+
+from migration import nvmeimage
+from migration.snapshot import Snapshot, SnapshotCorrupt, SnapshotError, StreamSplitter, encode
+from nvme.memory import DmaFault
+
+if TYPE_CHECKING:
+    from reactor.nvmefn import NvmeFunction
+
+log = logging.getLogger("vnvmed.migration")
+
+
+def identity(fn: "NvmeFunction") -> dict[str, Any]:
+    nss = []
+    for ns in fn.namespaces.values():
+        i = ns.info
+        nss.append({"nsid": i.nsid, "block_size": i.block_size, "blocks": i.blocks,
+                    "read_only": bool(i.read_only),
+                    "fingerprint": nvmeimage.fingerprint(i.backend, fn.fingerprints.get(i.nsid))})
+    return nvmeimage.identity(dataclasses.asdict(fn.cfg), len(fn.bar), nss)
+
+
+def precopy_state(fn: "NvmeFunction") -> bytes:
+    """The pre-copy blob: identity only (the destination checks it while we run)."""
+    return encode({"identity": identity(fn)}, required=["identity"])
+
+
+def _worker_records(fn: "NvmeFunction") -> tuple[list[dict], list[dict]]:
+    """The I/O queue records of every worker holding queues (frozen: they are quiesced)."""
+    sqs: list[dict] = []
+    cqs: list[dict] = []
+    for wid in sorted(fn.placement.busy_workers()):
+        link = fn.links.get(wid)
+        if link is None:
+            raise RuntimeError(f"worker {wid} holds queues but has no link")
+        st = link.request_sync({"op": "stats"}).get("stats") or {}
+        q = st.get("queues") or {}
+        if q.get("parked"):
+            raise RuntimeError(f"worker {wid} still has parked commands {q['parked']}")
+        sqs += q.get("sqs", [])
+        cqs += q.get("cqs", [])
+    return sqs, cqs
+
+
+def save_state(fn: "NvmeFunction") -> bytes:
+    """The whole controller as one snapshot blob (the controller must be stopped)."""
+    from nvme.state import CqState, SqState
+    sqs, cqs = _worker_records(fn)
+    fn.ctrl.update_queue_records([SqState.from_dict(s) for s in sqs],
+                                 [CqState.from_dict(c) for c in cqs])
+    sections = {
+        "identity": identity(fn),
+        "pci": fn.pci.snapshot(),
+        "controller": fn.ctrl.snapshot(),
+        "doorbells": nvmeimage.doorbell_words(fn.db_words),
+    }
+    return encode(sections, required=nvmeimage.SECTIONS)
+
+
+def check(fn: "NvmeFunction", blob: Snapshot) -> None:
+    """Early checks of one received blob (pre-copy or full): format and identity."""
+    blob.check_known(nvmeimage.SECTIONS)
+    nvmeimage.check_identity(blob.section("identity"), identity(fn))
+
+
+def split(data: bytes | bytearray | memoryview) -> list[Snapshot]:
+    sp = StreamSplitter()
+    blobs = sp.feed(data)
+    if sp.pending:
+        raise SnapshotCorrupt(f"snapshot stream ends inside a blob ({sp.pending} bytes of it)")
+    return blobs
+
+
+def load_state(fn: "NvmeFunction", data: bytes | Iterable[Snapshot]) -> None:
+    """Restore from a blob (or the blobs of a migration stream; the last full one counts).
+
+    Raises SnapshotError (nothing changed, or the controller was reset to power-on).
+    """
+    blobs = split(data) if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+    for b in blobs:
+        check(fn, b)
+    full = [b for b in blobs if "controller" in b]
+    if not full:
+        raise SnapshotError("the stream holds no controller state (pre-copy data only)")
+    snap = full[-1]
+    for name in nvmeimage.SECTIONS:
+        if name not in snap:
+            raise SnapshotError(f"snapshot lacks the {name!r} section")
+    ctrl = snap.section("controller")
+    nvmeimage.check_controller(ctrl, fn.cfg.max_io_queues, fn.cfg.mqes)
+    pci = snap.section("pci")
+    if not isinstance(pci, bytes) or len(pci) != 4096:
+        raise SnapshotError("pci section is not a 4 KiB config space image")
+    doorbells = nvmeimage.check_doorbells(snap.section("doorbells"), len(fn.db_words))
+    for what, addr, size, write in nvmeimage.queue_ranges(ctrl):
+        try:
+            fn.mem.view(addr, size, write=write).release()
+        except DmaFault as e:
+            raise SnapshotError(f"{what} memory is not mapped here (map guest memory "
+                                f"before loading): {e}") from None
+    try:
+        _apply(fn, pci, doorbells, ctrl)
+    except Exception as e:
+        log.exception("%s: restoring the snapshot failed; resetting the controller", fn.name)
+        try:
+            fn.ctrl.reset()
+            fn.pci.reset()
+        except Exception:
+            log.exception("%s: reset after a failed restore", fn.name)
+        raise SnapshotError(f"restoring the snapshot failed: {e}") from None
+    log.info("%s: controller state restored (snapshot %s, %d I/O queues)", fn.name, snap.version,
+             len(ctrl["queues"]["sqs"]))
+
+
+def _apply(fn: "NvmeFunction", pci: bytes, doorbells: list[tuple[int, int]], ctrl: dict) -> None:
+    fn.pci.restore(pci)
+    words = fn.db_words
+    for i in range(len(words)):          # single aligned stores, as everywhere on this page
+        if words[i]:
+            words[i] = 0
+    for i, v in doorbells:
+        words[i] = v
+    fn.ctrl.restore(ctrl)
+    fn._update_routes()
+
+
+async def stop(fn: "NvmeFunction") -> None:
+    """Quiesce every worker of the controller and hold it (outside a vfio-user request)."""
+    await fn.mig.hold()
+
+
+async def start(fn: "NvmeFunction") -> None:
+    await fn.mig.release_hold()

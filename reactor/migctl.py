@@ -1,0 +1,203 @@
+"""The front-end's migration controller: engine + both wire adapters + dirty logging.
+
+Theory of operation (how a state change meets the quiesce barrier)
+------------------------------------------------------------------
+Every request that may change the migration state - DEVICE_FEATURE SET of
+MIG_DEVICE_STATE (v2), a REGION_WRITE of region 9's device_state (v1) - is a
+quiesce command of the request pipeline: before its handler runs, the pipeline
+awaits `NvmeFunction.quiesce()`, and for these requests the function quiesces
+*every* worker of the controller (`quiesce_set`), not only those holding queues,
+because a restore places new queues on any of them.  The handler walks the state
+table; the stop arc only marks the controller *held* (`stop`), and after the
+handler the pipeline's `resume()` does nothing while held.  So the controller stays
+drained from the stop arc until an arc back to RUNNING (`start`) releases the hold,
+and that request's `resume()` restarts the workers, whose first poll reads every
+doorbell.  Other quiesce commands while held (DMA_MAP/UNMAP, RESET, a teardown CC
+write) find the controller quiesced already and leave it so; a DEVICE_RESET or a
+disconnect ends the migration and releases the hold.
+
+While held the admin poller is idle (the coordinator is PAUSED), workers are paused,
+and guest doorbell writes accumulate in the doorbell page for whoever resumes.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+from typing import TYPE_CHECKING, Any
+
+from migration.engine import MigrationEngine
+from migration.snapshot import Snapshot
+from migration.states import MigState
+from migration.v1region import AREA_SIZE, DATA_OFFSET, REGION_SIZE, V1Region
+from migration.v2 import V2Adapter
+from reactor import devstate
+from reactor.coordinator import Phase
+from reactor.device import RegionInfo
+from reactor.dirtylog import DirtyLogger
+from vfio_user.errors import ProtocolError
+from vfio_user.migmsg import MIG_REGION_SUBTYPE, MIG_REGION_TYPE, DirtyPages, DirtyPagesFlag
+from vfio_user.negotiate import SERVER_MAX_XFER, ClientCaps, migration_pgsize
+from vfio_user.wire import RegionFlag
+
+if TYPE_CHECKING:
+    from reactor.nvmefn import NvmeFunction
+
+log = logging.getLogger("vnvmed.migration")
+
+
+class MigrationController:
+    def __init__(self, fn: "NvmeFunction") -> None:
+        self.fn = fn
+        self.engine = MigrationEngine(self)
+        self.dirty = DirtyLogger(fn)
+        self.v2 = V2Adapter(self.engine, self.dirty, self._max_xfer)
+        self.area_fd = os.memfd_create(f"vnvmed-{fn.name}-migr", os.MFD_CLOEXEC)
+        os.ftruncate(self.area_fd, REGION_SIZE)
+        self._area = mmap.mmap(self.area_fd, REGION_SIZE, mmap.MAP_SHARED,
+                               mmap.PROT_READ | mmap.PROT_WRITE)
+        self.v1 = V1Region(self.engine, memoryview(self._area)[DATA_OFFSET:])
+        self.held = False
+        self._full_quiesce = False
+
+    # -- DeviceOps (called by the engine, inside the pipeline's quiesce bracket) -------
+    def stop(self) -> None:
+        if self.fn.coord.phase is not Phase.PAUSED:
+            raise RuntimeError("migration stop arc without a quiesced controller")
+        self.held = True
+        log.info("%s: stopped for migration (%s)", self.fn.name, self.engine.scheme)
+
+    def start(self) -> None:
+        self.held = False
+        log.info("%s: running again after migration state %s", self.fn.name,
+                 self.engine.state.name)
+
+    def precopy(self) -> bytes:
+        return devstate.precopy_state(self.fn)
+
+    def save(self) -> bytes:
+        return devstate.save_state(self.fn)
+
+    def check(self, blob: Snapshot) -> None:
+        devstate.check(self.fn, blob)
+
+    def load(self, blobs: list[Snapshot]) -> None:
+        devstate.load_state(self.fn, blobs)
+
+    # -- pipeline hooks ------------------------------------------------------------------
+    def feature_needs_quiesce(self, flags: int, data: bytes) -> bool:
+        if V2Adapter.needs_quiesce(flags, data):
+            self._full_quiesce = True
+            return True
+        return False
+
+    def region_needs_quiesce(self, offset: int, data: bytes) -> bool:
+        if V1Region.needs_quiesce(offset, data):
+            self._full_quiesce = True
+            return True
+        return False
+
+    def quiesce_set(self, busy: set[int]) -> set[int]:
+        full, self._full_quiesce = self._full_quiesce, False
+        return set(self.fn.links) if full else busy & set(self.fn.links)
+
+    def region_info(self) -> RegionInfo:
+        return RegionInfo(size=REGION_SIZE, flags=RegionFlag.READ | RegionFlag.WRITE | RegionFlag.MMAP,
+                          sparse=((DATA_OFFSET, AREA_SIZE),),
+                          cap_type=(MIG_REGION_TYPE, MIG_REGION_SUBTYPE), fd=self.area_fd)
+
+    def region_read(self, offset: int, count: int) -> bytes:
+        return self.v1.read(offset, count)
+
+    def region_write(self, offset: int, data: bytes) -> None:
+        self.v1.write(offset, data)
+
+    def device_feature(self, flags: int, data: bytes, argsz: int) -> bytes:
+        return self.v2.feature(argsz, flags, data)
+
+    def mig_data_read(self, size: int) -> bytes:
+        return self.v2.data_read(size)
+
+    def mig_data_write(self, data: bytes) -> None:
+        self.v2.data_write(data)
+
+    def _max_xfer(self) -> int:
+        s = self.fn.session
+        caps = getattr(s, "client_caps", None)
+        return min(caps.max_data_xfer_size, SERVER_MAX_XFER) if caps is not None else SERVER_MAX_XFER
+
+    def dirty_pages(self, m: DirtyPages, caps: ClientCaps | None) -> bytes:
+        """VFIO_USER_DIRTY_PAGES (14, v1 era): only for a client that negotiated `migration`."""
+        pgsize = migration_pgsize(caps) if caps is not None else None
+        if pgsize is None:
+            raise ProtocolError(errno.ENOTSUP, "DIRTY_PAGES needs the migration capability")
+        if m.flags == DirtyPagesFlag.START:
+            self.dirty.start(pgsize)
+            return b""
+        if m.flags == DirtyPagesFlag.STOP:
+            self.dirty.stop()
+            return b""
+        if m.flags != DirtyPagesFlag.GET_BITMAP:
+            raise ProtocolError(errno.EINVAL, f"DIRTY_PAGES flags {m.flags:#x}")
+        if m.argsz > SERVER_MAX_XFER:
+            raise ProtocolError(errno.EINVAL, f"DIRTY_PAGES argsz {m.argsz} too large")
+        from migration.dirty import bitmap_size, check_pgsize
+        check_pgsize(m.pgsize)
+        if m.size < m.pgsize or m.bitmap_size != bitmap_size(m.size, m.pgsize):
+            raise ProtocolError(errno.EINVAL, f"DIRTY_PAGES bitmap size {m.bitmap_size} does not fit "
+                                f"{m.size:#x} bytes of {m.pgsize}-byte pages")
+        need = DirtyPages.SIZE + DirtyPages.RANGE_SIZE + m.bitmap_size
+        if m.argsz < need:      # libvfio-user: header only, with the argsz it needs
+            return DirtyPages(need, m.flags).encode(with_range=False)
+        bm = self.dirty.report(m.iova, m.size, m.pgsize)
+        return DirtyPages(need, m.flags, m.iova, m.size, m.pgsize, m.bitmap_size, bm).encode()
+
+    # -- life cycle ------------------------------------------------------------------------
+    def reset(self, resume: bool) -> None:
+        """Device reset or disconnect: the migration ends, the controller runs again.
+
+        `resume`: also restart the workers (a disconnect; a DEVICE_RESET is inside the
+        pipeline's quiesce bracket, whose resume() does that).
+        """
+        was_held = self.held
+        if self.engine.state is not MigState.RUNNING:
+            log.info("%s: migration state %s ends (reset)", self.fn.name, self.engine.state.name)
+        self.engine.reset()
+        self.v1.reset()
+        self.held = False
+        if was_held and resume and self.fn.coord.phase is Phase.PAUSED:
+            self.fn.coord.resume()
+            self.fn.admin_kick.set()
+
+    async def hold(self) -> None:
+        """Stop the controller outside a vfio-user request (upgrade, `controller save`).
+
+        The caller makes sure no vfio-user request is being processed meanwhile.
+        """
+        if self.held:
+            return
+        await self.fn.coord.quiesce(set(self.fn.links))
+        self.held = True
+
+    async def release_hold(self) -> None:
+        if not self.held or not self.engine.running:
+            return      # a migration keeps the controller stopped: only its arcs release it
+        self.held = False
+        self.fn.coord.resume()
+        self.fn.admin_kick.set()
+
+    def info(self) -> dict[str, Any]:
+        return {"state": self.engine.state.name, "scheme": self.engine.scheme or None,
+                "held": self.held, "dirty_logging": self.dirty.info(),
+                "current": self.engine.stats.to_dict() if self.engine.stats.role else None,
+                "last": self.engine.last}
+
+    def close(self) -> None:
+        self.dirty.stop()
+        self.v1.area.release()
+        try:
+            self._area.close()
+        except BufferError:
+            pass
+        os.close(self.area_fd)
