@@ -82,6 +82,9 @@ class MigrationController:
     def check(self, blob: Snapshot) -> None:
         devstate.check(self.fn, blob)
 
+    def is_full(self, blob: Snapshot) -> bool:
+        return "controller" in blob
+
     def load(self, blobs: list[Snapshot]) -> None:
         devstate.load_state(self.fn, blobs)
 

@@ -45,6 +45,9 @@ class Dev:
         if blob.section("identity") != "dev":
             raise snapshot.SnapshotError("foreign device")
 
+    def is_full(self, blob):
+        return "value" in blob
+
     def load(self, blobs):
         final = [b for b in blobs if "value" in b]
         if not final:

@@ -1,0 +1,225 @@
+"""Live migration between two vnvmed daemons, as between two hosts: the test rig.
+
+Theory of operation
+-------------------
+Each "host" is a separate `bin/vnvmed` (its own run dir, workers, front-end) serving a
+controller `nvme0` whose namespace is the same image file (shared storage).  The
+"guest" is this process: guest RAM is one memfd, DMA-mapped into whichever daemon
+serves it (on real hosts the RAM would be copied; sharing it is the perfectly copied
+case - `tests/integration/test_migration_dirty.py` checks what copying needs, the
+dirty-page log), a `HostNvme` drives the controller and a `VerifiedLoad` keeps 4 I/O
+queues at QD 32 busy through shared memory while the main thread migrates.
+
+`migrate(guest, dst_daemon, scheme)` does what QEMU would (the drivers in
+vfio_user/migdriver.py): connect to the destination and map guest RAM there (the
+destination QEMU starts first), pre-copy, stop the guest (the load pauses), the stop
+arc on the source, the device data moved to the destination, the guest moved to the
+destination's BAR0 and resumed *before* the destination's RUNNING arc (its doorbell
+writes land in a stopped controller: the resume must find them), RUNNING, and the
+source connection closed (the source QEMU exits).  Blackout = from sending the stop
+arc to the RUNNING reply.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+from benchmarks.hostnvme import GuestRam, HostNvme
+from tests.daemon import Daemon
+from tests.verifyload import VerifiedLoad
+from vfio_user.client import VfioUserClient
+from vfio_user.migdriver import V1Driver, V2Driver
+
+RAM_SIZE = 64 << 20
+IMG_SIZE = 64 << 20
+
+
+def start_hosts(n: int = 2, img_size: int = IMG_SIZE, cores: str = "0",
+                extra: tuple[str, ...] = ()) -> tuple[list[Daemon], str]:
+    """n daemons ("hosts") each serving nvme0 on the same image file; (daemons, image)."""
+    shared = tempfile.mkdtemp(prefix="vnvmig-", dir="/tmp")
+    img = os.path.join(shared, "shared.img")
+    with open(img, "wb") as f:
+        f.truncate(img_size)
+    daemons = []
+    try:
+        for i in range(n):
+            run = os.path.join(shared, f"h{i}")
+            os.mkdir(run)
+            d = Daemon(["--cores", cores, "--controller", f"nvme0={run}/nvme0.sock",
+                        "--namespace", f"nvme0=file:{img}", *extra], run)
+            daemons.append(d)
+            d.start(30)
+    except BaseException:
+        stop_hosts(daemons, img)
+        raise
+    return daemons, img
+
+
+def stop_hosts(daemons: list[Daemon], img: str) -> list[int]:
+    rcs = []
+    for d in daemons:
+        if d.proc is not None:
+            rcs.append(d.stop())
+    shutil.rmtree(os.path.dirname(img), ignore_errors=True)
+    return rcs
+
+
+def connect(sock: str, ram: GuestRam, timeout: float = 10.0) -> VfioUserClient:
+    """A QEMU-like client: negotiate (QEMU's VERSION JSON, migration cap included), map RAM."""
+    deadline = time.monotonic() + timeout
+    while True:
+        c = VfioUserClient(sock, timeout=10.0)
+        try:
+            c.negotiate()
+            break
+        except ConnectionError:
+            c.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+    c.dma_map(0, ram.size, ram.fd, 0)
+    return c
+
+
+def moved(old: HostNvme, client: VfioUserClient) -> HostNvme:
+    """The guest's driver state (queues, CIDs) on top of another device's BAR0."""
+    new = HostNvme(client, old.ram)
+    new.queues = old.queues
+    new._cid = old._cid
+    new.stray = old.stray
+    return new
+
+
+@dataclass
+class Guest:
+    ram: GuestRam
+    client: VfioUserClient
+    nvme: HostNvme
+    load: VerifiedLoad | None = None
+    daemon: Daemon | None = None
+
+    @classmethod
+    def boot(cls, daemon: Daemon, nqueues: int = 4, qd: int = 32, seed: int = 1) -> "Guest":
+        ram = GuestRam(RAM_SIZE)
+        client = connect(daemon.socket, ram)
+        nvme = HostNvme(client, ram)
+        nvme.enable()
+        ns = nvme.identify(0, 1)
+        nsze = int.from_bytes(ns[0:8], "little")
+        lbaf = ns[128 + 4 * (ns[26] & 0xF) + 2]
+        g = cls(ram, client, nvme, daemon=daemon)
+        g.load = VerifiedLoad(nvme, 1, nsze << lbaf, 1 << lbaf, nqueues, qd, seed)
+        g.load.create_queues()
+        return g
+
+    def close(self) -> None:
+        if self.load is not None and self.load._thread is not None and self.load._thread.is_alive():
+            self.load.stop()
+        self.nvme.close()
+        self.client.close()
+        try:
+            self.ram.close()
+        except BufferError:
+            os.close(self.ram.fd)
+
+
+@dataclass
+class Figures:
+    scheme: str
+    blackout_ms: float
+    stream_bytes: int
+    precopy_bytes: int
+
+
+def _regs(nvme: HostNvme) -> dict[str, int]:
+    return {name: nvme.reg_read(off, size) for name, off, size in
+            (("cap", 0, 8), ("vs", 8, 4), ("intms", 0xC, 4), ("cc", 0x14, 4), ("csts", 0x1C, 4),
+             ("aqa", 0x24, 4), ("asq", 0x28, 8), ("acq", 0x30, 8))}
+
+
+def migrate(g: Guest, dst: Daemon, scheme: str = "v2", precopy: bool = True,
+            dirty_log: bool = True, check_regs: bool = True) -> Figures:
+    """Move the guest's controller from g.daemon to dst (see the module doc)."""
+    assert g.load is not None
+    src_c = g.client
+    dst_c = connect(dst.socket, g.ram)
+    pre = b""
+    try:
+        if scheme == "v2":
+            s2, d2 = V2Driver(src_c), V2Driver(dst_c)
+            if dirty_log:
+                s2.log_start(4096)
+            if precopy:
+                pre = s2.precopy()
+                d2.resume_begin()
+                d2.write(pre)
+                if dirty_log:
+                    s2.log_report(0, g.ram.size)
+            else:
+                d2.resume_begin()
+            g.load.pause()
+            regs = _regs(g.nvme) if check_regs else {}
+            t0 = time.perf_counter()
+            data = s2.stop_copy()
+            if dirty_log:
+                s2.log_report(0, g.ram.size)
+                s2.log_stop()
+            d2.write(data)
+            d2.set_state(1)                        # RESUMING -> STOP: the device loads
+        else:
+            s1, d1 = V1Driver(src_c), V1Driver(dst_c)
+            d1.load_setup()
+            if dirty_log:
+                s1.dirty(1)                        # DIRTY_PAGES START
+            if precopy:
+                s1.save_setup()
+                chunks = s1.save_iterate()
+                pre = b"".join(chunks)
+                for c in chunks:
+                    d1.load_buffer(c)
+            g.load.pause()
+            regs = _regs(g.nvme) if check_regs else {}
+            t0 = time.perf_counter()
+            if precopy:
+                s1.vm_stopped()
+            chunks = s1.save_complete()
+            if dirty_log:
+                s1.dirty_bitmap(0, g.ram.size)
+                s1.dirty(2)                        # STOP
+            data = b"".join(chunks)
+            for c in chunks:
+                d1.load_buffer(c)
+            s1.close()
+        new = moved(g.nvme, dst_c)
+        g.load.switch(new)
+        g.load.resume()                            # doorbells land in a stopped destination
+        if scheme == "v2":
+            d2.set_state(2)
+        else:
+            d1.vm_started()
+            d1.close()
+        blackout = (time.perf_counter() - t0) * 1000
+    except BaseException:
+        dst_c.close()
+        raise
+    if check_regs:
+        after = _regs(new)
+        if after != regs:
+            raise AssertionError(f"registers differ after migration: {regs} -> {after}")
+    old = g.nvme
+    g.nvme, g.client, g.daemon = new, dst_c, dst
+    old.close()
+    src_c.close()                                  # the source QEMU exits
+    return Figures(scheme, blackout, len(data), len(pre))
+
+
+def percentile(values: list[float], p: float) -> float:
+    s = sorted(values)
+    if not s:
+        return 0.0
+    k = min(len(s) - 1, max(0, int(round(p / 100 * (len(s) - 1)))))
+    return s[k]
