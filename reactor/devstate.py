@@ -13,8 +13,8 @@ stopped, every fetched command - slow path included - completed with its CQE pos
 and the admin poller idle.  Inside a vfio-user request the migration controller
 arranges that; anyone else uses `await stop(fn)` ... `await start(fn)`.  Then:
 
-- save: queue records are read from the workers (frozen while quiesced), the
-  controller model snapshots itself with them, and the doorbell page is read as the
+- save: queue records are read from the queue table (nvme/qtable.py; final while the
+  workers are quiesced), the controller model snapshots itself with them, and the doorbell page is read as the
   guest last wrote it - tails/heads written after the last poll are in it, not in any
   worker, and SQEs behind them are still in guest memory for whoever polls next.
 - load: everything is checked before anything changes (format, identity against this
@@ -37,6 +37,7 @@ from migration.snapshot import Snapshot, SnapshotCorrupt, SnapshotError, StreamS
 from nvme.memory import DmaFault
 
 if TYPE_CHECKING:
+    from nvme.state import CqState, SqState
     from reactor.nvmefn import NvmeFunction
 
 log = logging.getLogger("vnvmed.migration")
@@ -57,29 +58,17 @@ def precopy_state(fn: "NvmeFunction") -> bytes:
     return encode({"identity": identity(fn)}, required=["identity"])
 
 
-def _worker_records(fn: "NvmeFunction") -> tuple[list[dict], list[dict]]:
-    """The I/O queue records of every worker holding queues (frozen: they are quiesced)."""
-    sqs: list[dict] = []
-    cqs: list[dict] = []
-    for wid in sorted(fn.placement.busy_workers()):
-        link = fn.links.get(wid)
-        if link is None:
-            raise RuntimeError(f"worker {wid} holds queues but has no link")
-        st = link.request_sync({"op": "stats"}).get("stats") or {}
-        q = st.get("queues") or {}
-        if q.get("parked"):
-            raise RuntimeError(f"worker {wid} still has parked commands {q['parked']}")
-        sqs += q.get("sqs", [])
-        cqs += q.get("cqs", [])
+def _io_records(fn: "NvmeFunction") -> tuple[list["SqState"], list["CqState"]]:
+    """Every I/O queue's record from the queue table (SEAMS S1; final: workers quiesced)."""
+    sqs = [q for q in fn.qtable.live_sqs() if q.sqid]
+    cqs = [q for q in fn.qtable.live_cqs() if q.cqid]
     return sqs, cqs
 
 
 def save_state(fn: "NvmeFunction") -> bytes:
     """The whole controller as one snapshot blob (the controller must be stopped)."""
-    from nvme.state import CqState, SqState
-    sqs, cqs = _worker_records(fn)
-    fn.ctrl.update_queue_records([SqState.from_dict(s) for s in sqs],
-                                 [CqState.from_dict(c) for c in cqs])
+    sqs, cqs = _io_records(fn)
+    fn.ctrl.update_queue_records(sqs, cqs)
     sections = {
         "identity": identity(fn),
         "pci": fn.pci.snapshot(),

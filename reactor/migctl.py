@@ -63,7 +63,7 @@ class MigrationController:
 
     # -- DeviceOps (called by the engine, inside the pipeline's quiesce bracket) -------
     def stop(self) -> None:
-        if self.fn.coord.phase is not Phase.PAUSED:
+        if self.fn.coord.phase not in (Phase.PAUSED, Phase.FAULTED):
             raise RuntimeError("migration stop arc without a quiesced controller")
         self.held = True
         log.info("%s: stopped for migration (%s)", self.fn.name, self.engine.scheme)
@@ -169,8 +169,8 @@ class MigrationController:
         self.engine.reset()
         self.v1.reset()
         self.held = False
-        if was_held and resume and self.fn.coord.phase is Phase.PAUSED:
-            self.fn.coord.resume()
+        if was_held and resume and self.fn.coord.phase in (Phase.PAUSED, Phase.FAULTED):
+            self.fn.coord.resume(recovered=not self.fn.ctrl.fatal)
             self.fn.admin_kick.set()
 
     async def hold(self) -> None:
@@ -187,7 +187,7 @@ class MigrationController:
         if not self.held or not self.engine.running:
             return      # a migration keeps the controller stopped: only its arcs release it
         self.held = False
-        self.fn.coord.resume()
+        self.fn.coord.resume(recovered=not self.fn.ctrl.fatal)
         self.fn.admin_kick.set()
 
     def info(self) -> dict[str, Any]:
