@@ -233,7 +233,7 @@ class StreamSplitter:
     def pending(self) -> int:
         return len(self._buf)
 
-    def feed(self, chunk: bytes | memoryview) -> list[Snapshot]:
+    def feed(self, chunk: bytes | bytearray | memoryview) -> list[Snapshot]:
         self._buf += chunk
         self.received += len(chunk)
         out: list[Snapshot] = []

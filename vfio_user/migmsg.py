@@ -121,7 +121,8 @@ class DmaLoggingReport:
     @classmethod
     def decode(cls, data: bytes | memoryview) -> "DmaLoggingReport":
         _need(data, cls.SIZE, "DMA_LOGGING_REPORT")
-        return cls(*_REPORT.unpack_from(data, 0), bytes(data[cls.SIZE:]))
+        iova, length, page_size = _REPORT.unpack_from(data, 0)
+        return cls(iova, length, page_size, bytes(data[cls.SIZE:]))
 
 
 # ----------------------------------------------------------- DIRTY_PAGES (14, v1)
