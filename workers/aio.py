@@ -53,6 +53,7 @@ class BackendIo:
         self._by_fd: dict[int, int] = {}     # engine fd -> nsid
         self._poll_needed = False            # some engine only completes after readiness
         self.outstanding = 0                 # backend requests submitted or waiting
+        self.new = 0                         # requests submitted since the last push()
         self._out: list[Req] = []
         self.completed = 0
 
@@ -68,6 +69,7 @@ class BackendIo:
         engine = open_async(backend)
         if engine is None:
             return False
+        log.info("namespace %d: asynchronous backend %s, depth %d", nsid, type(engine).__name__, depth)
         q = AioQueue(engine, depth, name=f"ns{nsid}")
         fd = engine.fileno()
         self._ep.register(fd, select.EPOLLIN)
@@ -110,10 +112,23 @@ class BackendIo:
         def submit(cmd: AioCommand, op: int, offset: int, length: int,
                    bufs: Sequence[memoryview], fua: bool) -> None:
             self.outstanding += 1
+            self.new += 1
             q.submit(Req(op, offset, length, bufs, fua, cmd))
         return submit
 
     # -- the loop ----------------------------------------------------------------
+    def push(self) -> int:
+        """After a batch of commands: start what the engines only queued (io_uring SQEs are
+        entered once per batch).  Without this a worker that goes to sleep right after
+        parking commands would leave them unsubmitted until its sleep times out.  Returns
+        the requests submitted since the last push (the worker counts them as work)."""
+        n, self.new = self.new, 0
+        for q in self.queues.values():
+            fs = getattr(q.engine, "flush_submit", None)
+            if fs is not None:
+                fs()
+        return n
+
     def fileno(self) -> int:
         return self._ep.fileno()
 

@@ -232,6 +232,12 @@ class Worker:
                 pass           # the ring of a slot closed since the set was built
         self._flagged = False
 
+    def _aio_waiting(self) -> bool:
+        for s in self.slots:
+            if s.aio is not None and s.aio.outstanding:
+                return True
+        return False
+
     def _trapped_only(self) -> bool:
         """True if nothing here needs polling: every slot with queues is in trapped mode."""
         for s in self.slots:
@@ -283,6 +289,12 @@ class Worker:
                 continue
             self.idle_polls += 1
             idle += 1
+            if self._aio_waiting():
+                # Backend requests in flight and nothing else to do: give the core away for
+                # a moment instead of spinning.  The kernel threads that carry our I/O
+                # (io_uring's io-wq, the file thread pool) inherit this pinned core, and a
+                # system call also runs io_uring's pending completion work.
+                os.sched_yield()
             if self.busy:
                 continue
             trapped = self._trapped_only()

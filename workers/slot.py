@@ -145,6 +145,8 @@ class Slot:
             return done
         t0 = perf_counter_ns()
         n = r.poll()
+        if aio is not None and aio.new:
+            done += aio.push()       # parked on a backend: submitted now, counted as work
         if n:
             # Service time per command of this batch, log2 buckets of ns (bucket k holds
             # [2^(k-1), 2^k)); one clock pair per batch keeps it off the per-I/O budget.
