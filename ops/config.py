@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Sequence
 
+from nvme.msgwindow import LOW_MEMORY, Window, normalize as normalize_windows
 from ops.cores import expand_cores
 
 DEFAULT_RUN_DIR = "/run/vnvmed"
@@ -233,6 +234,8 @@ class ControllerSpec:
     # "trapped": BAR0 offers no mmap area, so guest doorbell writes arrive as messages and
     # wake the owning worker at once; idle workers then sleep (nearly) without a timeout.
     doorbells: DoorbellMode = DoorbellMode.MMAP
+    # Guest ranges where read payloads go by DMA_WRITE so TCG sees new code (nvme/msgwindow.py).
+    message_write_windows: tuple[Window, ...] = LOW_MEMORY
     namespaces: list[NamespaceSpec] = field(default_factory=list)
 
 
@@ -344,7 +347,8 @@ _TOP_SCHEMA: dict[str, tuple[type, ...]] = {
 _CTRL_SCHEMA: dict[str, tuple[type, ...]] = {
     "name": (str,), "socket": (str,), "serial": (str,), "model": (str,), "max_io_queues": (int,),
     "mqes": (int,), "mdts": (int,), "socket_owner": (str,), "socket_group": (str,),
-    "socket_mode": (int, str), "allow_world_socket": (bool,), "doorbells": (str,), "namespaces": (list,),
+    "socket_mode": (int, str), "allow_world_socket": (bool,), "doorbells": (str,),
+    "message_write_windows": (list, str), "namespaces": (list,),
 }
 _NS_SCHEMA: dict[str, tuple[type, ...]] = {
     "kind": (str,), "size": (int, str), "path": (str,), "nsid": (int,), "block_size": (int,),
@@ -473,6 +477,42 @@ def _doorbell_mode(where: _Where, key: str, v: str) -> DoorbellMode:
         raise where.error(key, f"{v!r}: use " + " or ".join(repr(m.value) for m in DoorbellMode)) from None
 
 
+_ADDR_RE = re.compile(r"^\s*(0x[0-9a-f]+|\d+)\s*([kmgtpe]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def _address(text: str) -> int:
+    m = _ADDR_RE.match(text)
+    if m is None or (m.group(3) and not m.group(2) and m.group(3).lower() != "b"):
+        raise ValueError(f"bad address {text.strip()!r}: use bytes, 0x hex or a K/M/G suffix (e.g. 1M)")
+    return int(m.group(1), 0) << _SIZE_SHIFT[m.group(2).lower()]
+
+
+def parse_windows(value: str | Sequence[str]) -> tuple[Window, ...]:
+    """``"0-1M,0xe0000000-0xe0100000"`` (or a list of ``START-END``) -> sorted windows.
+
+    END is exclusive; ``"none"``, ``""`` or ``[]`` means no window.  ValueError says why.
+    """
+    items = value.split(",") if isinstance(value, str) else list(value)
+    if isinstance(value, str) and value.strip().lower() in ("", "none"):
+        items = []
+    windows = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"window {item!r} must be a string \"START-END\"")
+        start, dash, end = item.partition("-")
+        if not dash:
+            raise ValueError(f"window {item.strip()!r} must be START-END (END exclusive), e.g. 0-1M")
+        windows.append((_address(start), _address(end)))
+    return normalize_windows(windows)
+
+
+def _windows(where: _Where, key: str, v: str | Sequence[str]) -> tuple[Window, ...]:
+    try:
+        return parse_windows(v)
+    except ValueError as e:
+        raise where.error(key, str(e)) from None
+
+
 def _ascii_field(where: _Where, key: str, v: str, limit: int) -> str:
     # Identify SN/MN are space-padded ASCII fields of fixed width (NVMe Base, Figure 312).
     if not v or len(v) > limit or not all(0x20 <= ord(c) < 0x7F for c in v):
@@ -514,6 +554,8 @@ def _build_controller(where: _Where, key: str, t: dict[str, Any], run_dir: str,
                           f"{c.socket_mode:04o} lets any local user attach to this controller's disks; "
                           "use 0660 with socket_group, or set allow_world_socket = true to force it")
     c.doorbells = _doorbell_mode(where, f"{key}.doorbells", t.get("doorbells", c.doorbells.value))
+    if "message_write_windows" in t:
+        c.message_write_windows = _windows(where, f"{key}.message_write_windows", t["message_write_windows"])
     for i, nt in enumerate(t.get("namespaces", [])):
         _check_type(where, f"{key}.namespaces[{i}]", nt, (dict,))
         c.namespaces.append(_build_namespace(where, f"{key}.namespaces[{i}]", nt))
@@ -642,6 +684,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--polling", choices=[x.value for x in Polling], type=str.lower)
     p.add_argument("--doorbells", metavar="NAME=MODE", action="append", default=[],
                    help="doorbell mode of controller NAME: mmap (default) or trapped; repeatable")
+    p.add_argument("--message-write-windows", metavar="NAME=RANGES", action="append", default=[],
+                   help="guest ranges START-END[,...] (or none) where controller NAME writes read data "
+                        "with DMA_WRITE messages, so TCG sees code it loads (default 0-1M); repeatable")
     return p
 
 
@@ -714,6 +759,15 @@ def from_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None 
         if target is None:
             raise where.error(key, f"no controller named {name!r}; add it with --controller {name}=SOCKET")
         target.doorbells = _doorbell_mode(where, key, mode)
+    for i, item in enumerate(a.message_write_windows):
+        key = f"--message-write-windows[{i}]"
+        name, eq, ranges = item.partition("=")
+        if not eq:
+            raise where.error(key, f"{item!r} must be NAME=RANGES")
+        target = cfg.controller(name)
+        if target is None:
+            raise where.error(key, f"no controller named {name!r}; add it with --controller {name}=SOCKET")
+        target.message_write_windows = _windows(where, key, ranges)
     for c in cli_ctrls:
         if not c.namespaces:
             c.namespaces.append(check_namespace(NamespaceSpec.parse(DEFAULT_NAMESPACE, nsid=1), where))

@@ -222,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="accept a --socket-mode any local user can connect to (logged)")
     add.add_argument("--doorbells", choices=("mmap", "trapped"),
                      help="mmap (default): doorbell page shared; trapped: every write is a message")
+    add.add_argument("--message-write-windows", metavar="RANGES",
+                     help="START-END[,...] or none: guest ranges written with DMA_WRITE (default 0-1M)")
     add.add_argument("--socket-owner")
     add.add_argument("--socket-group")
     rm = ctrl.add_parser("remove", parents=[common], help="remove a controller")
@@ -274,7 +276,7 @@ def request_for(a: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     if key == ("controller", "add"):
         params: dict[str, Any] = {"name": a.name, "socket": os.path.abspath(a.socket)}
         for opt in ("serial", "model", "max_io_queues", "mqes", "mdts", "socket_mode", "socket_owner",
-                    "socket_group", "doorbells", "allow_world_socket"):
+                    "socket_group", "doorbells", "allow_world_socket", "message_write_windows"):
             if getattr(a, opt) is not None:
                 params[opt] = getattr(a, opt)
         return "controller.add", params

@@ -68,7 +68,8 @@ class FrontEnd:
         namespaces = {ns["nsid"]: make_namespace(ns) for ns in self.ns_wire}
         cfg = controller_config(self.spec)
         self.fn = NvmeFunction(self.spec.name, cfg, namespaces, cfg.max_transfer,
-                               doorbells=str(getattr(self.spec, "doorbells", "mmap")))
+                               doorbells=str(getattr(self.spec, "doorbells", "mmap")),
+                               write_windows=self.spec.message_write_windows)
         for wid, sock in sorted(self.worker_socks.items()):
             self._link(wid, sock)
         self.server = VfioUserServer(self.spec.socket, self.fn, mode=self.spec.socket_mode)

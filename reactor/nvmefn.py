@@ -28,10 +28,11 @@ import asyncio
 import logging
 import mmap
 import os
-from typing import Any
+from typing import Any, Iterable
 
 from nvme.config import ControllerConfig
 from nvme.controller import Controller
+from nvme.msgwindow import LOW_MEMORY, normalize
 from nvme.namespace import Namespace
 from nvme.qtable import QueueTable, table_bytes
 from nvme.state import CqState, ShadowDoorbells, SqState
@@ -63,11 +64,13 @@ NUM_IRQS = 5
 
 class NvmeFunction:
     def __init__(self, name: str, cfg: ControllerConfig, namespaces: dict[int, Namespace],
-                 mdts_bytes: int, quiesce_timeout: float = 2.0, doorbells: str = "mmap") -> None:
+                 mdts_bytes: int, quiesce_timeout: float = 2.0, doorbells: str = "mmap",
+                 write_windows: Iterable[Iterable[int]] = LOW_MEMORY) -> None:
         if str(doorbells) not in ("mmap", "trapped"):
             raise ValueError(f"doorbell mode {doorbells!r}: use 'mmap' or 'trapped'")
         self.name = name
         self.trapped = str(doorbells) == "trapped"
+        self.write_windows = normalize(write_windows)   # read payloads there go by DMA_WRITE
         self.cfg = cfg
         self.mdts_bytes = mdts_bytes
         self.bar_fd = os.memfd_create(f"vnvmed-{name}-bar0", os.MFD_CLOEXEC)
@@ -110,6 +113,7 @@ class NvmeFunction:
         self.placement.set_workers(sorted(self.links))
         link.send({"op": "hello", "db_size": BAR0_SIZE, "nqueues": self.nqueues, "mdts": self.mdts_bytes,
                    "trapped": self.trapped,
+                   "wwin": [list(w) for w in self.write_windows],
                    "ns": [self._ns_wire(ns) for ns in self.namespaces.values()]}, [self.bar_fd, self.qt_fd])
         for (iova, size), (offset, fd, r, w) in self.dma_regions.items():
             link.send(self._map_msg(iova, size, offset, fd, r, w), [fd] if fd is not None else None)

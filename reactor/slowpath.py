@@ -5,7 +5,10 @@ Theory of operation
 QEMU sends DMA_MAP without an fd for memory it cannot share: ROM and the shadowed
 firmware window (0xc0000-0xfffff, re-mapped read-only just before SeaBIOS boots the
 guest).  SeaBIOS keeps its PRP list there, so a worker walking that list hits
-`NeedsMessageDma`, parks the command and hands it here.
+`NeedsMessageDma`, parks the command and hands it here.  The same happens to a read
+whose payload lands in a message-write window (`nvme/msgwindow.py`: low memory, where
+firmware runs code it loads): its bytes must reach the guest by DMA_WRITE so that
+QEMU's TCG drops code it translated from the old contents.
 
 The front-end runs the same `IoExecutor` against a `MessageDmaMemory`: a view of
 fd-backed memory comes straight from the mapping; a read-only view of message-only
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from nvme.io import IoExecutor
 from nvme.memory import DmaFault, GuestMemory, NeedsMessageDma
+from nvme.msgwindow import MessageWriteWindows
 from nvme.status import Status
 
 if TYPE_CHECKING:
@@ -108,7 +112,7 @@ class SlowPath:
     async def _execute(self, sqe: bytes) -> tuple[int, int]:
         if self.session is None:
             return Status.DATA_TRANSFER_ERROR, 0
-        mem = MessageDmaMemory(self.fn.mem)
+        mem = MessageDmaMemory(MessageWriteWindows(self.fn.mem, self.fn.write_windows))
         ex = IoExecutor(self.fn.namespaces, mem, self.fn.mdts_bytes)
         for _ in range(MAX_FETCHES):
             mem.writeback.clear()

@@ -41,6 +41,9 @@ _DEFAULT = object()
 PAGE = 4096
 
 
+LOW_MEMORY_END = 1 << 20
+
+
 class GuestRam:
     """The guest RAM of every client we drive (tests, benchmarks, host drivers).
 
@@ -57,6 +60,12 @@ class GuestRam:
         self.size = size
         self.base = base
         self._next = PAGE
+        if base < LOW_MEMORY_END and size >= 4 * LOW_MEMORY_END:
+            # Like Linux on x86 (which reserves the first MiB), keep rings and buffers
+            # above 1 MiB: vnvmed sends read data bound for low memory by DMA_WRITE
+            # (firmware code under TCG, nvme/msgwindow.py), which a client serves only
+            # for buffers registered with add_dma_buffer.
+            self._next = LOW_MEMORY_END - base
         os.ftruncate(self.fd, size)
         if seal:
             fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)

@@ -25,6 +25,7 @@ from migration.dirty import DirtyLog
 from nvme.doorbell import Doorbells
 from nvme.io import IoExecutor
 from nvme.memory import NeedsMessageDma
+from nvme.msgwindow import LOW_MEMORY, MessageWriteWindows
 from nvme.namespace import Namespace
 from nvme.qpair import QueueRunner
 from nvme.qtable import QueueTable, table_bytes
@@ -81,7 +82,9 @@ class Slot:
             os.close(qt_fd)
         for info in msg["ns"]:
             self._ns_add(info)
-        self.executor = IoExecutor(self.namespaces, self.mem, msg["mdts"])
+        # Read payloads bound for a message-write window (firmware code) go by DMA_WRITE.
+        data_mem = MessageWriteWindows(self.mem, msg.get("wwin", LOW_MEMORY))
+        self.executor = IoExecutor(self.namespaces, data_mem, msg["mdts"])
         assert self.aio is not None
         self.aio.bind(self.executor)
         for nsid, ns in self.namespaces.items():

@@ -56,6 +56,7 @@ CONTROLLER_ADD_OPTIONS = (
     Param("mqes", _I, False), Param("mdts", _I, False), Param("socket_owner", _S, False),
     Param("socket_group", _S, False), Param("socket_mode", (int, str), False),
     Param("allow_world_socket", _B, False), Param("doorbells", _S, False),
+    Param("message_write_windows", (str, list), False),
 )
 
 METHODS: dict[str, MethodSpec] = rpc.method_table([

@@ -134,3 +134,74 @@ def test_delete_sq_while_a_slow_path_command_is_parked(setup):
     h.create_io_queue(1, 16)                                  # and the controller carries on
     buf = ram.alloc(PAGE)
     assert h.rw(1, True, 1, 0, 8, buf) == 0
+
+
+# --- message-write windows: read data bound for low memory goes by DMA_WRITE ------------
+LOW = 0x7000                 # below 1 MiB, inside the default window [0, 1 MiB)
+
+
+def _writes_into(c: VfioUserClient, since: int, lo: int, hi: int) -> int:
+    return sum(n for cmd, addr, n in c.dma_served[since:]
+               if cmd == Command.DMA_WRITE and lo <= addr < hi)
+
+
+def _low_read(c: VfioUserClient, h: HostNvme, ram: GuestRam) -> tuple[bytes, int]:
+    """Write 8 KiB from a buffer above 1 MiB, read it back into LOW; (data, DMA_WRITE bytes)."""
+    # The client reaches its own RAM through DMA messages too (QEMU's memory API).
+    c.add_dma_buffer(0, memoryview(ram.mm)[:MB], writable=True)
+    data = os.urandom(2 * PAGE)
+    hi = ram.alloc(2 * PAGE)
+    assert hi >= MB
+    ram.view(hi, 2 * PAGE)[:] = data
+    n0 = len(c.dma_served)
+    assert _run(c, h, h.sqe(0x01, h.next_cid(), 1, hi, hi + PAGE, (8, 0, 15))) == 0
+    assert not c.dma_served[n0:], "a write payload is read through the mapping"
+    ram.view(LOW, 2 * PAGE)[:] = bytes(2 * PAGE)
+    n1 = len(c.dma_served)
+    assert _run(c, h, h.sqe(0x02, h.next_cid(), 1, LOW, LOW + PAGE, (8, 0, 15))) == 0
+    got = bytes(ram.view(LOW, 2 * PAGE))
+    assert got == data
+    # a read above 1 MiB never goes by message
+    n2 = len(c.dma_served)
+    assert _run(c, h, h.sqe(0x02, h.next_cid(), 1, hi, hi + PAGE, (8, 0, 15))) == 0
+    assert not c.dma_served[n2:]
+    return got, _writes_into(c, n1, LOW, LOW + 2 * PAGE)
+
+
+def test_read_into_low_memory_goes_by_dma_write(setup):
+    d, c, ram, h = setup
+    _, nbytes = _low_read(c, h, ram)
+    assert nbytes == 2 * PAGE, "the read payload below 1 MiB did not travel as DMA_WRITE"
+
+
+def test_read_straddling_the_window_goes_whole_by_dma_write(setup):
+    d, c, ram, h = setup
+    c.add_dma_buffer(0, memoryview(ram.mm)[:2 * MB], writable=True)
+    data = os.urandom(2 * PAGE)
+    src = ram.alloc(2 * PAGE)
+    ram.view(src, 2 * PAGE)[:] = data
+    assert _run(c, h, h.sqe(0x01, h.next_cid(), 1, src, src + PAGE, (16, 0, 15))) == 0
+    at = MB - PAGE
+    ram.view(at, 2 * PAGE)[:] = bytes(2 * PAGE)
+    n0 = len(c.dma_served)
+    assert _run(c, h, h.sqe(0x02, h.next_cid(), 1, at, at + PAGE, (16, 0, 15))) == 0
+    assert bytes(ram.view(at, 2 * PAGE)) == data
+    assert _writes_into(c, n0, at, at + 2 * PAGE) == 2 * PAGE
+
+
+def test_windows_off_reads_land_through_the_mapping(tmp_path, vnvmed):
+    d = vnvmed(tmp_path / "run", "--cores", "0", "--controller", f"c0={tmp_path}/c0.sock",
+               "--namespace", "c0=ram:8M", "--message-write-windows", "c0=none")
+    c = VfioUserClient(f"{tmp_path}/c0.sock")
+    c.negotiate()
+    ram = GuestRam(16 * MB)
+    c.dma_map(0, 16 * MB, ram.fd, 0)
+    h = HostNvme(c, ram)
+    try:
+        h.enable()
+        h.create_io_queue(1, 16)
+        _, nbytes = _low_read(c, h, ram)
+        assert nbytes == 0
+    finally:
+        close_guest(c, ram, h)
+    assert d.stop() == 0
