@@ -15,8 +15,9 @@ Two tasks per connection:
 `dma_read`/`dma_write` are for the device's own tasks (never for a pipeline handler,
 which would stall the client's commands behind the client's own answer: reference
 §6.9 deadlock).  They chunk by min(client's max_data_xfer_size, ours), time out with
-ETIMEDOUT, and cope with QEMU's off-spec layout (vfio_user/dmamsg.py): the layout is
-guessed from the client's VERSION JSON and replaced by what a DMA_READ reply proves.
+ETIMEDOUT, and cope with QEMU 10.1's off-spec layout (vfio_user/dmamsg.py): VERSION
+does not tell it from QEMU 11.1's spec layout, so it is proven by the first DMA_WRITE
+reply or DMA_READ reply that can tell (a 1-byte probe read when one cannot).
 
 Teardown (EOF, stream error or `abort()`): stop reading, drop queued commands
 (closing their fds), let the command in progress finish, fail pending DMA requests
@@ -31,7 +32,8 @@ import logging
 import socket
 from typing import TYPE_CHECKING
 
-from vfio_user.dmamsg import DmaLayout, DmaRw, check_write_reply, decode_read_reply
+from vfio_user.dmamsg import (DmaLayout, DmaRw, decode_read_reply, probe_address, probe_layout,
+                              write_reply_layout)
 from vfio_user.errors import ProtocolError, StreamError
 from vfio_user.negotiate import SERVER_MAX_XFER, ClientCaps
 from vfio_user.wire import HEADER_SIZE, Command, Header, MsgType, command_name
@@ -226,11 +228,10 @@ class Session:
         self.dma_fds.clear()
 
     # ------------------------------------------------- server -> client DMA
-    def _layout(self) -> DmaLayout:
-        if self.dma_layout is not None:
-            return self.dma_layout
-        caps = self.client_caps
-        return DmaLayout.QEMU if caps is not None and caps.qemu_flavour else DmaLayout.SPEC
+    def _learn(self, proven: DmaLayout | None) -> None:
+        if proven is not None and proven is not self.dma_layout:
+            log.info("%s: client uses the %s DMA layout", self.name, proven.value)
+            self.dma_layout = proven
 
     def _chunk(self) -> int:
         caps = self.client_caps
@@ -282,10 +283,16 @@ class Session:
             n = min(chunk, count - pos)
             frame = await self._request(Command.DMA_READ,
                                         DmaRw(addr + pos, n).encode(Command.DMA_READ))
-            data, proven = decode_read_reply(frame.payload, addr + pos, n, self._layout())
-            if proven is not None and proven is not self.dma_layout:
-                log.info("%s: client uses the %s DMA layout", self.name, proven.value)
-                self.dma_layout = proven
+            data, proven = decode_read_reply(frame.payload, addr + pos, n, self.dma_layout)
+            if data is None:
+                # Fits both layouts with different data: one byte that is non-zero in
+                # QEMU's reading tells which (vfio_user/dmamsg.py).
+                at = probe_address(frame.payload, addr + pos, n)
+                probe = await self._request(Command.DMA_READ, DmaRw(at, 1).encode(Command.DMA_READ))
+                proven = probe_layout(probe.payload)
+                data, _ = decode_read_reply(frame.payload, addr + pos, n, proven)
+            self._learn(proven)
+            assert data is not None
             out += data
             pos += n
         return bytes(out)
@@ -296,7 +303,13 @@ class Session:
         chunk = self._chunk()
         for pos in range(0, len(data), chunk):
             part = bytes(data[pos:pos + chunk])
-            frame = await self._request(
-                Command.DMA_WRITE,
-                DmaRw(addr + pos, len(part), part).encode(Command.DMA_WRITE, self._layout()))
-            check_write_reply(frame.payload, addr + pos)
+            sent = self.dma_layout or DmaLayout.SPEC
+            msg = DmaRw(addr + pos, len(part), part)
+            frame = await self._request(Command.DMA_WRITE, msg.encode(Command.DMA_WRITE, sent))
+            proven = write_reply_layout(frame.payload, addr + pos)
+            if self.dma_layout is None:
+                self._learn(proven)
+                if proven is not sent:
+                    # It read our bytes shifted, into this same range: write them again.
+                    frame = await self._request(Command.DMA_WRITE, msg.encode(Command.DMA_WRITE, proven))
+                    write_reply_layout(frame.payload, addr + pos)

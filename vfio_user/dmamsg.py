@@ -2,20 +2,29 @@
 
 Theory of operation (reference §3.9 and §6.10):
 
-- The spec's payload is {u64 address, u64 count, data at +16}.
-- QEMU (10.1 .. 11.1) uses a C struct {u64 offset, u32 count, char data[]}: data at
-  payload +12, and the message it sends/expects is sizeof(struct) + count = 32 +
-  count bytes, i.e. 4 unused trailing bytes.  QEMU's DMA_WRITE reply is header only;
-  libvfio-user echoes {address, count}.
+- The spec's payload is {u64 address, u64 count, data at +16}.  QEMU 11.1.3 speaks it
+  (seen on the wire: the reply to a DMA_READ of the reset vector carries the bytes at
+  +16; a DMA_WRITE with a u32 count gets E2BIG, QEMU reading the first data bytes as the
+  count's high half; the DMA_WRITE reply echoes {address, count}), as libvfio-user does.
+- `DmaLayout.QEMU` is the layout of QEMU 10.1's source: a C struct {u64 offset, u32
+  count, char data[]}, data at payload +12, messages sizeof(struct) + count = 32 +
+  count bytes (4 unused trailing bytes), and a header-only DMA_WRITE reply.
+- VERSION does not say which layout a QEMU speaks.  The server proves it: a DMA_WRITE
+  goes out in the spec layout until proven, and its reply tells (header only: QEMU 10.1,
+  which read our count's high half as 4 zero data bytes, then our data shifted by 4 -
+  into the same [address, address+count), so re-sending in its layout repairs it before
+  the command that owns those bytes completes).  A read reply proves what it can (below).
 
 - A DMA_READ *request* is the same bytes in both: QEMU reads a u32 count where the
   spec has the low half of a u64 (little-endian), so we always send {u64, u64}.
 - A DMA_READ *reply* is 32+count bytes in both layouts, so the reply alone does not
   say which layout it is.  In the spec layout payload[12:16] is the high half of a
   count < 2^32, i.e. zero; in QEMU's it is the first 4 data bytes.  Non-zero there
-  proves QEMU; all-zero is ambiguous unless both readings give the same data.
-  `decode_read_reply` reports what it could prove, the caller remembers it.
-- A DMA_WRITE request must be sent in the layout the client reads.
+  proves QEMU; all-zero is ambiguous unless both readings give the same data (or the
+  QEMU reading is all zero: its 4 trailing bytes are zero padding).  Left ambiguous,
+  `decode_read_reply` returns no data and the caller probes: a 1-byte DMA_READ at the
+  first non-zero byte of the QEMU reading (`probe_address`) has non-zero bytes 12..16
+  exactly in QEMU's layout (`probe_layout`).
 """
 from __future__ import annotations
 
@@ -86,10 +95,12 @@ def encode_write_reply(address: int, count: int, layout: DmaLayout) -> bytes:
 
 
 def decode_read_reply(payload: bytes | memoryview, address: int, count: int,
-                      fallback: DmaLayout) -> tuple[bytes, DmaLayout | None]:
-    """Server side: the data of a DMA_READ reply and the layout it proved (or None).
+                      layout: DmaLayout | None) -> tuple[bytes | None, DmaLayout | None]:
+    """Server side: (data, layout) of a DMA_READ reply; `layout` is the proven one or None.
 
-    `fallback` is used only when the reply is ambiguous and the two readings differ.
+    Returns the layout the reply proved (or the known one); (None, None) when the
+    layout is unknown and the reply fits both with different data: probe, then decode
+    again with the answer.
     """
     if len(payload) < 16 + count:
         raise ProtocolError(errno.EINVAL, f"DMA_READ reply {len(payload)} < {16 + count}")
@@ -97,20 +108,42 @@ def decode_read_reply(payload: bytes | memoryview, address: int, count: int,
     if addr != address or count32 != count & 0xFFFFFFFF:
         raise ProtocolError(errno.EINVAL, "DMA_READ reply address/count mismatch")
     qemu_data = bytes(payload[12:12 + count])
+    if layout is DmaLayout.QEMU:
+        return qemu_data, layout
     if bytes(payload[12:16]) != b"\0\0\0\0":
+        if layout is DmaLayout.SPEC:
+            raise ProtocolError(errno.EINVAL, "DMA_READ reply count is not a u64 (spec layout)")
         return qemu_data, DmaLayout.QEMU
     spec_data = bytes(payload[16:16 + count])
+    if layout is DmaLayout.SPEC:
+        return spec_data, layout
     if qemu_data == spec_data:
         return spec_data, None
-    return (qemu_data if fallback is DmaLayout.QEMU else spec_data), None
+    if not any(qemu_data):
+        return spec_data, DmaLayout.SPEC     # QEMU's reading would show zero padding there
+    return None, None
 
 
-def check_write_reply(payload: bytes | memoryview, address: int) -> None:
-    """Server side: accept QEMU's header-only reply or an {address, count} echo."""
+def probe_address(payload: bytes | memoryview, address: int, count: int) -> int:
+    """For an ambiguous reply: the guest address of the first non-zero byte in QEMU's reading."""
+    qemu_data = bytes(payload[12:12 + count])
+    return address + next(i for i, b in enumerate(qemu_data) if b)
+
+
+def probe_layout(payload: bytes | memoryview) -> DmaLayout:
+    """The layout a 1-byte DMA_READ reply at `probe_address` proves (see the module doc)."""
+    if len(payload) < 17:
+        raise ProtocolError(errno.EINVAL, "DMA_READ probe reply too short")
+    return DmaLayout.QEMU if bytes(payload[12:16]) != b"\0\0\0\0" else DmaLayout.SPEC
+
+
+def write_reply_layout(payload: bytes | memoryview, address: int) -> DmaLayout:
+    """Server side: the layout a DMA_WRITE reply proves: header only = QEMU 10.1, echo = spec."""
     if len(payload) == 0:
-        return
+        return DmaLayout.QEMU
     if len(payload) < 8:
         raise ProtocolError(errno.EINVAL, "DMA_WRITE reply too short")
     (addr,) = struct.unpack_from("<Q", payload, 0)
     if addr != address:
         raise ProtocolError(errno.EINVAL, "DMA_WRITE reply address mismatch")
+    return DmaLayout.SPEC

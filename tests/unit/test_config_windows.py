@@ -62,3 +62,13 @@ def test_vnvmectl_and_controller_add_options(tmp_path) -> None:
     assert spec.message_write_windows == ((0, 2 * MB),)
     with pytest.raises(C.ConfigError, match=r"params\.message_write_windows"):
         C.controller_from_options("vm", "/tmp/vm.sock", {"message_write_windows": ["2M-1M"]}, str(tmp_path))
+
+
+def test_controller_add_rpc_takes_the_options_vnvmectl_sends() -> None:
+    from ops.mgmt import jsonrpc as rpc
+    from ops.mgmt.server import METHODS
+    a = build_parser().parse_args(["controller", "add", "vm", "--socket", "/tmp/vm.sock",
+                                   "--doorbells", "trapped", "--message-write-windows", "none"])
+    method, params = request_for(a)
+    kwargs = rpc.bind(METHODS[method], params)
+    assert kwargs["doorbells"] == "trapped" and kwargs["message_write_windows"] == "none"
