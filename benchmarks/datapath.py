@@ -26,14 +26,17 @@ if __package__ in (None, ""):
 from nvme.doorbell import Doorbells  # noqa: E402
 from nvme.io import IoExecutor  # noqa: E402
 from nvme.memory import FlatMemory  # noqa: E402
+from nvme.msgwindow import MessageWriteWindows  # noqa: E402
 from nvme.namespace import Namespace  # noqa: E402
 from nvme.qpair import QueueRunner  # noqa: E402
 from nvme.state import CqState, SqState  # noqa: E402
 
 PAGE = 4096
+# Guest memory above 1 MiB, like a Linux guest's (outside the default message-write window).
+BASE = 0x1000_0000
 
 
-def setup(depth: int, io_size: int, backend: str, flat: bool = False):
+def setup(depth: int, io_size: int, backend: str, flat: bool = False, windows: bool = False):
     size = depth + 1
     npages = (io_size + PAGE - 1) // PAGE
     nbytes = PAGE * (8 + depth * (npages + 1)) + size * 80
@@ -44,17 +47,17 @@ def setup(depth: int, io_size: int, backend: str, flat: bool = False):
     if flat:
         ram = bytearray(nbytes)
         mem = FlatMemory()
-        mem.add(0x10000, ram)
+        mem.add(BASE, ram)
     else:   # the worker's own guest memory class, over a memfd like QEMU's RAM
         from reactor.guestmem import MappedGuestMemory
         from vfio_user.client import GuestRam
-        guest = GuestRam(nbytes, base=0x10000, name="datapath-bench")
+        guest = GuestRam(nbytes, base=BASE, name="datapath-bench")
         mem = MappedGuestMemory()
-        mem.map(0x10000, nbytes, 0, guest.fd, True, True)
+        mem.map(BASE, nbytes, 0, guest.fd, True, True)
         ram = guest.mm
     db = bytearray(PAGE)
     dbw = memoryview(db).cast("I")
-    sq, cq = 0x10000, 0x10000 + PAGE * ((size * 64 + PAGE - 1) // PAGE)
+    sq, cq = BASE, BASE + PAGE * ((size * 64 + PAGE - 1) // PAGE)
     data = cq + PAGE * ((size * 16 + PAGE - 1) // PAGE)
     if backend == "ram":
         from backends.ram import RamBackend
@@ -63,7 +66,8 @@ def setup(depth: int, io_size: int, backend: str, flat: bool = False):
         from backends.null import NullBackend
         be = NullBackend(1 << 30)
     ns = {1: Namespace.for_backend(1, be)}
-    ex = IoExecutor(ns, mem, 1 << 20)
+    # --windows: the executor's memory wrapped as in a worker (default window [0, 1 MiB)).
+    ex = IoExecutor(ns, MessageWriteWindows(mem) if windows else mem, 1 << 20)
     runner = QueueRunner(doorbells=Doorbells(memoryview(db)), mem=mem,
                          execute=lambda sqe, sqid: ex.execute(sqe),
                          irq=lambda v: None, doorbell_error=lambda i, q: None)
@@ -76,18 +80,18 @@ def setup(depth: int, io_size: int, backend: str, flat: bool = False):
         prp2 = buf + PAGE if npages == 2 else 0
         if npages > 2:
             lst = buf + npages * PAGE
-            off = lst - 0x10000
+            off = lst - BASE
             ents = [buf + PAGE * i for i in range(1, npages)]
             ram[off:off + 8 * len(ents)] = struct.pack(f"<{len(ents)}Q", *ents)
             prp2 = lst
         sqes.append(struct.pack("<BBHIQQQQ6I", 0x02, 0, cid, 1, 0, 0, buf, prp2,
                                 (cid * 8 * nlb) & 0xFFFFFFFF, 0, nlb - 1, 0, 0, 0))
-    return ram, dbw, runner, sqes, sq - 0x10000, cq - 0x10000, size, be
+    return ram, dbw, runner, sqes, sq - BASE, cq - BASE, size, be
 
 
 def bench(n: int, depth: int, io_size: int, backend: str, profile: bool,
-          flat: bool = False) -> dict[str, float]:
-    ram, dbw, runner, sqes, sqo, cqo, size, be = setup(depth, io_size, backend, flat)
+          flat: bool = False, windows: bool = False) -> dict[str, float]:
+    ram, dbw, runner, sqes, sqo, cqo, size, be = setup(depth, io_size, backend, flat, windows)
     mv = memoryview(ram)
     cqw = mv[cqo:cqo + size * 16].cast("I")
     tail = head = 0
@@ -140,9 +144,11 @@ def main() -> int:
     p.add_argument("--backend", choices=("null", "ram"), default="null")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--flat", action="store_true", help="nvme.memory.FlatMemory instead of the worker's MappedGuestMemory")
+    p.add_argument("--windows", action="store_true",
+                   help="wrap the executor's memory in the default message-write window, as workers do")
     a = p.parse_args()
-    r = bench(a.n, a.q, a.o, a.backend, a.profile, a.flat)
-    print(f"{a.backend} {a.o}B qd={a.q}: poll() {r['ns_per_io_poll']:.0f} ns/IO CPU "
+    r = bench(a.n, a.q, a.o, a.backend, a.profile, a.flat, a.windows)
+    print(f"{a.backend} {a.o}B qd={a.q}{' windows' if a.windows else ''}: poll() {r['ns_per_io_poll']:.0f} ns/IO CPU "
           f"(ceiling {r['poll_iops_ceiling']:,.0f} IOPS/core); whole loop {r['ns_per_io_total']:.0f} ns/IO")
     return 0
 

@@ -71,6 +71,11 @@ class GuestEnv:
     initrd: str
     boot_initrd: str
     bootdisk: str
+    mbrdisk: str          # SeaBIOS: syslinux MBR + active FAT partition (tests/qemu/mkdisk)
+    gptdisk: str          # SeaBIOS: syslinux gptmbr + legacy-bootable GPT partition
+    uefidisk: str         # OVMF: EFI system partition with \EFI\BOOT\BOOTX64.EFI (a UKI)
+    ovmf_code: str
+    ovmf_vars: str
 
 
 class ProvisionError(RuntimeError):
@@ -102,7 +107,9 @@ def _run_provision() -> GuestEnv | str:
         return GuestEnv(
             qemu=kv["QEMU"], qemu_version=kv["QEMU_VERSION"], kernel=kv["KERNEL"],
             kernel_release=kv["KERNEL_RELEASE"], initrd=kv["INITRD"],
-            boot_initrd=kv["BOOT_INITRD"], bootdisk=kv["BOOTDISK"],
+            boot_initrd=kv["BOOT_INITRD"], bootdisk=kv["BOOTDISK"], mbrdisk=kv["MBRDISK"],
+            gptdisk=kv["GPTDISK"], uefidisk=kv["UEFIDISK"], ovmf_code=kv["OVMF_CODE"],
+            ovmf_vars=kv["OVMF_VARS"],
         )
     except KeyError as exc:
         return f"tests/qemu/provision printed no {exc.args[0]}= line"
@@ -365,13 +372,15 @@ def start_guest(
     workdir: str | os.PathLike[str] | None = None,
     extra: Iterable[str] = (),
     boot_disk: bool = False,
+    uefi: bool = False,
     env: GuestEnv | None = None,
     daemon: "Vnvmed | None" = None,
 ) -> Guest:
     """Start QEMU with a vfio-user-pci device per socket in ``devices``.
 
-    ``boot_disk=True``: no -kernel; the first device gets bootindex=0 and
-    SeaBIOS boots from it.  ``extra``: more QEMU arguments (e.g. a built-in
+    ``boot_disk=True``: no -kernel; the first device gets bootindex=0 and the
+    firmware boots from it: SeaBIOS, or OVMF with ``uefi=True`` (its variable store
+    is a copy in the work directory).  ``extra``: more QEMU arguments (e.g. a built-in
     ``-device nvme``).  ``daemon``: its log is shown with any failure.
     """
     env = env or provision()
@@ -384,6 +393,10 @@ def start_guest(
         "-nographic", "-nodefaults", "-no-reboot", "-monitor", "none",
         "-serial", f"file:{wd / 'console.log'}",
     ]
+    if uefi:
+        shutil.copyfile(env.ovmf_vars, wd / "ovmf_vars.fd")
+        argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={env.ovmf_code}",
+                 "-drive", f"if=pflash,format=raw,unit=1,file={wd / 'ovmf_vars.fd'}"]
     if not boot_disk:
         argv += ["-kernel", env.kernel, "-initrd", env.initrd,
                  "-append", kernel_cmdline(workload, args)]
