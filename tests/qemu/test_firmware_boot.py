@@ -28,7 +28,6 @@ import pytest
 from tests.qemu import harness
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.timeout(300)]
-ENV = harness.provision()
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -55,20 +54,20 @@ def boot(tmp_path: Path, image: str, *, uefi: bool = False, timeout: float = 240
     return res, stats
 
 
-def test_seabios_boots_mbr_partitioned_disk(tmp_path: Path) -> None:
-    res, stats = boot(tmp_path, ENV.mbrdisk)
+def test_seabios_boots_mbr_partitioned_disk(tmp_path: Path, guest_env: harness.GuestEnv) -> None:
+    res, stats = boot(tmp_path, guest_env.mbrdisk)
     # The MBR read the boot sector into 0x7c00, and syslinux reads everything through
     # real-mode buffers below 1 MiB: those commands ran on the message path.
     res.expect(stats["slow_commands"] > 0, f"no command went by DMA message: {stats}")
 
 
-def test_seabios_boots_gpt_disk(tmp_path: Path) -> None:
-    res, stats = boot(tmp_path, ENV.gptdisk)
+def test_seabios_boots_gpt_disk(tmp_path: Path, guest_env: harness.GuestEnv) -> None:
+    res, stats = boot(tmp_path, guest_env.gptdisk)
     res.expect(stats["slow_commands"] > 0, f"no command went by DMA message: {stats}")
 
 
-def test_ovmf_boots_from_vnvmed_namespace(tmp_path: Path) -> None:
-    res, _ = boot(tmp_path, ENV.uefidisk, uefi=True)
+def test_ovmf_boots_from_vnvmed_namespace(tmp_path: Path, guest_env: harness.GuestEnv) -> None:
+    res, _ = boot(tmp_path, guest_env.uefidisk, uefi=True)
     # OVMF's boot manager chose our controller's namespace by itself (bootindex 0).
     res.expect("UEFI vnvmed NVMe controller" in res.console,
                "OVMF did not name the vnvmed namespace as the boot option it started")
