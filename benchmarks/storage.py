@@ -54,7 +54,9 @@ def fio(args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     if r.returncode:
         raise RuntimeError(f"fio failed: {r.stderr.strip()[-500:]}")
     job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]["read"]
-    return {"iops": round(job["iops"]), "lat_us": round(job["lat_ns"]["mean"] / 1000, 1)}
+    pct = job.get("clat_ns", {}).get("percentile", {})
+    return {"iops": round(job["iops"]), "lat_us": round(job["lat_ns"]["mean"] / 1000, 1),
+            "p50_us": round(pct.get("50.000000", 0) / 1000, 1), "p99_us": round(pct.get("99.000000", 0) / 1000, 1)}
 
 
 def vnvmed(spec: str, depth: int, seconds: float, span: int, extra: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -66,8 +68,8 @@ def vnvmed(spec: str, depth: int, seconds: float, span: int, extra: tuple[str, .
         sp.stop()
     if rep["errors"]:
         raise RuntimeError(f"vnvmed {spec}: {rep['errors']} I/O errors")
-    return {"iops": rep["iops"], "lat_us": rep["lat_us"]["mean"],
-            "cpu_pct": round(sum(r["cpu_pct"] for r in rep["target_cpu"]), 1)}
+    return {"iops": rep["iops"], "lat_us": rep["lat_us"]["mean"], "p50_us": rep["lat_us"]["p50"],
+            "p99_us": rep["lat_us"]["p99"], "cpu_pct": round(sum(r["cpu_pct"] for r in rep["target_cpu"]), 1)}
 
 
 def best(repeat: int, *runs: Callable[[], dict[str, Any]]) -> list[dict[str, Any]]:
@@ -84,7 +86,8 @@ def best(repeat: int, *runs: Callable[[], dict[str, Any]]) -> list[dict[str, Any
 def row(name: str, qd: int, f: dict[str, Any], v: dict[str, Any]) -> dict[str, Any]:
     return {"case": name, "qd": qd, "fio_iops": f["iops"], "vnvmed_iops": v["iops"],
             "ratio": round(v["iops"] / max(f["iops"], 1), 3), "fio_lat_us": f["lat_us"],
-            "vnvmed_lat_us": v["lat_us"], "vnvmed_cpu_pct": v.get("cpu_pct")}
+            "vnvmed_lat_us": v["lat_us"], "fio_p50_us": f.get("p50_us"), "vnvmed_p50_us": v.get("p50_us"),
+            "fio_p99_us": f.get("p99_us"), "vnvmed_p99_us": v.get("p99_us"), "vnvmed_cpu_pct": v.get("cpu_pct")}
 
 
 # ------------------------------------------------------------------------ cases
@@ -111,7 +114,7 @@ def case_nbd(a: argparse.Namespace) -> list[dict[str, Any]]:
     out = []
     try:
         for qd in (1, a.qd):
-            f_run = lambda: fio([f"--uri={srv.uri}", "--ioengine=nbd", "--rw=randread", "--bs=4k",  # noqa: E731
+            f_run = lambda: fio(["--ioengine=nbd", f"--uri={srv.uri}", "--rw=randread", "--bs=4k",  # noqa: E731
                                  f"--iodepth={qd}", f"--runtime={a.time}", "--size=1G"])
             v_run = lambda: vnvmed(f"nbd:{srv.uri}", qd, a.time, 1 << 30)  # noqa: E731
             f, v = best(a.repeat, f_run, v_run)
@@ -208,11 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     rows: list[dict[str, Any]] = []
     for name in a.only.split(","):
-        rows.extend(CASES[name.strip()](a))
+        for r in CASES[name.strip()](a):
+            rows.append(r)
+            print(json.dumps(r), flush=True)
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
-    for r in rows:
-        print(json.dumps(r))
     print(f"load average during the run: {' '.join(load)}")
     if a.json_out:
         with open(a.json_out, "w") as f:

@@ -212,3 +212,64 @@ def test_backend_availability_is_reported(run_dir: str) -> None:
         assert ("io_uring" in rows["file"]) or ("thread pool" in rows["file"])
     finally:
         finish_daemon(d)
+
+
+def _burst(h: HostNvme, qid: int, nsid: int, n: int, base: int = 0x800000) -> list[int]:
+    """n reads submitted with one doorbell, not waited for; their CIDs."""
+    cids = []
+    for i in range(n):
+        cid = h.next_cid()
+        h.submit(qid, h.sqe(0x02, cid, nsid, base + i * 4096, 0, (i * 8, 0, 7)), ring=False)
+        cids.append(cid)
+    h.ring(qid, h.queues[qid].tail)
+    return cids
+
+
+def test_stalled_server_does_not_stall_the_worker(run_dir: str) -> None:
+    """Two controllers on ONE worker: nvme1's NBD server stops (SIGSTOP) with 16 reads on it;
+    nvme0 keeps doing I/O meanwhile; the reads complete once the server continues."""
+    kit = NbdServer.nbdkit_memory("16M", sock=os.path.join(run_dir, "kit.sock")).start()
+    args = ["--cores", "0", "--run-dir", run_dir, "--controller", f"nvme0={run_dir}/nvme0.sock",
+            "--namespace", "nvme0=ram:16M", "--controller", f"nvme1={run_dir}/nvme1.sock",
+            "--namespace", f"nvme1=nbd:{kit.uri}"]
+    d = Daemon(args, run_dir).start()
+    try:
+        rng = random.Random(5)
+        with enabled_nvme(d.socket, (1,)) as h0, \
+                enabled_nvme(os.path.join(run_dir, "nvme1.sock"), (1,)) as h1:
+            _roundtrip(h1, 1, 1, 0, 8, rng)
+            kit.pause()
+            cids = _burst(h1, 1, 1, 16)
+            for i in range(200):                          # the other controller is served meanwhile
+                _roundtrip(h0, 1, 1, (i * 8) % 32000, 8, rng)
+            assert h1.poll_cqe(1) is None                 # still waiting for the stopped server
+            kit.resume()
+            got = h1.reap_cqes(1, 16, timeout=10)
+            assert sorted(c.cid for c in got) == sorted(cids) and all(c.status == 0 for c in got)
+    finally:
+        finish_daemon(d)
+        kit.stop()
+
+
+def test_quiesce_waits_for_backend_requests(run_dir: str) -> None:
+    """A DMA map quiesces the controller: commands parked on a slow NBD server (300 ms per
+    read) finish before the map is answered, none is lost or completed twice."""
+    kit = NbdServer.nbdkit_memory("16M", sock=os.path.join(run_dir, "kit.sock"),
+                                  extra=("--filter=delay",))
+    kit.argv.append("rdelay=300ms")
+    kit.start()
+    d = _daemon(run_dir, f"nbd:{kit.uri}")
+    try:
+        with enabled_nvme(d.socket, (1,)) as h:
+            cids = _burst(h, 1, 1, 8)
+            t0 = time.monotonic()
+            h.add_region(1 << 32, 1 << 20)                # DMA_MAP: quiesce, map, resume
+            took = time.monotonic() - t0
+            assert took >= 0.25, f"DMA_MAP answered after {took:.3f} s, before the reads finished"
+            got = h.reap_cqes(1, 8, timeout=1)            # already posted
+            assert sorted(c.cid for c in got) == sorted(cids) and all(c.status == 0 for c in got)
+            assert h.poll_cqe(1) is None                  # exactly once
+            assert h.rw(1, False, 1, 0, 8, 0x100000) == 0  # and the controller goes on
+    finally:
+        finish_daemon(d)
+        kit.stop()
