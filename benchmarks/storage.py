@@ -166,11 +166,11 @@ def case_stall(a: argparse.Namespace) -> list[dict[str, Any]]:
         h = HostNvme(client, ram)
         h.enable()
         h.create_io_queue(1, 64)
-        assert h.rw(1, False, 1, 0, 8, 0x100000) == 0              # nvme1 works (connected)
+        assert h.rw(1, False, 1, 0, 8, 0xA00000) == 0              # nvme1 works (connected)
         base = best(a.repeat, lambda: _iops(sp, wl))[0]
         srv.pause()                                                # the server stops answering
         for i in range(32):                                        # ... with 32 reads on it
-            h.submit(1, h.sqe(0x02, h.next_cid(), 1, 0x200000 + i * 4096, 0, (i * 8, 0, 7)), ring=False)
+            h.submit(1, h.sqe(0x02, h.next_cid(), 1, 0xC00000 + i * 4096, 0, (i * 8, 0, 7)), ring=False)
         h.ring(1, h.queues[1].tail)
         time.sleep(0.2)
         stalled = best(a.repeat, lambda: _iops(sp, wl))[0]

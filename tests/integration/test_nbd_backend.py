@@ -32,6 +32,8 @@ pytestmark = [pytest.mark.timeout(60),
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VNVMECTL = os.path.join(ROOT, "bin", "vnvmectl")
 BS = 512
+# Data buffers in the test host's guest RAM (64 MiB), far above its rings (allocated from 1 MiB).
+WBUF, RBUF, DSMBUF, BURST = 0x1000000, 0x1400000, 0x1800000, 0x2000000
 DNR_BIT = 0x4000          # in HostNvme's Cqe.status (the 15 bits above the phase)
 EXPORT = 16 << 20
 
@@ -52,11 +54,11 @@ def _daemon(run: str, *ns: str) -> Daemon:
 
 def _roundtrip(h: HostNvme, qid: int, nsid: int, slba: int, nblk: int, rng: random.Random) -> None:
     data = rng.randbytes(nblk * BS)
-    h.fill(0x100000, data)
-    h.fill(0x400000, b"\x5a" * len(data))
-    assert h.rw(qid, True, nsid, slba, nblk, 0x100000) == 0
-    assert h.rw(qid, False, nsid, slba, nblk, 0x400000) == 0
-    assert h.read(0x400000, len(data)) == data
+    h.fill(WBUF, data)
+    h.fill(RBUF, b"\x5a" * len(data))
+    assert h.rw(qid, True, nsid, slba, nblk, WBUF) == 0
+    assert h.rw(qid, False, nsid, slba, nblk, RBUF) == 0
+    assert h.read(RBUF, len(data)) == data
 
 
 def test_nbdkit_and_qemu_nbd_data(run_dir: str) -> None:
@@ -73,19 +75,19 @@ def test_nbdkit_and_qemu_nbd_data(run_dir: str) -> None:
                 for slba, nblk in ((0, 1), (7, 8), (1000, 64), (EXPORT // BS - 256, 256)):
                     _roundtrip(h, 1 + nsid % 2, nsid, slba, nblk, rng)
                 # Write Zeroes and Deallocate map to NBD_CMD_WRITE_ZEROES: blocks read back as zero.
-                h.fill(0x100000, b"\xff" * 8 * BS)
-                assert h.rw(1, True, nsid, 16, 8, 0x100000) == 0
+                h.fill(WBUF, b"\xff" * 8 * BS)
+                assert h.rw(1, True, nsid, 16, 8, WBUF) == 0
                 assert h.io(1, 0x08, nsid, 16, 4).status == 0                       # Write Zeroes
-                rng_buf = 0x200000
+                rng_buf = DSMBUF
                 h.fill(rng_buf, bytes(4) + (4).to_bytes(4, "little") + (20).to_bytes(8, "little"))
                 assert h.command(1, 0x09, nsid, rng_buf, 0, (0, 1 << 2, 0)).status == 0  # DSM deallocate
-                assert h.rw(1, False, nsid, 16, 8, 0x400000) == 0
-                assert h.read(0x400000, 8 * BS) == bytes(8 * BS)
+                assert h.rw(1, False, nsid, 16, 8, RBUF) == 0
+                assert h.read(RBUF, 8 * BS) == bytes(8 * BS)
                 assert h.command(1, 0x00, nsid).status == 0                          # Flush
             # qemu-nbd wrote through to its image file: the data is really on the server.
             data = rng.randbytes(4096)
-            h.fill(0x100000, data)
-            assert h.rw(1, True, 2, 2048, 8, 0x100000) == 0
+            h.fill(WBUF, data)
+            assert h.rw(1, True, 2, 2048, 8, WBUF) == 0
             assert h.command(1, 0x00, 2).status == 0
             with open(img, "rb") as f:
                 f.seek(2048 * BS)
@@ -108,7 +110,7 @@ def test_server_killed_under_io_then_restarted(run_dir: str) -> None:
             cids = []
             for i in range(16):
                 cid = h.next_cid()
-                prp = 0x800000 + i * 4096
+                prp = BURST + i * 4096
                 h.submit(1, h.sqe(0x02, cid, 1, prp, 0, (i * 8, 0, 7)), ring=False)
                 cids.append(cid)
             h.ring(1, h.queues[1].tail)
@@ -118,14 +120,14 @@ def test_server_killed_under_io_then_restarted(run_dir: str) -> None:
             for c in got:
                 assert c.status == 0 or (c.code == Status.NAMESPACE_NOT_READY and not c.status & DNR_BIT), c
             # Server down: a retryable status (DNR clear), never a hang.
-            c = h.io(1, 0x02, 1, 0, 8, 0x100000)
+            c = h.io(1, 0x02, 1, 0, 8, WBUF)
             assert c.code == Status.NAMESPACE_NOT_READY and not c.status & DNR_BIT, c
             # The controller and the other namespace keep working meanwhile.
             _roundtrip(h, 2, 2, 100, 16, rng)
             kit.start()
             deadline = time.monotonic() + 10
             while True:           # the host retries, as Linux does for a status without DNR
-                c = h.io(1, 0x02, 1, 0, 8, 0x100000)
+                c = h.io(1, 0x02, 1, 0, 8, WBUF)
                 if c.status == 0 or time.monotonic() > deadline:
                     break
                 assert c.code == Status.NAMESPACE_NOT_READY and not c.status & DNR_BIT, c
@@ -179,7 +181,7 @@ def test_namespace_add_refuses_bad_exports(run_dir: str) -> None:
             r = ctl("namespace", "add", "nvme0", f"nbd:{kit.uri}", "--nsid", "2")
             assert r.returncode == 0, r.stderr
             deadline = time.monotonic() + 5
-            while h.io(1, 0x02, 2, 0, 1, 0x100000).code == Status.INVALID_NAMESPACE:
+            while h.io(1, 0x02, 2, 0, 1, WBUF).code == Status.INVALID_NAMESPACE:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
             _roundtrip(h, 1, 2, 0, 8, rng)
@@ -214,7 +216,7 @@ def test_backend_availability_is_reported(run_dir: str) -> None:
         finish_daemon(d)
 
 
-def _burst(h: HostNvme, qid: int, nsid: int, n: int, base: int = 0x800000) -> list[int]:
+def _burst(h: HostNvme, qid: int, nsid: int, n: int, base: int = BURST) -> list[int]:
     """n reads submitted with one doorbell, not waited for; their CIDs."""
     cids = []
     for i in range(n):
@@ -269,7 +271,7 @@ def test_quiesce_waits_for_backend_requests(run_dir: str) -> None:
             got = h.reap_cqes(1, 8, timeout=1)            # already posted
             assert sorted(c.cid for c in got) == sorted(cids) and all(c.status == 0 for c in got)
             assert h.poll_cqe(1) is None                  # exactly once
-            assert h.rw(1, False, 1, 0, 8, 0x100000) == 0  # and the controller goes on
+            assert h.rw(1, False, 1, 0, 8, WBUF) == 0  # and the controller goes on
     finally:
         finish_daemon(d)
         kit.stop()

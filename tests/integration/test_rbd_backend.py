@@ -33,6 +33,8 @@ pytestmark = [pytest.mark.timeout(120), pytest.mark.slow,
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BS = 512
+# Data buffers in the test host's guest RAM (64 MiB), far above its rings (allocated from 1 MiB).
+WBUF, RBUF, DSMBUF, BURST = 0x1000000, 0x1400000, 0x1800000, 0x2000000
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +61,11 @@ def _argv(run: str, *ns: str) -> list[str]:
 
 def _roundtrip(h: HostNvme, qid: int, nsid: int, slba: int, nblk: int, rng: random.Random) -> bytes:
     data = rng.randbytes(nblk * BS)
-    h.fill(0x100000, data)
-    h.fill(0x400000, b"\x5a" * len(data))
-    assert h.rw(qid, True, nsid, slba, nblk, 0x100000) == 0
-    assert h.rw(qid, False, nsid, slba, nblk, 0x400000) == 0
-    assert h.read(0x400000, len(data)) == data
+    h.fill(WBUF, data)
+    h.fill(RBUF, b"\x5a" * len(data))
+    assert h.rw(qid, True, nsid, slba, nblk, WBUF) == 0
+    assert h.rw(qid, False, nsid, slba, nblk, RBUF) == 0
+    assert h.read(RBUF, len(data)) == data
     return data
 
 
@@ -76,13 +78,13 @@ def test_rbd_data_zeroes_flush(ceph: CephCluster, run_dir: str) -> None:
         with enabled_nvme(d.socket, (1, 2)) as h:
             for slba, nblk in ((0, 1), (9, 8), (4096, 64), ((32 << 20) // BS - 256, 256)):
                 _roundtrip(h, 1, 1, slba, nblk, rng)
-            h.fill(0x100000, b"\xff" * 8 * BS)
-            assert h.rw(2, True, 1, 40, 8, 0x100000) == 0
+            h.fill(WBUF, b"\xff" * 8 * BS)
+            assert h.rw(2, True, 1, 40, 8, WBUF) == 0
             assert h.io(2, 0x08, 1, 40, 4).status == 0                           # Write Zeroes
-            h.fill(0x200000, bytes(4) + (4).to_bytes(4, "little") + (44).to_bytes(8, "little"))
-            assert h.command(2, 0x09, 1, 0x200000, 0, (0, 1 << 2, 0)).status == 0   # deallocate
-            assert h.rw(2, False, 1, 40, 8, 0x400000) == 0
-            assert h.read(0x400000, 8 * BS) == bytes(8 * BS)
+            h.fill(DSMBUF, bytes(4) + (4).to_bytes(4, "little") + (44).to_bytes(8, "little"))
+            assert h.command(2, 0x09, 1, DSMBUF, 0, (0, 1 << 2, 0)).status == 0   # deallocate
+            assert h.rw(2, False, 1, 40, 8, RBUF) == 0
+            assert h.read(RBUF, 8 * BS) == bytes(8 * BS)
             assert h.command(2, 0x00, 1).status == 0                              # Flush
             data = _roundtrip(h, 1, 1, 8192, 8, rng)
             _roundtrip(h, 2, 2, 0, 8, rng)
