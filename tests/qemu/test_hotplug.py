@@ -20,8 +20,6 @@ device_add), check the data written before the unplug, dd again.
 """
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from pathlib import Path
 
