@@ -14,12 +14,12 @@ message the caller cannot use must be closed by the caller (see `close_fds`).
 """
 from __future__ import annotations
 
-import array
-import os
 import socket
 from typing import Any
 
 import msgpack
+
+from vfio_user import scm
 
 MAX_MSG = 1 << 20
 MAX_FDS = 250  # below the kernel's SCM_MAX_FD (253)
@@ -35,22 +35,17 @@ def send(sock: socket.socket, msg: dict[str, Any], fds: list[int] | tuple[int, .
         raise ValueError(f"control message of {len(data)} bytes is too large")
     if len(fds) > MAX_FDS:
         raise ValueError("too many fds in one control message")
-    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-    sock.sendmsg([data], anc)
+    scm.send(sock, data, fds)
 
 
 def recv(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     """One message and its fds; (None, []) when the peer closed.  Raises BlockingIOError if none."""
-    fds = array.array("i")
-    data, anc, flags, _ = sock.recvmsg(MAX_MSG, socket.CMSG_SPACE(MAX_FDS * fds.itemsize))
-    for level, kind, payload in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
-    got = list(fds)
+    r = scm.recv(sock, MAX_MSG, MAX_FDS)
+    data, got = r.data, r.fds
     if not data:
         close_fds(got)
         return None, []
-    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+    if r.data_truncated or r.fds_truncated:
         close_fds(got)
         raise ValueError("truncated control message")
     try:
@@ -64,9 +59,4 @@ def recv(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     return msg, got
 
 
-def close_fds(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+close_fds = scm.close_fds

@@ -12,11 +12,11 @@ Sends are serialised with a lock so a DMA request never interleaves with a reply
 """
 from __future__ import annotations
 
-import array
 import asyncio
 import select
 import socket
 
+from vfio_user import scm
 from vfio_user.framing import Frame, Framer, close_fds
 from vfio_user.wire import Header
 
@@ -64,42 +64,33 @@ class Transport:
 
     async def recv_chunk(self) -> tuple[bytes, list[int], bool]:
         """One recvmsg: (data, fds, fds_truncated).  b"" means EOF."""
-        space = socket.CMSG_SPACE(_MAX_FDS_PER_RECV * 4)
         while True:
             if self._closed:
                 return b"", [], False
             try:
-                data, anc, flags, _ = self.sock.recvmsg(RECV_CHUNK, space,
-                                                        socket.MSG_CMSG_CLOEXEC)
+                got = scm.recv(self.sock, RECV_CHUNK, _MAX_FDS_PER_RECV)
             except (BlockingIOError, InterruptedError):
                 await self._wait(writer=False)
                 continue
             except (ConnectionResetError, OSError):
                 return b"", [], False
-            fds: list[int] = []
-            for level, kind, cdata in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    a = array.array("i")
-                    a.frombytes(cdata[:len(cdata) - len(cdata) % a.itemsize])
-                    fds.extend(a)
-            return data, fds, bool(flags & socket.MSG_CTRUNC)
+            return got.data, got.fds, got.fds_truncated
 
     async def send(self, header: Header, payload: bytes = b"",
                    fds: list[int] | tuple[int, ...] = ()) -> None:
         """Send one whole message; the fds go with its first byte.  We keep our fds."""
         data = memoryview(header.encode() + payload)
         async with self._send_lock:
-            anc = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-                   if fds else [])
+            pending = list(fds)
             while data:
                 if self._closed:
                     raise ConnectionError("transport closed")
                 try:
-                    n = self.sock.sendmsg([data], anc)
+                    n = scm.send(self.sock, data, pending)
                 except (BlockingIOError, InterruptedError):
                     await self._wait(writer=True)
                     continue
-                anc = []          # fds went with the first byte sent
+                pending = []      # fds went with the first byte sent
                 data = data[n:]
 
     def close(self) -> None:

@@ -13,7 +13,6 @@ give bad-input tests full control of the bytes.
 """
 from __future__ import annotations
 
-import array
 import errno
 import fcntl
 import mmap
@@ -23,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from . import scm
 from .dmamsg import DmaLayout, DmaRw, encode_read_reply, encode_write_reply
 from .errors import ProtocolError
 from .framing import Frame, Framer, close_fds
@@ -154,12 +154,11 @@ class VfioUserClient:
 
     def send_raw(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
         assert self.sock is not None
-        anc = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-               if fds else [])
+        pending = list(fds)
         view = memoryview(data)
         while view:
-            n = self.sock.sendmsg([view], anc)
-            anc = []
+            n = scm.send(self.sock, view, pending)
+            pending = []          # the fds went with the first byte
             view = view[n:]
 
     def send(self, command: int, payload: bytes = b"", fds: list[int] | tuple[int, ...] = (),
@@ -177,18 +176,12 @@ class VfioUserClient:
             raise TimeoutError("no message from the server")
         self.sock.settimeout(left)
         try:
-            data, anc, flags, _ = self.sock.recvmsg(1 << 20, socket.CMSG_SPACE(64 * 4),
-                                                    socket.MSG_CMSG_CLOEXEC)
+            got = scm.recv(self.sock, 1 << 20, 64)
+            data, fds = got.data, got.fds
         except socket.timeout:
             raise TimeoutError("no message from the server") from None
         except ConnectionResetError:
-            data, anc = b"", []
-        fds: list[int] = []
-        for level, kind, cdata in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                a = array.array("i")
-                a.frombytes(cdata[:len(cdata) - len(cdata) % 4])
-                fds.extend(a)
+            data, fds = b"", []
         if not data:
             close_fds(fds)
             self.eof = True

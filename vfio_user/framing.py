@@ -24,19 +24,11 @@ connection.  Used by the server transport and by the test client.
 """
 from __future__ import annotations
 
-import os
 from collections import deque
 from dataclasses import dataclass, field
 
+from .scm import close_fds  # noqa: F401  (re-exported: framing users close fds with it)
 from .wire import HEADER_SIZE, Header
-
-
-def close_fds(fds: list[int] | tuple[int, ...]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 @dataclass(slots=True)

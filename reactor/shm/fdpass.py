@@ -31,19 +31,18 @@ path leaks an fd. Received fds are close-on-exec (MSG_CMSG_CLOEXEC).
 """
 from __future__ import annotations
 
-import array
-import os
 import select
 import socket
 import struct
 import time
 
+from vfio_user import scm
+
 __all__ = ["SCM_MAX_FD", "FdPassError", "fd_socketpair", "send_fds", "FdReceiver"]
 
-SCM_MAX_FD = 253
+SCM_MAX_FD = scm.SCM_MAX_FD
 _MAGIC = 0x4446_4E56  # 'VNFD'
 _HDR = struct.Struct("<IIQII")  # magic, total, token, first index, count
-_CMSG_BUF = socket.CMSG_SPACE(SCM_MAX_FD * array.array("i").itemsize)
 _MAX_TOTAL = 1 << 20  # sanity bound on fds per token
 
 
@@ -73,10 +72,9 @@ def send_fds(sock: socket.socket, token: int, fds: list[int],
     for first in starts:
         batch = fds[first:first + SCM_MAX_FD]
         hdr = _HDR.pack(_MAGIC, len(fds), token, first, len(batch))
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", batch))] if batch else []
         while True:
             try:
-                sent = sock.sendmsg([hdr], anc)
+                sent = scm.send(sock, hdr, batch)
                 break
             except BlockingIOError:
                 _wait_fd(sock, select.POLLOUT, deadline)
@@ -98,12 +96,7 @@ def _wait_fd(sock: socket.socket, events: int, deadline: float | None) -> None:
         raise TimeoutError("fd passing socket not ready")
 
 
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+_close_all = scm.close_fds
 
 
 class FdReceiver:
@@ -177,18 +170,13 @@ class FdReceiver:
         """Read at most one message; False if nothing was available."""
         want = _HDR.size - len(self._buf)
         try:
-            data, anc, flags, _ = self._sock.recvmsg(
-                want, _CMSG_BUF, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+            got = scm.recv(self._sock, want, SCM_MAX_FD,
+                           socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
             return False
-        fds: list[int] = []
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                arr = array.array("i")
-                arr.frombytes(payload[:len(payload) - len(payload) % arr.itemsize])
-                fds.extend(arr)
-        self._buf_fds.extend(fds)
-        if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+        data = got.data
+        self._buf_fds.extend(got.fds)
+        if got.fds_truncated or got.data_truncated:
             self._drop_partial_header()
             raise FdPassError("fd message truncated (too many fds or oversized header)")
         if not data:
@@ -197,9 +185,9 @@ class FdReceiver:
         self._buf += data
         if len(self._buf) < _HDR.size:
             return True  # stream socket split the header; the rest follows
-        hdr, got = self._buf, self._buf_fds
+        hdr, fds = self._buf, self._buf_fds
         self._buf, self._buf_fds = b"", []
-        self._accept(hdr, got)
+        self._accept(hdr, fds)
         return True
 
     def _drop_partial_header(self) -> None:
