@@ -184,7 +184,7 @@ def _client(sock: str, wl: Workload, start_r: int, out_w: int) -> None:
         ctl.enable()
         nblocks, bs = ctl.namespace(1)
         ctl.set_queue_count(1)
-        job = QueueJob(ctl, ctl.create_queue(1, wl.depth), wl, bs, nblocks, 0)
+        job = QueueJob(ctl, ctl.create_queue(1, wl.depth, wl.entries()), wl, bs, nblocks, 0)
         os.write(out_w, b"r")
         deadline = int.from_bytes(os.read(start_r, 8), "little")
         res = job.run(deadline)

@@ -101,9 +101,11 @@ class Spawned:
 
 
 def spawn_vnvmed(ns: str, core: int | None, polling: str = "adaptive",
-                 extra: Sequence[str] = ()) -> Spawned:
+                 extra: Sequence[str] = (), sock_name: str = "nvme0.sock") -> Spawned:
+    """bin/vnvmed with one controller nvme0 (socket TMP/sock_name; SPDK's vfio-user
+    client wants DIR/cntrl), pinned to `core` with its worker."""
     tmp = tempfile.TemporaryDirectory(prefix="vnvmed-perf-")
-    sock = os.path.join(tmp.name, "nvme0.sock")
+    sock = os.path.join(tmp.name, sock_name)
     env = dict(os.environ, VNVMED_RUN_DIR=tmp.name)
     cmd = [sys.executable, os.path.join(REPO, "bin", "vnvmed"), "--cores", str(core if core is not None else 0),
            "--controller", f"nvme0={sock}", "--namespace", f"nvme0={ns}", "--polling", polling,
@@ -131,7 +133,7 @@ def run(sock: str, wl: Workload, *, processes: int = 1, queues: int | None = Non
     nq = queues or processes
     if nq != processes:
         raise ValueError("this driver runs exactly one queue per client process (-Q == -P)")
-    per_q = (wl.depth + 1) * (80 + (wl.io_size + 4096) + 4096)
+    per_q = wl.entries() * 80 + (wl.depth + 1) * ((wl.io_size + 4096) + 4096)
     ctl = Controller(sock, ram_size or max(16 << 20, nq * per_q + (4 << 20)))
     try:
         ctl.enable()
@@ -141,7 +143,7 @@ def run(sock: str, wl: Workload, *, processes: int = 1, queues: int | None = Non
             raise RuntimeError(f"controller grants only {got} I/O queues")
         if processes > 1 and ctl.trapped:
             raise RuntimeError("several client processes need mmapped doorbells")
-        jobs = [QueueJob(ctl, ctl.create_queue(i + 1, wl.depth), wl, bsize, nblocks, i)
+        jobs = [QueueJob(ctl, ctl.create_queue(i + 1, wl.depth, wl.entries()), wl, bsize, nblocks, i)
                 for i in range(nq)]
         before = process_tree(target_pid) if target_pid else {}
         t0 = time.monotonic()
@@ -206,7 +208,8 @@ def report(wl: Workload, r: Result, processes: int, queues: int,
     return {
         "workload": {"pattern": wl.pattern, "io_size": wl.io_size, "depth": wl.depth,
                      "seconds": wl.seconds, "read_pct": wl.read_pct,
-                     "processes": processes, "queues": queues, "sq_doorbells": wl.doorbells},
+                     "processes": processes, "queues": queues, "sq_doorbells": wl.doorbells,
+                     "queue_entries": wl.entries()},
         "ios": r.ios, "errors": r.errors, "elapsed_s": round(secs, 3),
         "iops": round(r.ios / secs),
         "mib_s": round(r.ios * wl.io_size / secs / (1 << 20), 1),
@@ -268,6 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sq-doorbells", choices=("batch", "per-cmd"), default="batch",
                    help="client access pattern: one SQ tail write per reaped batch, or one per "
                         "command as Linux/SPDK drivers do (CQ head: once per batch either way)")
+    p.add_argument("--queue-entries", type=int, default=0,
+                   help="entries per I/O queue (default: depth+1 with batch doorbells, 256 with per-cmd)")
     p.add_argument("--span", default="1G", help="bytes of the namespace to spread I/O over")
     p.add_argument("--nsid", type=int, default=1)
     p.add_argument("--idle", action="store_true", help="attach and create queues, then no I/O for -t s")
@@ -276,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     from backends.base import parse_size
     wl = Workload(a.pattern, a.io_size, a.depth, a.time, a.mix, a.nsid, parse_size(a.span),
-                  doorbells=a.sq_doorbells)
+                  doorbells=a.sq_doorbells, queue_entries=a.queue_entries)
     extra = ["--doorbells", f"nvme0={a.doorbells}"] if a.doorbells != "mmap" else []
     spawned = spawn_vnvmed(a.spawn, a.target_core, a.polling, extra) if a.spawn else None
     try:

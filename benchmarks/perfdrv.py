@@ -39,8 +39,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from vfio_user.client import GuestRam, VfioUserClient
-from vfio_user.wire import Region
+from vfio_user.client import GuestRam, VfioUserClient, eventfd
+from vfio_user.wire import Irq, IrqSetFlag, Region
 
 PAGE = 4096
 DB = 0x1000
@@ -50,6 +50,7 @@ BAR0_ADDR = 0xFE000000          # where we "place" BAR0 in config space
 HIST_SHIFT = 6                  # 64 ns latency buckets
 HIST_SIZE = 1 << 17             # up to ~8.4 ms; slower ones go to `over`
 OPC_WRITE, OPC_READ = 0x01, 0x02
+STALL_NS = 10 * 10**9           # a target that stops completing: give up after this
 
 
 @dataclass(slots=True)
@@ -84,6 +85,14 @@ class Controller:
         if fd is not None:
             os.close(fd)
         self.c.dma_map(self.ram.base, self.ram.size, self.ram.fd)
+        # An eventfd for MSI-X vector 0 (the admin CQ always has IEN set), as drivers do:
+        # SPDK's target fails the whole controller when it cannot signal a completion.
+        self.irq_fd = eventfd()
+        try:
+            self.c.set_irqs(Irq.MSIX, IrqSetFlag.DATA_EVENTFD | IrqSetFlag.ACTION_TRIGGER, 0, 1,
+                            [self.irq_fd])
+        except Exception:
+            pass    # a server without MSI-X: the admin queue is polled anyway
         self.cap = self.reg(REG_CAP, 8)
         self.mqes = (self.cap & 0xFFFF) + 1
         self.queues: list[IoQueue] = []
@@ -192,8 +201,10 @@ class Controller:
             raise RuntimeError(f"set features number of queues: status {st:#x}")
         return min((dw0 & 0xFFFF) + 1, (dw0 >> 16) + 1)
 
-    def create_queue(self, qid: int, depth: int) -> IoQueue:
-        size = depth + 1
+    def create_queue(self, qid: int, depth: int, entries: int = 0) -> IoQueue:
+        """Queue pair `qid` for `depth` commands in flight: depth + 1 entries, or
+        `entries` (capped at MQES) when that is more - a driver's spare CQ room."""
+        size = max(depth + 1, min(entries, self.mqes))
         if size > self.mqes:
             raise ValueError(f"queue depth {depth} exceeds the controller's MQES {self.mqes - 1}")
         q = IoQueue(qid, size, self.ram.alloc(size * 64), self.ram.alloc(size * 16))
@@ -216,6 +227,7 @@ class Controller:
             self.ram.close()
         except BufferError:     # a result view is still alive: the mapping goes with the process
             pass
+        os.close(self.irq_fd)
 
 
 # ------------------------------------------------------------------------------ workload
@@ -233,6 +245,16 @@ class Workload:
     # "per-cmd": one SQ tail store per command, as Linux's and SPDK's drivers do.
     # Either way the CQ head is written once per reaped batch.
     doorbells: str = "batch"
+    # Entries per queue: 0 = depth + 1 with batch doorbells (the client's original
+    # rings) and 256 with per-cmd (SPDK's default io_queue_size; Linux uses 1024): a
+    # driver that rings the SQ tail before it has written the CQ head needs CQ room
+    # beyond the commands in flight (SPDK's target logs "CQ full" and stalls without).
+    queue_entries: int = 0
+
+    def entries(self) -> int:
+        if self.queue_entries:
+            return self.queue_entries
+        return self.depth + 1 if self.doorbells == "batch" else max(256, self.depth + 1)
 
 
 @dataclass(slots=True)
@@ -296,7 +318,7 @@ class QueueJob:
         if wl.io_size % block_size or wl.io_size % 4:
             raise ValueError(f"I/O size {wl.io_size} is not a multiple of the block size {block_size}")
         self.ctl, self.q, self.wl = ctl, q, wl
-        depth = q.size - 1
+        depth = min(wl.depth, q.size - 1)   # the queue may have spare entries
         nlb = wl.io_size // block_size
         span_blocks = min(nblocks, wl.span // block_size)
         slots = span_blocks // nlb
@@ -340,7 +362,7 @@ class QueueJob:
         """Keep `depth` commands in flight until deadline; returns the counts."""
         ctl, q = self.ctl, self.q
         size = q.size
-        depth = size - 1
+        depth = len(self.templates[1])   # commands in flight (<= entries - 1)
         ram = ctl.ram
         sqb = ram.view(q.sq, size * 64)
         sqw = sqb.cast("I")
@@ -388,16 +410,28 @@ class QueueJob:
                 ring(sq_word, tail)
         outstanding = depth
         stop = False
+        idle = 0
+        # With per-command doorbells the target can complete what we resubmit while we are
+        # still reaping, so a batch could go on forever without a CQ head write: bound it
+        # so that reaped-but-unacknowledged plus in-flight entries fit the CQ (SPDK's
+        # driver bounds a batch the same way).  Batch doorbells need no bound.
+        limit = max(1, size - 1 - depth) if per_cmd else size
         while outstanding:
             if (cqw[(head << 2) + 3] >> 16) & 1 != phase:
+                idle += 1
+                if idle & 0xFFFFF == 0 and clock() > deadline_ns + STALL_NS:
+                    raise TimeoutError(f"queue {q.qid}: {outstanding} commands without a completion"
+                                       f" for {STALL_NS // 10**9} s after the deadline")
                 continue
             now = clock()
             if now >= deadline_ns:
                 stop = True
-            while True:
+            n = 0
+            while n < limit:
                 dw3 = cqw[(head << 2) + 3]
                 if (dw3 >> 16) & 1 != phase:
                     break
+                n += 1
                 head += 1
                 if head == size:
                     head = 0
@@ -405,7 +439,10 @@ class QueueJob:
                 cid = dw3 & 0xFFFF
                 if dw3 >> 17:
                     errors += 1
-                lat = now - tsub[cid]
+                t = tsub[cid]
+                # Resubmitted and completed within this batch (per-cmd doorbells): the
+                # batch's clock read is its submit time, so read the clock again.
+                lat = now - t if t != now else clock() - t
                 lat_sum += lat
                 b = lat >> HIST_SHIFT
                 if b < HIST_SIZE:

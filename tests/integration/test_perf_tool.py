@@ -91,9 +91,10 @@ def test_per_command_doorbells_write_the_sq_tail_for_every_command():
                 ctl.enable()
                 nblocks, bs = ctl.namespace(1)
                 ctl.set_queue_count(1)
-                q = ctl.create_queue(1, 4)
-                job = QueueJob(ctl, q, Workload("randread", 4096, 4, 0.0, span=16 << 20,
-                                                doorbells=pattern), bs, nblocks, 0)
+                wl = Workload("randread", 4096, 4, 0.0, span=16 << 20, doorbells=pattern)
+                q = ctl.create_queue(1, 4, wl.entries())
+                assert q.size == (5 if pattern == "batch" else 256)   # spare CQ room with per-cmd
+                job = QueueJob(ctl, q, wl, bs, nblocks, 0)
                 sq = cq = 0
                 real = ctl.ring
 
@@ -114,7 +115,7 @@ def test_per_command_doorbells_write_the_sq_tail_for_every_command():
                 ctl.close()
         sq, cq, ios = counts["per-cmd"]
         assert sq == ios, counts          # every command submitted (and completed) rang once
-        assert cq < ios or ios <= 4, counts
+        assert cq <= ios, counts          # the CQ head once per reaped batch
         bsq, bcq, bios = counts["batch"]
         assert bsq <= bcq < bios, counts   # one SQ write per reaped batch, not per command
     finally:
