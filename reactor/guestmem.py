@@ -55,6 +55,14 @@ _F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
 _F_SEAL_SHRINK = getattr(fcntl, "F_SEAL_SHRINK", 0x2)
 
 
+def _is_memfd(fd: int) -> bool:
+    """memfd_create() files are named "/memfd:NAME (deleted)" in /proc."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:")
+    except OSError:
+        return True     # cannot tell: treat it as the stricter case
+
+
 @dataclass(slots=True)
 class Mapping:
     mm: mmap.mmap | None          # None: mapped without fd
@@ -122,9 +130,12 @@ class MappedGuestMemory:
         try:
             shrinkable = not (fcntl.fcntl(fd, _F_GET_SEALS) & _F_SEAL_SHRINK)
         except OSError:
-            pass        # not a memfd: a regular/hugetlbfs/shm file, it cannot carry seals
+            pass        # a file on a disk filesystem: it cannot carry seals
         else:
-            if shrinkable:
+            # tmpfs and hugetlbfs files answer F_GET_SEALS too (F_SEAL_SEAL: "cannot be
+            # sealed") although they are files, not memfds: QEMU's memory-backend-file on
+            # /dev/shm or /dev/hugepages, DPDK's hugepage files (SPDK's own client).
+            if shrinkable and _is_memfd(fd):
                 raise ProtocolError(errno.EINVAL, "DMA fd is a memfd not sealed against shrinking "
                                     "(F_SEAL_SHRINK): truncating it would crash the worker")
         gran = _granularity(st)

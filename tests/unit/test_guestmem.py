@@ -119,6 +119,13 @@ def test_unsealed_memfd_refused_files_flagged(ram, tmp_path):
     os.close(fd)                                  # the mapping keeps its own reference
     assert m.mapping_at(0x1000).shrinkable
     assert m.read(0x1000, 4) == b"\0\0\0\0"
+    # A tmpfs file (QEMU memory-backend-file on /dev/shm; hugetlbfs files behave alike)
+    # answers F_GET_SEALS with "cannot be sealed", like a memfd, but it is a file: flagged.
+    fd = os.open("/dev/shm", os.O_TMPFILE | os.O_RDWR)
+    os.ftruncate(fd, 4096)
+    m.map(0x2000, 4096, 0, fd, True, True)
+    os.close(fd)
+    assert m.mapping_at(0x2000).shrinkable
     m.unmap_all()
 
 
