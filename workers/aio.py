@@ -52,6 +52,9 @@ class BackendIo:
         self.queues: dict[int, AioQueue] = {}
         self._by_fd: dict[int, int] = {}     # engine fd -> nsid
         self._poll_needed = False            # some engine only completes after readiness
+        # Some engine completes on Python threads (thread pool, librbd callbacks): they need
+        # the GIL, so the worker must sleep (not spin) while waiting for them.
+        self.threaded = False
         self.outstanding = 0                 # backend requests submitted or waiting
         self.new = 0                         # requests submitted since the last push()
         self._out: list[Req] = []
@@ -76,6 +79,7 @@ class BackendIo:
         self._by_fd[fd] = nsid
         self.queues[nsid] = q
         self._poll_needed = any(getattr(x.engine, "needs_readiness", False) for x in self.queues.values())
+        self.threaded = any(getattr(x.engine, "threaded", False) for x in self.queues.values())
         self._aio_ns[nsid] = self._submitter(q)
         return True
 
@@ -107,6 +111,7 @@ class BackendIo:
         self.outstanding -= len(left)
         self._finish(left)
         self._poll_needed = any(getattr(x.engine, "needs_readiness", False) for x in self.queues.values())
+        self.threaded = any(getattr(x.engine, "threaded", False) for x in self.queues.values())
 
     def _submitter(self, q: AioQueue) -> Callable[[AioCommand, int, int, int, Sequence[memoryview], bool], None]:
         def submit(cmd: AioCommand, op: int, offset: int, length: int,
