@@ -38,8 +38,11 @@ IMG_SIZE = 64 << 20
 
 
 def start_hosts(n: int = 2, img_size: int = IMG_SIZE, cores: str = "0",
-                extra: tuple[str, ...] = ()) -> tuple[list[Daemon], str]:
-    """n daemons ("hosts") each serving nvme0 on the same image file; (daemons, image)."""
+                extra: tuple[str, ...] = (), namespace: str | None = None) -> tuple[list[Daemon], str]:
+    """n daemons ("hosts") each serving nvme0 on the same image file; (daemons, image).
+
+    `namespace` (e.g. ``nbd:URI`` or ``rbd:POOL/IMAGE``) replaces the file: storage both
+    hosts reach over the network, as across real hosts."""
     shared = tempfile.mkdtemp(prefix="vnvmig-", dir="/tmp")
     img = os.path.join(shared, "shared.img")
     with open(img, "wb") as f:
@@ -50,7 +53,7 @@ def start_hosts(n: int = 2, img_size: int = IMG_SIZE, cores: str = "0",
             run = os.path.join(shared, f"h{i}")
             os.mkdir(run)
             d = Daemon(["--cores", cores, "--controller", f"nvme0={run}/nvme0.sock",
-                        "--namespace", f"nvme0=file:{img}", *extra], run)
+                        "--namespace", f"nvme0={namespace or 'file:' + img}", *extra], run)
             daemons.append(d)
             d.start(30)
     except BaseException:
