@@ -6,7 +6,7 @@ value that ends up in Identify or CAP lives here so the two can never disagree.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # MPS is fixed at 4 KiB (CAP.MPSMIN = CAP.MPSMAX = 0), so MDTS units are 4 KiB pages.
 PAGE_SIZE = 4096
@@ -71,19 +71,3 @@ class ControllerConfig:
     def max_transfer(self) -> int:
         """Largest data transfer of one command in bytes; 0 = no limit (MDTS 0, NVMe 5.15.2.1)."""
         return PAGE_SIZE << self.mdts if self.mdts else 0
-
-
-@dataclass(slots=True)
-class NamespaceConfig:
-    kind: str                        # backend kind: "file", "ram", "null", ...
-    arg: str = ""                    # backend argument (path, size, ...)
-    nsid: int = 1
-    block_size: int = 512
-    read_only: bool = False
-    options: dict[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.block_size not in (512, 4096):
-            raise ValueError("block_size must be 512 or 4096")
-        if not 1 <= self.nsid <= 0xFFFFFFFE:
-            raise ValueError("nsid must be 1..0xFFFFFFFE")

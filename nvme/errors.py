@@ -21,15 +21,3 @@ class CommandError(Exception):
         super().__init__(f"status {int(status):#05x}" + (f": {detail}" if detail else ""))
         self.status = int(status)
         self.dnr = dnr
-
-
-class QueueFault(Exception):
-    """The memory of a queue itself (SQ ring, CQ ring) cannot be accessed.
-
-    Not a per-command error: the controller should go fatal (CSTS.CFS) for it.
-    """
-
-    def __init__(self, qid: int, reason: str) -> None:
-        super().__init__(f"queue {qid}: {reason}")
-        self.qid = qid
-        self.reason = reason

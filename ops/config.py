@@ -244,7 +244,6 @@ class DaemonConfig:
     run_dir: str = DEFAULT_RUN_DIR
     cores: list[int] | None = None        # None: every core in our affinity mask
     polling: Polling = Polling.ADAPTIVE
-    poll_idle_us: int = 200               # keep busy-polling this long after the last work
     poll_sleep_us: int = 1000             # longest blocking wait once idle (bounds idle latency)
     log_level: str = "info"
     controllers: list[ControllerSpec] = field(default_factory=list)
@@ -341,7 +340,8 @@ def _int_in(where: _Where, key: str, value: int, lo: int, hi: int) -> int:
 
 
 _TOP_SCHEMA: dict[str, tuple[type, ...]] = {
-    "run_dir": (str,), "cores": (str, list), "polling": (str,), "poll_idle_us": (int,),
+    "run_dir": (str,), "cores": (str, list), "polling": (str,),
+    "poll_idle_us": (int,),   # removed: known only to say so (_build_daemon)
     "poll_sleep_us": (int,), "log_level": (str,), "controllers": (list,),
 }
 _CTRL_SCHEMA: dict[str, tuple[type, ...]] = {
@@ -617,7 +617,9 @@ def _build_daemon(where: _Where, t: dict[str, Any], environ: dict[str, str] | No
             cfg.polling = Polling(t["polling"].lower())
         except ValueError:
             raise where.error("polling", f"{t['polling']!r}: use 'adaptive' or 'busy'") from None
-    cfg.poll_idle_us = _int_in(where, "poll_idle_us", t.get("poll_idle_us", cfg.poll_idle_us), 0, 10_000_000)
+    if "poll_idle_us" in t:
+        raise where.error("poll_idle_us", "no longer supported (it was never used: a worker keeps "
+                          "polling 200 empty rounds after its last command); remove the line")
     cfg.poll_sleep_us = _int_in(where, "poll_sleep_us", t.get("poll_sleep_us", cfg.poll_sleep_us), 1, 1_000_000)
     level = t.get("log_level", cfg.log_level).lower()
     if level not in LOG_LEVELS:

@@ -31,7 +31,6 @@ GOOD = """\
 run_dir = "/tmp/vn-run"
 cores = "0-1"
 polling = "busy"
-poll_idle_us = 50
 log_level = "DEBUG"
 
 [[controllers]]
@@ -68,7 +67,7 @@ def test_good_file_builds_the_model(tmp_path: Path) -> None:
     cfg = C.load_toml(write(tmp_path, GOOD.format(img=img)), ENV)
     assert cfg.run_dir == "/tmp/vn-run"
     assert cfg.rpc_socket == "/tmp/vn-run/vnvmed.rpc"
-    assert cfg.cores == [0, 1] and cfg.polling is Polling.BUSY and cfg.poll_idle_us == 50
+    assert cfg.cores == [0, 1] and cfg.polling is Polling.BUSY
     assert cfg.log_level == "debug"
     fast, slow = cfg.controllers
     assert fast.socket == "/tmp/vn-run/fast.sock"          # relative -> inside run_dir
@@ -126,8 +125,13 @@ def test_wrong_type(tmp_path: Path) -> None:
 
 
 def test_bool_is_not_an_integer(tmp_path: Path) -> None:
-    e = load_err(tmp_path, "poll_idle_us = true\n")
-    assert e.key == "poll_idle_us" and "expected integer" in e.reason
+    e = load_err(tmp_path, "poll_sleep_us = true\n")
+    assert e.key == "poll_sleep_us" and "expected integer" in e.reason
+
+
+def test_removed_poll_idle_us_says_so(tmp_path: Path) -> None:
+    e = load_err(tmp_path, "poll_idle_us = 50\n")
+    assert e.key == "poll_idle_us" and "remove the line" in e.reason
 
 
 def test_toml_syntax_error_has_line(tmp_path: Path) -> None:
@@ -358,5 +362,5 @@ def test_contrib_example_loads_and_documents_every_key() -> None:
     assert c.socket == "/run/vnvmed/nvme0.sock" and [n.nsid for n in c.namespaces] == [1, 2]
     text = example.read_text()
     for key in (*C._TOP_SCHEMA, *C._CTRL_SCHEMA, *C._NS_SCHEMA):
-        if key not in ("controllers", "namespaces"):
+        if key not in ("controllers", "namespaces", "poll_idle_us"):   # poll_idle_us: removed
             assert f"{key} =" in text, f"{key} is not documented in contrib/vnvmed.toml"

@@ -20,7 +20,7 @@ ALLOWED = {
 }
 # modules of reactor a worker may use (shared-memory plumbing, not the front-end loop)
 WORKER_REACTOR_OK = {"reactor.channel", "reactor.guestmem", "reactor.ipc", "reactor.shm",
-                     "reactor.eventfd", "ops.proctitle", "ops.logsetup"}
+                     "ops.proctitle", "ops.logsetup"}
 
 
 def imports(path: str) -> set[str]:
