@@ -35,6 +35,7 @@ from nvme.controller import Controller
 from nvme.msgwindow import LOW_MEMORY, normalize
 from nvme.namespace import Namespace
 from nvme.qtable import QueueTable, table_bytes
+from nvme.regs import RegisterAccessError
 from nvme.state import CqState, ShadowDoorbells, SqState
 from pci.config import PciConfig
 from reactor import devstate
@@ -237,9 +238,11 @@ class NvmeFunction:
             if offset < DB_OFFSET:
                 if count not in (4, 8) or offset % 4 or offset + count > DB_OFFSET:
                     raise ProtocolError(errno.EINVAL, f"BAR0 register read of {count} bytes at {offset:#x}")
+                # A bad access is the client's (EINVAL); anything else is our bug and
+                # reaches the pipeline, which logs it and answers EIO.
                 try:
                     return self.ctrl.read_register(offset, count).to_bytes(count, "little")
-                except Exception as e:
+                except RegisterAccessError as e:
                     raise ProtocolError(errno.EINVAL, str(e)) from None
             # Doorbells are write-only (spec); reads return 0 rather than stale values.
             self._check_doorbell_access(offset, count)
@@ -265,7 +268,7 @@ class NvmeFunction:
                 before = self.ctrl.csts
                 try:
                     self.ctrl.write_register(offset, n, int.from_bytes(data, "little"))
-                except Exception as e:
+                except RegisterAccessError as e:
                     raise ProtocolError(errno.EINVAL, str(e)) from None
                 self._log_csts(before, self.ctrl.csts)
                 self.admin_kick.set()

@@ -32,6 +32,7 @@ from nvme.io import IoExecutor
 from nvme.memory import DmaFault, GuestMemory, NeedsMessageDma
 from nvme.msgwindow import MessageWriteWindows
 from nvme.status import Status
+from vfio_user.errors import ProtocolError
 
 if TYPE_CHECKING:
     from reactor.nvmefn import NvmeFunction
@@ -94,9 +95,14 @@ class SlowPath:
         dw0 = 0
         try:
             status, dw0 = await self._execute(sqe)
-        except Exception as e:
+        except (ProtocolError, ConnectionError, TimeoutError, OSError) as e:
+            # The client refused or did not answer our DMA_READ/WRITE: a transfer error.
             log.warning("%s: slow-path command on SQ %d failed: %s", self.fn.name, sqid, e,
                         extra={"ratelimit": "slow-path failure"})
+        except Exception:
+            # Our bug, not the client's: say so in the log and in the status.
+            log.exception("%s: slow-path command on SQ %d: internal error", self.fn.name, sqid)
+            status = Status.INTERNAL_ERROR
         link = self.fn.links.get(wid)
         if link is not None:
             link.send({"op": "slow_done", "sqid": sqid, "cid": cid, "status": int(status), "dw0": dw0})

@@ -199,8 +199,15 @@ class Slot:
         fd = fds[0] if fds else None
         try:
             self.mem.map(msg["iova"], msg["size"], msg["off"], fd, msg["r"], msg["w"])
-        except Exception as e:  # the front-end mapped it already, so this is unexpected
-            log.error("%s: cannot map %#x+%#x: %s", self.name, msg["iova"], msg["size"], e)
+        except Exception as e:
+            # The front-end mapped the same fd with the same checks, so this is ours
+            # (address space, ENOMEM): serving on without the region would turn every
+            # command that touches it into a guest-visible error.  The controller goes fatal.
+            reason = f"cannot map guest memory {msg['iova']:#x}+{msg['size']:#x}: {e}"
+            log.error("%s: %s", self.name, reason)
+            self.chan.send({"op": "fault", "reason": reason})
+            self._ack(msg, error=reason)
+            return
         finally:
             if fd is not None:
                 os.close(fd)

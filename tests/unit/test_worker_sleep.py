@@ -152,3 +152,25 @@ def test_idle_sleeps_leave_the_flag_and_waking_clears_it(worker) -> None:
         assert not w._flagged
     finally:
         fe.close(unlink=True)
+
+
+def test_a_map_the_worker_cannot_make_is_a_fault_not_a_silent_ack(worker) -> None:
+    """The front-end maps first, so a worker-side map failure is ours: the worker reports a
+    fault (the controller goes fatal) and acks with the error, instead of serving on
+    without the region (every command touching it would fail quietly)."""
+    w, _ = worker
+    fe = _channel(w)
+    fd = os.memfd_create("unsealed", os.MFD_ALLOW_SEALING)   # refused by MappedGuestMemory
+    os.ftruncate(fd, 1 << 16)
+    try:
+        fe.send({"op": "map", "seq": 7, "iova": 0, "size": 1 << 16, "off": 0, "r": True, "w": True},
+                [fd])
+        w._messages()
+        got = fe.recv_all()
+        fault = [m for m in got if m.get("op") == "fault"]
+        ack = [m for m in got if m.get("op") == "ack" and m.get("seq") == 7]
+        assert fault and "cannot map guest memory" in fault[0]["reason"], got
+        assert ack and "error" in ack[0], got
+    finally:
+        os.close(fd)
+        fe.close(unlink=True)
