@@ -102,6 +102,7 @@ class Controller:
         self._fatal_rdy = False
         self._born = clock()
         self._runner: QueueRunner | None = None
+        self.dirty: Any = None           # dirty-page log while migrating (set_dirty)
         self.sq_deletions: dict[int, int] = {}   # SQ id -> CID of its parked Delete I/O SQ
         self._aer_out: list[tuple[int, int]] = []
 
@@ -236,7 +237,14 @@ class Controller:
                              fault=self._admin_fault, table=self.qtable)
         runner.add_cq(cq)   # raises DmaFault if unmapped (checked by the callers)
         runner.add_sq(sq)
+        runner.set_dirty(self.dirty)
         self._runner = runner
+
+    def set_dirty(self, log: Any) -> None:
+        """Dirty-page logging for the admin queue's CQEs (migration; None = off)."""
+        self.dirty = log
+        if self._runner is not None:
+            self._runner.set_dirty(log)
 
     def admin_queue_state(self) -> tuple[SqState, CqState] | None:
         """The admin SQ/CQ records as they are now (None while disabled)."""

@@ -16,6 +16,8 @@ whether to ring the real doorbell, and the EventIdx page, where the controller s
 """
 from __future__ import annotations
 
+from typing import Any
+
 from .memory import GuestMemory
 from .state import ShadowDoorbells
 
@@ -75,12 +77,14 @@ class ShadowDoorbellView:
     shadow page is only read (read-only view); EventIdx is written.
     """
 
-    __slots__ = ("cfg", "_db", "_ei")
+    __slots__ = ("cfg", "_db", "_ei", "dirty")
 
     def __init__(self, mem: GuestMemory, cfg: ShadowDoorbells, page_size: int = 4096) -> None:
         self.cfg = cfg
         self._db = mem.view(cfg.dbbuf, page_size, write=False).cast("I")
         self._ei = mem.view(cfg.eventidx, page_size, write=True).cast("I")
+        # Dirty-page logging (migration): EventIdx stores are device writes to guest RAM.
+        self.dirty: Any = None
 
     def sq_tail(self, qid: int) -> int:
         return self._db[qid << 1]
@@ -90,9 +94,13 @@ class ShadowDoorbellView:
 
     def set_sq_eventidx(self, qid: int, value: int) -> None:
         self._ei[qid << 1] = value & 0xFFFFFFFF
+        if self.dirty is not None:
+            self.dirty.mark(self.cfg.eventidx + (qid << 3), 4)
 
     def set_cq_eventidx(self, qid: int, value: int) -> None:
         self._ei[(qid << 1) | 1] = value & 0xFFFFFFFF
+        if self.dirty is not None:
+            self.dirty.mark(self.cfg.eventidx + (qid << 3) + 4, 4)
 
     def sq_eventidx(self, qid: int) -> int:
         return self._ei[qid << 1]

@@ -144,6 +144,7 @@ class QueueRunner:
         self._order: list[_Sq] = []
         self._rr = 0
         self._dirty: list[_Cq] = []
+        self.dirty: Any = None             # dirty-page log (migration): mark(addr, n), or None
         self._paused = False
         self._more = False
         self._nparked = 0
@@ -255,6 +256,7 @@ class QueueRunner:
         if self._shadow_cfg is not None:
             try:
                 self._shadow = ShadowDoorbellView(mem, self._shadow_cfg, self._page_size)
+                self._shadow.dirty = self.dirty
             except DmaFault:
                 log.info("shadow doorbell pages unmapped: back to the doorbell page",
                          extra={"ratelimit": "shadow pages unmapped"})
@@ -290,6 +292,7 @@ class QueueRunner:
             self._shadow_cfg = None
             return
         view = ShadowDoorbellView(self._mem, shadow, self._page_size)
+        view.dirty = self.dirty
         self._shadow, self._shadow_cfg = view, shadow
         for s in self._sqs.values():
             s.stale = None
@@ -308,6 +311,13 @@ class QueueRunner:
 
     def pause_fetch(self, paused: bool) -> None:
         self._paused = paused
+
+    def set_dirty(self, log: Any) -> None:
+        """Dirty-page logging on (a DirtyLog) or off (None): CQEs and EventIdx stores are
+        marked after they are written, once per CQ per batch (migration.dirty)."""
+        self.dirty = log
+        if self._shadow is not None:
+            self._shadow.dirty = log
 
     # -- the batch --------------------------------------------------------------
     def poll(self, budget: int = 256) -> int:
@@ -400,8 +410,12 @@ class QueueRunner:
         done = self._fetch(s, n) if n else 0
         if use_shadow and not self._lazy:
             assert sh is not None
-            sh.set_sq_eventidx(qid, tail)
-            full_barrier()
+            # Store (and fence) only a new value: an unchanged EventIdx was fenced when it
+            # was stored, and a store of the same value would still be a guest-memory
+            # write (dirty page while migrating).  The shadow tail is re-read either way.
+            if sh.sq_eventidx(qid) != tail:
+                sh.set_sq_eventidx(qid, tail)
+                full_barrier()
             if sh.sq_tail(qid) != tail:
                 self._more = True
         if s.head != tail and not self._more:
@@ -480,6 +494,13 @@ class QueueRunner:
             posted += 1
         s.head = s.r[SQ_HEAD] = head
         if posted:
+            if self.dirty is not None:     # the entries just written (after their stores)
+                first = ctail - posted
+                if first >= 0:
+                    self.dirty.mark(c.base + (first << 4), posted << 4)
+                else:
+                    self.dirty.mark(c.base + ((csize + first) << 4), -first << 4)
+                    self.dirty.mark(c.base, ctail << 4)
             cr = c.r
             c.tail = cr[CQ_TAIL] = ctail
             if cphase != c.phase:
@@ -496,6 +517,8 @@ class QueueRunner:
         if status:
             self.errors += 1
         write_cqe(c.words, c.tail, c.phase, dw0, s.head, s.qid, cid, status)
+        if self.dirty is not None:
+            self.dirty.mark(c.base + (c.tail << 4), 16)
         t = c.tail + 1
         cr = c.r
         if t == c.size:

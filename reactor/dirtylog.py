@@ -9,9 +9,10 @@ answered); an unmapped region's map is dropped.  STOP tells the workers (again
 synchronously) and closes everything.
 
 Markers: workers (read data in the executor; CQEs and EventIdx in the runner), and
-the front-end itself for admin data (the controller's memory is wrapped in a
-`MarkingMemory` while logging: the front-end is one thread, so a mark made when the
-admin handler takes its view is in place before any REPORT can run).
+the front-end itself: admin CQEs (its QueueRunner) and admin data (the controller's
+memory is wrapped in a `MarkingMemory` while logging: the front-end is one thread, so
+a mark made when the admin handler takes its view is in place before any REPORT can
+run).
 REPORT reads-and-clears the front-end's view of the same maps.
 """
 from __future__ import annotations
@@ -53,6 +54,7 @@ class DirtyLogger:
             self.stop()
             raise
         self.fn.ctrl.mem = MarkingMemory(self.fn.mem, self.log)
+        self.fn.ctrl.set_dirty(self.log)
         log.info("%s: dirty page logging on (%d regions)", self.fn.name, len(self._maps))
 
     def stop(self) -> None:
@@ -67,6 +69,7 @@ class DirtyLogger:
             self._drop(iova)
         self.log.clear()
         self.fn.ctrl.mem = self.fn.mem
+        self.fn.ctrl.set_dirty(None)
         log.info("%s: dirty page logging off", self.fn.name)
 
     def report(self, iova: int, length: int, pgsize: int) -> bytes:

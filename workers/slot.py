@@ -346,6 +346,8 @@ class Slot:
     def _set_dirty(self, log: DirtyLog | None) -> None:
         if self.executor is not None:
             self.executor.dirty = log
+        if self.runner is not None:
+            self.runner.set_dirty(log)
 
     def _drop_dirty(self, iova: int) -> None:
         m = self.dirty.remove(iova)
