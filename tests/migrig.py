@@ -21,14 +21,18 @@ arc to the RUNNING reply.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from benchmarks.hostnvme import GuestRam, HostNvme
-from tests.daemon import Daemon
+from tests.daemon import ROOT, Daemon
 from tests.verifyload import VerifiedLoad
 from vfio_user.client import VfioUserClient
 from vfio_user.migdriver import V1Driver, V2Driver
@@ -218,6 +222,16 @@ def migrate(g: Guest, dst: Daemon, scheme: str = "v2", precopy: bool = True,
     old.close()
     src_c.close()                                  # the source QEMU exits
     return Figures(scheme, blackout, len(data), len(pre))
+
+
+def controller_info(d: Daemon, name: str = "nvme0") -> dict[str, Any]:
+    """The controller's record from `vnvmectl --json controller list` (the operator's view)."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bin", "vnvmectl"), "--json",
+                          "--rpc", d.rpc, "controller", "list"], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    recs = json.loads(out)
+    recs = recs.get("controllers", recs) if isinstance(recs, dict) else recs
+    return next(r for r in recs if r["name"] == name)
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -274,7 +274,7 @@ class V1Driver:
         bms = bitmap_bytes(size, pgsize)
         req = DirtyPages(8 + 32 + bms, DirtyPagesFlag.GET_BITMAP, iova, size, pgsize, bms)
         frame = self.c.request(Command.DIRTY_PAGES, req.encode())
-        r = DirtyPages.decode(frame.payload)
+        r = DirtyPages.decode_reply(frame.payload)
         frame.close()
         if r.bitmap_size != bms or len(r.bitmap) != bms:
             raise ProtocolError(errno.EPROTO, "DIRTY_PAGES reply bitmap size")

@@ -167,6 +167,13 @@ class DirtyPages:
                        bytes(data[cls.SIZE + cls.RANGE_SIZE:]))
         return cls(argsz, flags)
 
+    @classmethod
+    def decode_reply(cls, data: bytes | memoryview) -> "DirtyPages":
+        """A GET_BITMAP reply may be the 8-byte header alone (argsz = the size it needs)."""
+        if len(data) == cls.SIZE:
+            return cls(*_DP.unpack_from(data, 0))
+        return cls.decode(data)
+
 
 # ----------------------------------------------------------- region 9 (v1)
 

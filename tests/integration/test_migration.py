@@ -70,3 +70,39 @@ def test_migrate_back_and_forth(hosts):
         assert not g.load.errors, g.load.errors[:10]
     finally:
         g.close()
+
+
+@pytest.mark.parametrize("scheme", ["v2", "v1"])
+def test_cancelled_migration_returns_source_to_running(hosts, scheme):
+    """Stop-and-copy started, data half read, then cancelled: the source runs on, nothing lost."""
+    from vfio_user.migdriver import V1Driver, V2Driver
+    a, _ = hosts
+    g = Guest.boot(a)
+    try:
+        g.load.start()
+        g.load.wait_completions(1000)
+        if scheme == "v2":
+            d = V2Driver(g.client, chunk=64)
+            d.precopy()
+            g.load.pause()
+            d.set_state(3)                 # STOP_COPY
+            assert len(g.client.mig_data_read(64)) == 64
+            d.set_state(2)                 # cancel -> RUNNING
+            assert d.get_state() == 2
+        else:
+            d1 = V1Driver(g.client)
+            d1.save_setup()
+            d1.save_iterate()
+            g.load.pause()
+            d1.vm_stopped()
+            assert d1.pending() > 0
+            d1.save_buffer()
+            d1.cancel()
+            assert d1.state() == 1
+            d1.close()
+        g.load.resume()
+        g.load.wait_completions(1000)
+        g.load.stop()
+        assert not g.load.errors, g.load.errors[:10]
+    finally:
+        g.close()
