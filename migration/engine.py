@@ -149,8 +149,10 @@ class MigrationEngine:
                 self._done("done")
 
     def _begin(self, role: str) -> None:
+        t_stop = self.stats._t_stop             # a stop arc may just have run (RUNNING -> STOP)
         self.stats = MigrationStats(role=role, scheme=self.scheme,
                                     migrations=self.stats.migrations + 1)
+        self.stats._t_stop = t_stop
 
     def _finish_saving(self, dst: MigState) -> None:
         st = self.stats

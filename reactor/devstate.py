@@ -59,9 +59,12 @@ def precopy_state(fn: "NvmeFunction") -> bytes:
 
 
 def _io_records(fn: "NvmeFunction") -> tuple[list["SqState"], list["CqState"]]:
-    """Every I/O queue's record from the queue table (SEAMS S1; final: workers quiesced)."""
-    sqs = [q for q in fn.qtable.live_sqs() if q.sqid]
-    cqs = [q for q in fn.qtable.live_cqs() if q.cqid]
+    """The controller's I/O queue records from the queue table (SEAMS S1; final while the
+    workers are quiesced).  Only the queues the controller has: the table has a record
+    for every doorbell (1536), scanning it would cost more than the rest of the save."""
+    q = fn.ctrl.queues
+    sqs = [r for r in (fn.qtable.get_sq(i) for i in sorted(q.sqs)) if r is not None]
+    cqs = [r for r in (fn.qtable.get_cq(i) for i in sorted(q.cqs)) if r is not None]
     return sqs, cqs
 
 
@@ -136,12 +139,14 @@ def load_state(fn: "NvmeFunction", data: bytes | Iterable[Snapshot]) -> None:
 def _apply(fn: "NvmeFunction", pci: bytes, doorbells: list[tuple[int, int]], ctrl: dict) -> None:
     fn.pci.restore(pci)
     words = fn.db_words
-    for i in range(len(words)):          # single aligned stores, as everywhere on this page
-        if words[i]:
-            words[i] = 0
+    for i, _ in nvmeimage.doorbell_words(words):   # single aligned stores, as always here
+        words[i] = 0
     for i, v in doorbells:
         words[i] = v
-    fn.ctrl.restore(ctrl)
+    # Queue creation messages go to the (paused) workers without a round trip each; one
+    # barrier per worker at the end reports any failure (NvmeFunction.worker_batch).
+    with fn.worker_batch():
+        fn.ctrl.restore(ctrl)
     fn._update_routes()
 
 

@@ -60,6 +60,7 @@ class MigrationController:
         self.v1 = V1Region(self.engine, memoryview(self._area)[DATA_OFFSET:])
         self.held = False
         self._full_quiesce = False
+        self._restored = False
 
     # -- DeviceOps (called by the engine, inside the pipeline's quiesce bracket) -------
     def stop(self) -> None:
@@ -70,6 +71,16 @@ class MigrationController:
 
     def start(self) -> None:
         self.held = False
+        if self._restored:
+            # Interrupts the source had coalesced but not fired are nowhere in the
+            # snapshot: one interrupt per enabled CQ vector (spurious at worst) makes the
+            # guest look at every CQ once.
+            self._restored = False
+            vectors = {c.iv for c in self.fn.ctrl.queues.cqs.values() if c.ien}
+            if self.fn.ctrl.admin_queue_state() is not None:
+                vectors.add(0)
+            for iv in sorted(vectors):
+                self.fn.irq(iv)
         log.info("%s: running again after migration state %s", self.fn.name,
                  self.engine.state.name)
 
@@ -87,6 +98,7 @@ class MigrationController:
 
     def load(self, blobs: list[Snapshot]) -> None:
         devstate.load_state(self.fn, blobs)
+        self._restored = True
 
     # -- pipeline hooks ------------------------------------------------------------------
     def feature_needs_quiesce(self, flags: int, data: bytes) -> bool:

@@ -25,10 +25,11 @@ vector itself.  The admin CQ (vector 0) is signalled from here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import mmap
 import os
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from nvme.config import ControllerConfig
 from nvme.controller import Controller
@@ -106,6 +107,7 @@ class NvmeFunction:
         self.slow = SlowPath(self)
         self.fatal_reason: str | None = None
         self.fingerprints: dict[int, str] = {}     # nsid -> operator's backend fingerprint
+        self._batch: list[tuple[int, Any]] | None = None   # worker_batch() in progress
         self.mig = MigrationController(self)
 
     # ------------------------------------------------------------------ workers
@@ -154,11 +156,36 @@ class NvmeFunction:
             link.send(dict(msg), fds)
 
     def _sync(self, wid: int, msg: dict) -> dict:
+        if self._batch is not None:
+            link = self.links.get(wid)
+            if link is not None:
+                self._batch.append((wid, link.request(msg)))
+            return {}
         try:
             return self.links[wid].request_sync(msg)
         except (TimeoutError, ConnectionError, KeyError) as e:
             self._fatal(f"worker {wid}: {e}")
             return {}
+
+    @contextlib.contextmanager
+    def worker_batch(self) -> Iterator[None]:
+        """Queue messages to workers without a round trip each (a restore creates many
+        queues on paused workers); on exit one synchronous barrier per worker (FIFO:
+        every earlier message is acked by then) and failures raise RuntimeError."""
+        self._batch = []
+        try:
+            yield
+        finally:
+            batch, self._batch = self._batch, None
+            for wid in sorted({w for w, _ in batch}):
+                self._sync(wid, {"op": "load"})
+            bad = [f"worker {w}: {f.result().get('error') if f.done() and not f.exception() else 'no answer'}"
+                   for w, f in batch if not f.done() or f.exception() or f.result().get("error")]
+            for _, f in batch:
+                if not f.done():
+                    f.cancel()
+        if bad:
+            raise RuntimeError("; ".join(bad))
 
     def _quiesce_timeout(self, late: list[int]) -> None:
         self._fatal(f"workers {late} did not quiesce in time")
@@ -370,7 +397,8 @@ class NvmeFunction:
     def io_cq_created(self, cq: CqState) -> None:
         # "Fewest queues first" counts every controller's queues: ask each worker its load
         # (queue creation is rare; a worker that does not answer keeps its last figure).
-        for wid, link in list(self.links.items()):
+        # A batch (restore) places with the figures it has: no round trip per queue.
+        for wid, link in list(self.links.items()) if self._batch is None else ():
             try:
                 self.placement.report(wid, int(link.request_sync({"op": "load"}, timeout=0.5)["queues"]))
             except (TimeoutError, ConnectionError, KeyError, TypeError, ValueError):

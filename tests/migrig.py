@@ -140,6 +140,7 @@ class Figures:
     blackout_ms: float
     stream_bytes: int
     precopy_bytes: int
+    steps: dict[str, float]            # ms per step of the blackout, in order
 
 
 def _regs(nvme: HostNvme) -> dict[str, int]:
@@ -154,7 +155,15 @@ def migrate(g: Guest, dst: Daemon, scheme: str = "v2", precopy: bool = True,
     assert g.load is not None
     src_c = g.client
     dst_c = connect(dst.socket, g.ram)
+    new = moved(g.nvme, dst_c)          # the destination's BAR0 is mapped before the blackout
     pre = b""
+    steps: dict[str, float] = {}
+    mark = time.perf_counter
+
+    def step(name: str, t: float) -> float:
+        now = mark()
+        steps[name] = (now - t) * 1000
+        return now
     try:
         if scheme == "v2":
             s2, d2 = V2Driver(src_c), V2Driver(dst_c)
@@ -170,13 +179,21 @@ def migrate(g: Guest, dst: Daemon, scheme: str = "v2", precopy: bool = True,
                 d2.resume_begin()
             g.load.pause()
             regs = _regs(g.nvme) if check_regs else {}
-            t0 = time.perf_counter()
-            data = s2.stop_copy()
+            t0 = t = mark()
+            s2.set_state(3)                        # STOP_COPY
+            t = step("src stop_copy", t)
+            data = s2.read_until_zero()
+            t = step("src read", t)
+            s2.set_state(1)                        # STOP
+            t = step("src stop", t)
             if dirty_log:
                 s2.log_report(0, g.ram.size)
                 s2.log_stop()
+                t = step("src dirty report+stop", t)
             d2.write(data)
-            d2.set_state(1)                        # RESUMING -> STOP: the device loads
+            t = step("dst write (load)", t)
+            d2.set_state(1)                        # RESUMING -> STOP (loaded already)
+            t = step("dst stop", t)
         else:
             s1, d1 = V1Driver(src_c), V1Driver(dst_c)
             d1.load_setup()
@@ -190,27 +207,33 @@ def migrate(g: Guest, dst: Daemon, scheme: str = "v2", precopy: bool = True,
                     d1.load_buffer(c)
             g.load.pause()
             regs = _regs(g.nvme) if check_regs else {}
-            t0 = time.perf_counter()
+            t0 = t = mark()
             if precopy:
                 s1.vm_stopped()
+                t = step("src vm stopped", t)
             chunks = s1.save_complete()
+            t = step("src save", t)
             if dirty_log:
                 s1.dirty_bitmap(0, g.ram.size)
                 s1.dirty(2)                        # STOP
+                t = step("src dirty bitmap+stop", t)
             data = b"".join(chunks)
             for c in chunks:
                 d1.load_buffer(c)
+            t = step("dst load", t)
             s1.close()
-        new = moved(g.nvme, dst_c)
         g.load.switch(new)
         g.load.resume()                            # doorbells land in a stopped destination
+        t = step("guest moved", t)
         if scheme == "v2":
             d2.set_state(2)
         else:
             d1.vm_started()
             d1.close()
-        blackout = (time.perf_counter() - t0) * 1000
+        t = step("dst running", t)
+        blackout = (t - t0) * 1000
     except BaseException:
+        new.close()
         dst_c.close()
         raise
     if check_regs:
@@ -221,7 +244,7 @@ def migrate(g: Guest, dst: Daemon, scheme: str = "v2", precopy: bool = True,
     g.nvme, g.client, g.daemon = new, dst_c, dst
     old.close()
     src_c.close()                                  # the source QEMU exits
-    return Figures(scheme, blackout, len(data), len(pre))
+    return Figures(scheme, blackout, len(data), len(pre), steps)
 
 
 def controller_info(d: Daemon, name: str = "nvme0") -> dict[str, Any]:
