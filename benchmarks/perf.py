@@ -129,7 +129,7 @@ def spawn_vnvmed(ns: str, core: int | None, polling: str = "adaptive",
 # ------------------------------------------------------------------------ one run
 def run(sock: str, wl: Workload, *, processes: int = 1, queues: int | None = None,
         client_cores: Sequence[int] = (), target_pid: int | None = None,
-        ram_size: int | None = None, idle: bool = False) -> dict[str, Any]:
+        ram_size: int | None = None, idle: bool = False, dirty_log: bool = False) -> dict[str, Any]:
     nq = queues or processes
     if nq != processes:
         raise ValueError("this driver runs exactly one queue per client process (-Q == -P)")
@@ -145,6 +145,13 @@ def run(sock: str, wl: Workload, *, processes: int = 1, queues: int | None = Non
             raise RuntimeError("several client processes need mmapped doorbells")
         jobs = [QueueJob(ctl, ctl.create_queue(i + 1, wl.depth, wl.entries()), wl, bsize, nblocks, i)
                 for i in range(nq)]
+        mig = None
+        if dirty_log:
+            # What a migration's pre-copy costs the guest: the device marks every page it
+            # writes (read data, CQEs) while the client runs; one report at the end.
+            from vfio_user.migdriver import V2Driver
+            mig = V2Driver(ctl.c)
+            mig.log_start(4096)
         before = process_tree(target_pid) if target_pid else {}
         t0 = time.monotonic()
         deadline = time.perf_counter_ns() + int(wl.seconds * 1e9)
@@ -160,10 +167,18 @@ def run(sock: str, wl: Workload, *, processes: int = 1, queues: int | None = Non
             total = _run_forked(jobs, deadline, client_cores)
         wall = time.monotonic() - t0
         after = process_tree(target_pid) if target_pid else {}
+        dirty_pages = None
+        if mig is not None:
+            bm = mig.log_report(ctl.ram.base, ctl.ram.size)
+            dirty_pages = bin(int.from_bytes(bm, "little")).count("1")
+            mig.log_stop()
         ctl.disable()
     finally:
         ctl.close()
-    return report(wl, total, processes, nq, cpu_delta(before, after, wall) if target_pid else [])
+    rep = report(wl, total, processes, nq, cpu_delta(before, after, wall) if target_pid else [])
+    if dirty_log:
+        rep["dirty_log"] = {"pages_reported": dirty_pages}
+    return rep
 
 
 def _run_forked(jobs: list[QueueJob], deadline: int, cores: Sequence[int]) -> Result:
@@ -226,6 +241,7 @@ def format_table(rep: dict[str, Any]) -> str:
     lines = [
         f"{w['pattern']} {w['io_size']}B qd={w['depth']} queues={w['queues']} procs={w['processes']}"
         f" sq-doorbells={w.get('sq_doorbells', 'batch')}"
+        f"{' dirty-log=on' if 'dirty_log' in rep else ''}"
         f" t={rep['elapsed_s']}s",
         f"{'IOPS':>12} {'MiB/s':>10} {'mean us':>9} {'p50 us':>8} {'p99 us':>8} {'p99.9 us':>9} {'errors':>7}",
         f"{rep['iops']:>12,} {rep['mib_s']:>10,.1f} {lat['mean']:>9.2f} {lat['p50']:>8.2f}"
@@ -276,6 +292,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--span", default="1G", help="bytes of the namespace to spread I/O over")
     p.add_argument("--nsid", type=int, default=1)
     p.add_argument("--idle", action="store_true", help="attach and create queues, then no I/O for -t s")
+    p.add_argument("--dirty-log", action="store_true",
+                   help="dirty-page logging on during the run (v2 DMA_LOGGING_START; one REPORT "
+                        "at the end): compare with a run without to see what logging costs")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--json-out", help="also write JSON to this file")
     a = p.parse_args(argv)
@@ -288,7 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sock = spawned.sock if spawned else a.socket
         pid = spawned.proc.pid if spawned else a.target_pid
         rep = run(sock, wl, processes=a.processes, queues=a.queues,
-                  client_cores=parse_cores(a.client_cores), target_pid=pid, idle=a.idle)
+                  client_cores=parse_cores(a.client_cores), target_pid=pid, idle=a.idle,
+                  dirty_log=a.dirty_log)
     finally:
         if spawned:
             spawned.stop()

@@ -61,10 +61,11 @@ class DirtyLogger:
         if not self.active:
             return
         self.active = False
-        try:
-            self._workers({"op": "dirty_off"})
-        except ProtocolError as e:
-            log.error("%s: %s", self.fn.name, e)   # stopping anyway: nobody reads the maps
+        # No round trip: a worker that marks a page before it reads this message marks
+        # its own mapping of a map nobody reports any more (FIFO: a later START's maps
+        # come after this message).
+        for link in list(self.fn.links.values()):
+            link.send({"op": "dirty_off"})
         for iova in list(self._maps):
             self._drop(iova)
         self.log.clear()
