@@ -40,19 +40,21 @@ def run(rounds: int, schemes: Sequence[str], precopy: bool, dirty_log: bool, que
     daemons, img = start_hosts(2)
     a, b = daemons
     g = Guest.boot(a, nqueues=queues, qd=qd)
+    load = g.load
+    assert load is not None
     figs = []
     try:
-        g.load.start()
-        g.load.wait_completions(500)
+        load.start()
+        load.wait_completions(500)
         for i in range(rounds):
             f = migrate(g, b if g.daemon is a else a, schemes[i % len(schemes)], precopy=precopy,
                         dirty_log=dirty_log, check_regs=False)
             figs.append(f)
-            g.load.wait_completions(100)
-        g.load.stop()
-        summary = g.load.summary()
-        if g.load.errors:
-            raise SystemExit(f"verification failed: {g.load.errors[:5]}")
+            load.wait_completions(100)
+        load.stop()
+        summary = load.summary()
+        if load.errors:
+            raise SystemExit(f"verification failed: {load.errors[:5]}")
     finally:
         g.close()
         stop_hosts(daemons, img)

@@ -145,7 +145,7 @@ class VerifiedLoad:
             self.failure = e
 
     def _run(self) -> None:
-        deadline = None
+        deadline: float | None = None
         while True:
             if self._pause.is_set():
                 self._paused.set()
@@ -157,6 +157,7 @@ class VerifiedLoad:
                 deadline = time.monotonic() + 10.0
             nvme = self.nvme
             ram, db = nvme.ram, nvme.db
+            assert db is not None, "the load needs the mmapped doorbell page"
             mm = ram.mm
             words = memoryview(mm).cast("I")
             busy = 0
@@ -167,7 +168,7 @@ class VerifiedLoad:
             words.release()
             if stopping and not any(q.inflight for q in self.qs):
                 return
-            if stopping and time.monotonic() > deadline:
+            if deadline is not None and time.monotonic() > deadline:
                 return
             if not busy:
                 time.sleep(0)
