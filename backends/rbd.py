@@ -192,7 +192,6 @@ class RbdEngine:
     """librbd aio driven from the worker; connects on a thread (see the module docstring)."""
 
     needs_readiness = False   # completions are queued by librbd's thread; reap just pops them
-    threaded = True           # ... by a Python callback that needs the GIL: never spin for it
 
     def __init__(self, target: dict[str, str]) -> None:
         self.target = target

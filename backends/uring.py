@@ -252,8 +252,6 @@ class UringEngine:
 class ThreadPoolEngine:
     """Fallback engine: `threads` workers doing preadv/pwritev; completions via an eventfd."""
 
-    threaded = True   # completes on Python threads: the worker sleeps rather than spins (GIL)
-
     def __init__(self, backend: Any, threads: int = 4) -> None:
         self._b = backend                       # a FileBackend: its synchronous methods do the work
         self._q: queue.SimpleQueue[Req | None] = queue.SimpleQueue()

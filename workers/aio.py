@@ -52,11 +52,9 @@ class BackendIo:
         self.queues: dict[int, AioQueue] = {}
         self._by_fd: dict[int, int] = {}     # engine fd -> nsid
         self._poll_needed = False            # some engine only completes after readiness
-        # Some engine completes on Python threads (thread pool, librbd callbacks): they need
-        # the GIL, so the worker must sleep (not spin) while waiting for them.
-        self.threaded = False
         self.outstanding = 0                 # backend requests submitted or waiting
         self.new = 0                         # requests submitted since the last push()
+        self._quiet = 0                      # service() rounds since the last completion
         self._out: list[Req] = []
         self.completed = 0
 
@@ -79,7 +77,6 @@ class BackendIo:
         self._by_fd[fd] = nsid
         self.queues[nsid] = q
         self._poll_needed = any(getattr(x.engine, "needs_readiness", False) for x in self.queues.values())
-        self.threaded = any(getattr(x.engine, "threaded", False) for x in self.queues.values())
         self._aio_ns[nsid] = self._submitter(q)
         return True
 
@@ -111,7 +108,6 @@ class BackendIo:
         self.outstanding -= len(left)
         self._finish(left)
         self._poll_needed = any(getattr(x.engine, "needs_readiness", False) for x in self.queues.values())
-        self.threaded = any(getattr(x.engine, "threaded", False) for x in self.queues.values())
 
     def _submitter(self, q: AioQueue) -> Callable[[AioCommand, int, int, int, Sequence[memoryview], bool], None]:
         def submit(cmd: AioCommand, op: int, offset: int, length: int,
@@ -128,6 +124,7 @@ class BackendIo:
         parking commands would leave them unsubmitted until its sleep times out.  Returns
         the requests submitted since the last push (the worker counts them as work)."""
         n, self.new = self.new, 0
+        self._quiet = 0
         for q in self.queues.values():
             fs = getattr(q.engine, "flush_submit", None)
             if fs is not None:
@@ -142,7 +139,12 @@ class BackendIo:
         if not self.outstanding and not woke:
             return 0
         ready: set[int] | None = None
-        if woke or self._poll_needed:
+        quiet = self._quiet
+        self._quiet = quiet + 1
+        # Readiness costs a system call: every round while answers flow, every 64th once the
+        # engines have been silent for 64 rounds (a stalled server must not tax the worker's
+        # other queues; its fd still wakes a sleeping worker).
+        if woke or (self._poll_needed and (quiet < 64 or not quiet & 63)):
             by_fd = self._by_fd
             ready = {by_fd[fd] for fd, _ in self._ep.poll(0) if fd in by_fd}
         out = self._out
@@ -150,6 +152,7 @@ class BackendIo:
             q.reap(ready is not None and nsid in ready, out)
         if not out:
             return 0
+        self._quiet = 0
         self.outstanding -= len(out)
         return self._finish(out)
 

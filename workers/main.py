@@ -77,8 +77,6 @@ class Worker:
         # front-end, which often shares our core - spinning would delay the very
         # REGION_WRITE that carries the next doorbell (QD1 p50 1.2 ms with 200 rounds).
         self.trapped_spin = int(opts.get("trapped_spin_polls", 0))
-        # Keep polling (no sleep) this long while only backend requests are in flight.
-        self.aio_spin = int(opts.get("aio_spin_us", 5000)) / 1e6
         self.stop = False
         self.pending: list[tuple[str, socket.socket]] = []
         self._ep: select.epoll | None = None
@@ -234,17 +232,6 @@ class Worker:
                 pass           # the ring of a slot closed since the set was built
         self._flagged = False
 
-    def _aio_waiting(self) -> bool:
-        """Backend requests in flight, all on engines that complete without Python threads."""
-        waiting = False
-        for s in self.slots:
-            aio = s.aio
-            if aio is not None and aio.outstanding:
-                if aio.threaded:
-                    return False      # a spinning worker holds the GIL its completions need
-                waiting = True
-        return waiting
-
     def _trapped_only(self) -> bool:
         """True if nothing here needs polling: every slot with queues is in trapped mode."""
         for s in self.slots:
@@ -267,7 +254,6 @@ class Worker:
 
     def run(self) -> None:
         idle = 0
-        aio_since = 0.0
         rounds = 0
         last_work = time.monotonic()
         self.ctl.setblocking(False)
@@ -297,18 +283,6 @@ class Worker:
                 continue
             self.idle_polls += 1
             idle += 1
-            if self._aio_waiting():
-                # Backend requests in flight and nothing else to do: keep polling (no sleep)
-                # for up to aio_spin.  A completion is due any moment, and a worker that
-                # sleeps gives its core away: on a loaded machine it then waits milliseconds
-                # for the core after the wake-up (traced: 12-27 ms gaps).  A stalled backend
-                # ends this after aio_spin; the normal adaptive sleeps apply from then on,
-                # and the engines' fds still wake the worker.
-                now = time.monotonic()
-                if idle == 1:
-                    aio_since = now
-                if now - aio_since < self.aio_spin:
-                    continue
             if self.busy:
                 continue
             trapped = self._trapped_only()
