@@ -157,6 +157,9 @@ class NamespaceSpec:
                                   # the configured size (None = the whole export/image)
     direct: bool = False          # file: O_DIRECT (block devices, bypass the page cache)
     queue_depth: int | None = None  # async backends: requests in flight per worker (None = default)
+    # Migration identity of the backend (migration/nvmeimage.py): set the same string on two
+    # hosts that reach the same storage under different names; None = derived from the spec.
+    fingerprint: str | None = None
 
     @property
     def spec(self) -> str:
@@ -236,6 +239,9 @@ class ControllerSpec:
     doorbells: DoorbellMode = DoorbellMode.MMAP
     # Guest ranges where read payloads go by DMA_WRITE so TCG sees new code (nvme/msgwindow.py).
     message_write_windows: tuple[Window, ...] = LOW_MEMORY
+    # A saved controller snapshot (vnvmectl controller save) the controller resumes from
+    # once its first client has mapped the guest memory the snapshot's queues live in.
+    restore: str = ""
     namespaces: list[NamespaceSpec] = field(default_factory=list)
 
 
@@ -348,11 +354,12 @@ _CTRL_SCHEMA: dict[str, tuple[type, ...]] = {
     "name": (str,), "socket": (str,), "serial": (str,), "model": (str,), "max_io_queues": (int,),
     "mqes": (int,), "mdts": (int,), "socket_owner": (str,), "socket_group": (str,),
     "socket_mode": (int, str), "allow_world_socket": (bool,), "doorbells": (str,),
-    "message_write_windows": (list, str), "namespaces": (list,),
+    "message_write_windows": (list, str), "namespaces": (list,), "restore": (str,),
 }
 _NS_SCHEMA: dict[str, tuple[type, ...]] = {
     "kind": (str,), "size": (int, str), "path": (str,), "nsid": (int,), "block_size": (int,),
     "read_only": (bool,), "direct": (bool,), "uri": (str,), "image": (str,), "queue_depth": (int,),
+    "fingerprint": (str,),
 }
 CONTROLLER_OPTIONS = tuple(k for k in _CTRL_SCHEMA if k not in ("name", "socket", "namespaces"))
 
@@ -459,6 +466,10 @@ def _build_namespace(where: _Where, key: str, t: dict[str, Any]) -> NamespaceSpe
         except ValueError as e:
             raise where.error(f"{key}.size", str(e)) from None
     ns.queue_depth = t.get("queue_depth")
+    if "fingerprint" in t:
+        if not t["fingerprint"] or len(t["fingerprint"]) > 256:
+            raise where.error(f"{key}.fingerprint", "must be 1..256 characters")
+        ns.fingerprint = t["fingerprint"]
     return check_namespace(ns, where, key)
 
 
@@ -556,11 +567,33 @@ def _build_controller(where: _Where, key: str, t: dict[str, Any], run_dir: str,
     c.doorbells = _doorbell_mode(where, f"{key}.doorbells", t.get("doorbells", c.doorbells.value))
     if "message_write_windows" in t:
         c.message_write_windows = _windows(where, f"{key}.message_write_windows", t["message_write_windows"])
+    if "restore" in t:
+        # A relative path is relative to the configuration file.
+        base = (os.path.dirname(os.path.abspath(where.source)) if os.path.isfile(where.source)
+                else os.getcwd())
+        c.restore = _snapshot_file(where, f"{key}.restore", t["restore"], base)
     for i, nt in enumerate(t.get("namespaces", [])):
         _check_type(where, f"{key}.namespaces[{i}]", nt, (dict,))
         c.namespaces.append(_build_namespace(where, f"{key}.namespaces[{i}]", nt))
     assign_nsids(c, where, key)
     return c
+
+
+SNAPSHOT_MAGIC = b"VNVMESNP"     # migration/snapshot.py (config stays import-free)
+
+
+def _snapshot_file(where: _Where, key: str, path: str, base: str) -> str:
+    """A saved controller snapshot: exists, readable, starts like one (the front-end checks
+    the rest - format version, identity - when it loads it)."""
+    path = os.path.join(base, os.path.expanduser(path))
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SNAPSHOT_MAGIC))
+    except OSError as e:
+        raise where.error(key, f"cannot read {path}: {e.strerror}") from None
+    if head != SNAPSHOT_MAGIC:
+        raise where.error(key, f"{path} is not a vnvmed controller snapshot (vnvmectl controller save)")
+    return path
 
 
 def assign_nsids(c: ControllerSpec, where: _Where | None = None, key: str = "controller") -> None:
@@ -686,6 +719,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--polling", choices=[x.value for x in Polling], type=str.lower)
     p.add_argument("--doorbells", metavar="NAME=MODE", action="append", default=[],
                    help="doorbell mode of controller NAME: mmap (default) or trapped; repeatable")
+    p.add_argument("--restore", metavar="NAME=FILE", action="append", default=[],
+                   help="controller NAME resumes from a saved snapshot (vnvmectl controller save) "
+                        "once its client has mapped guest memory: offline migration; repeatable")
     p.add_argument("--message-write-windows", metavar="NAME=RANGES", action="append", default=[],
                    help="guest ranges START-END[,...] (or none) where controller NAME writes read data "
                         "with DMA_WRITE messages, so TCG sees code it loads (default 0-1M); repeatable")
@@ -761,6 +797,15 @@ def from_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None 
         if target is None:
             raise where.error(key, f"no controller named {name!r}; add it with --controller {name}=SOCKET")
         target.doorbells = _doorbell_mode(where, key, mode)
+    for i, item in enumerate(a.restore):
+        key = f"--restore[{i}]"
+        name, eq, path = item.partition("=")
+        if not eq:
+            raise where.error(key, f"{item!r} must be NAME=FILE")
+        target = cfg.controller(name)
+        if target is None:
+            raise where.error(key, f"no controller named {name!r}; add it with --controller {name}=SOCKET")
+        target.restore = _snapshot_file(where, key, path, os.getcwd())
     for i, item in enumerate(a.message_write_windows):
         key = f"--message-write-windows[{i}]"
         name, eq, ranges = item.partition("=")

@@ -7,6 +7,7 @@ not reachable, 2 usage error (argparse).  Output is a table for humans; with
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import socket
@@ -229,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     rm = ctrl.add_parser("remove", parents=[common], help="remove a controller")
     rm.add_argument("name")
     rm.add_argument("--force", action="store_true", help="even if a VM is connected")
+    sv = ctrl.add_parser("save", parents=[common], help="save the controller's state to FILE (the "
+                         "migration snapshot); it stays stopped unless --resume (offline migration: "
+                         "start the destination with restore = FILE)")
+    sv.add_argument("name")
+    sv.add_argument("file")
+    sv.add_argument("--resume", action="store_true", help="keep the controller running (debugging)")
+    rs = ctrl.add_parser("resume", parents=[common], help="run a controller `save` left stopped")
+    rs.add_argument("name")
 
     ns = sub.add_parser("namespace", help="add/remove/resize namespaces").add_subparsers(dest="cmd", required=True)
     nadd = ns.add_parser("add", parents=[common], help="attach KIND:ARG (ram:SIZE, null:SIZE, file:PATH[,direct], "
@@ -282,6 +291,10 @@ def request_for(a: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         return "controller.add", params
     if key == ("controller", "remove"):
         return "controller.remove", {"name": a.name, "force": a.force}
+    if key == ("controller", "save"):
+        return "controller.save", {"name": a.name, "resume": a.resume}
+    if key == ("controller", "resume"):
+        return "controller.resume", {"name": a.name}
     if key == ("namespace", "add"):
         params = {"ctrl": a.ctrl, "spec": _absolute_spec(a.spec), "block_size": a.block_size,
                   "read_only": a.read_only}
@@ -297,6 +310,19 @@ def request_for(a: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     if a.group == "backends":
         return "backends", {}
     return "workers", {}
+
+
+def _write_snapshot(path: str, value: dict[str, Any]) -> dict[str, Any]:
+    """controller.save: the snapshot goes to FILE (written whole, then renamed into place)."""
+    data = base64.b64decode(value.pop("snapshot"))
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    value["file"] = os.path.abspath(path)
+    return value
 
 
 def render(method: str, value: Any) -> str:
@@ -317,6 +343,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
     try:
         with RpcClient(rpc_path(a.rpc), a.timeout) as client:
             value = client.call(method, **params)
+        if method == "controller.save":
+            value = _write_snapshot(a.file, value)
+    except OSError as e:
+        print(f"vnvmectl: {method}: cannot write {a.file}: {e.strerror}", file=err)
+        return 1
     except DaemonUnreachable as e:
         print(f"vnvmectl: {e}", file=err)
         return 1

@@ -114,6 +114,14 @@ class ManagementApiMixin:
         notify.status(f"serving {len(self.fronts)} controller(s) on {len(self.wprocs)} worker(s)")
         return {"name": name, "removed": True}
 
+    async def controller_save(self, name: str, resume: bool = False) -> dict:
+        """The controller's migration snapshot (stopped first; left stopped unless resume)."""
+        f = self._front(name)
+        return await self._mcall(f, "save", {"resume": resume}, timeout=15.0)
+
+    async def controller_resume(self, name: str) -> dict:
+        return await self._mcall(self._front(name), "resume", {}, timeout=15.0)
+
     async def namespace_add(self, ctrl: str, spec: str, nsid: int | None = None, block_size: int = 512,
                             read_only: bool = False) -> dict:
         f = self._front(ctrl)

@@ -43,6 +43,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("vnvmed.migration")
 
 
+class RingsNotMapped(SnapshotError):
+    """A queue of the snapshot lies in guest memory that is not mapped (yet)."""
+
+
 def identity(fn: "NvmeFunction") -> dict[str, Any]:
     nss = []
     for ns in fn.namespaces.values():
@@ -120,8 +124,8 @@ def load_state(fn: "NvmeFunction", data: bytes | Iterable[Snapshot]) -> None:
         try:
             fn.mem.view(addr, size, write=write).release()
         except DmaFault as e:
-            raise SnapshotError(f"{what} memory is not mapped here (map guest memory "
-                                f"before loading): {e}") from None
+            raise RingsNotMapped(f"{what} memory is not mapped here (map guest memory "
+                                 f"before loading): {e}") from None
     try:
         _apply(fn, pci, doorbells, ctrl)
     except Exception as e:

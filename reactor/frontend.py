@@ -27,6 +27,7 @@ from reactor.server import VfioUserServer
 from reactor.workerlink import WorkerLink
 
 log = logging.getLogger("vnvmed.frontend")
+ASYNC_CALLS = ("save", "resume")      # management calls that wait for the quiesce barrier
 
 
 def make_namespace(info: dict[str, Any]) -> Namespace:
@@ -52,6 +53,7 @@ class FrontEnd:
         self.opts = opts
         self.stop = asyncio.Event()
         self.fn: NvmeFunction | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self.server: VfioUserServer | None = None
 
     def _link(self, wid: int, sock: socket.socket) -> None:
@@ -70,8 +72,13 @@ class FrontEnd:
         self.fn = NvmeFunction(self.spec.name, cfg, namespaces, cfg.max_transfer,
                                doorbells=str(getattr(self.spec, "doorbells", "mmap")),
                                write_windows=self.spec.message_write_windows)
+        self.fn.fingerprints = {ns["nsid"]: ns["fingerprint"] for ns in self.ns_wire
+                                if ns.get("fingerprint")}
         for wid, sock in sorted(self.worker_socks.items()):
             self._link(wid, sock)
+        restore = getattr(self.spec, "restore", "")
+        if restore:
+            self.fn.mig.restore_from_file(restore)
         self.server = VfioUserServer(self.spec.socket, self.fn, mode=self.spec.socket_mode)
         await self.server.start()
         self._chown(self.spec.socket)
@@ -140,12 +147,32 @@ class FrontEnd:
             self._link(wid, socket.socket(fileno=fds[0]))
         elif op == "stop":
             self.stop.set()
+        elif op == "call" and msg.get("method") in ASYNC_CALLS:
+            # Calls that wait for the quiesce barrier: answered when done (the loop runs on).
+            task = asyncio.ensure_future(self._async_call(msg))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         elif op == "call":
             result = self._call(msg["method"], msg.get("params") or {})
             ipc.send(self.sup, {"op": "reply", "id": msg["id"], "result": result})
         else:
             ipc.close_fds(fds)
             log.error("%s: unexpected control message %r", self.spec.name, op)
+
+    async def _async_call(self, msg: dict[str, Any]) -> None:
+        fn = self.fn
+        assert fn is not None
+        p = msg.get("params") or {}
+        try:
+            if msg["method"] == "save":
+                result = await fn.mig.save_for_operator(resume=bool(p.get("resume")))
+            else:   # "resume"
+                result = await fn.mig.resume_for_operator()
+            reply: dict[str, Any] = {"op": "reply", "id": msg["id"], "result": result}
+        except Exception as e:
+            log.warning("%s: %s failed: %s", self.spec.name, msg["method"], e)
+            reply = {"op": "reply", "id": msg["id"], "error": str(e)}
+        ipc.send(self.sup, reply)
 
     def _call(self, method: str, p: dict[str, Any]) -> Any:
         fn = self.fn
@@ -154,6 +181,8 @@ class FrontEnd:
             return fn.info()
         if method == "ns_add":
             ns = make_namespace(p["ns"])
+            if p["ns"].get("fingerprint"):
+                fn.fingerprints[ns.info.nsid] = p["ns"]["fingerprint"]
             fn.add_namespace(ns)
             return {"nsid": ns.info.nsid}
         if method == "ns_remove":

@@ -21,6 +21,7 @@ and guest doorbell writes accumulate in the doorbell page for whoever resumes.
 """
 from __future__ import annotations
 
+import base64
 import errno
 import logging
 import mmap
@@ -28,7 +29,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from migration.engine import MigrationEngine
-from migration.snapshot import Snapshot
+from migration.snapshot import Snapshot, SnapshotError
 from migration.states import MigState
 from migration.v1region import AREA_SIZE, DATA_OFFSET, REGION_SIZE, V1Region
 from migration.v2 import V2Adapter
@@ -61,6 +62,9 @@ class MigrationController:
         self.held = False
         self._full_quiesce = False
         self._restored = False
+        self.operator_hold = False                 # stopped by `vnvmectl controller save`
+        self.pending: list[Snapshot] | None = None  # a saved snapshot to start from
+        self.pending_file = ""
 
     # -- DeviceOps (called by the engine, inside the pipeline's quiesce bracket) -------
     def stop(self) -> None:
@@ -176,6 +180,7 @@ class MigrationController:
         pipeline's quiesce bracket, whose resume() does that).
         """
         was_held = self.held
+        self.operator_hold = False
         if self.engine.state is not MigState.RUNNING:
             log.info("%s: migration state %s ends (reset)", self.fn.name, self.engine.state.name)
         self.engine.reset()
@@ -186,21 +191,81 @@ class MigrationController:
             self.fn.admin_kick.set()
 
     async def hold(self) -> None:
-        """Stop the controller outside a vfio-user request (upgrade, `controller save`).
-
-        The caller makes sure no vfio-user request is being processed meanwhile.
-        """
-        if self.held:
-            return
-        await self.fn.coord.quiesce(set(self.fn.links))
-        self.held = True
+        """Stop the controller outside a vfio-user request (upgrade, `controller save`):
+        every worker quiesced, the admin poller idle.  Waits for a request's own
+        quiesce bracket to end first (NvmeFunction.qlock); requests that come while held
+        find the controller drained and leave it so."""
+        async with self.fn.qlock:
+            if self.held:
+                return
+            await self.fn.coord.quiesce(set(self.fn.links))
+            self.held = True
 
     async def release_hold(self) -> None:
-        if not self.held or not self.engine.running:
-            return      # a migration keeps the controller stopped: only its arcs release it
-        self.held = False
-        self.fn.coord.resume(recovered=not self.fn.ctrl.fatal)
-        self.fn.admin_kick.set()
+        async with self.fn.qlock:
+            if not self.held or not self.engine.running:
+                return  # a migration keeps the controller stopped: only its arcs release it
+            self.held = False
+            self.operator_hold = False
+            self.fn.coord.resume(recovered=not self.fn.ctrl.fatal)
+            self.fn.admin_kick.set()
+
+    # -- operator: save to a file, start from a file -------------------------------------
+    async def save_for_operator(self, resume: bool) -> dict[str, Any]:
+        """`vnvmectl controller save`: the snapshot (base64); the controller stays stopped
+        (an offline migration: the VM is paused and must not run on here) unless `resume`."""
+        if self.engine.state is not MigState.RUNNING:
+            raise RuntimeError(f"a migration is in progress (state {self.engine.state.name})")
+        await self.hold()
+        try:
+            data = devstate.save_state(self.fn)
+        except BaseException:
+            await self.release_hold()
+            raise
+        if resume:
+            await self.release_hold()
+        else:
+            self.operator_hold = True
+        log.info("%s: controller state saved for the operator (%d bytes); %s", self.fn.name,
+                 len(data), "running" if resume else "stopped until `controller resume` or disconnect")
+        return {"name": self.fn.name, "bytes": len(data), "stopped": not resume,
+                "snapshot": base64.b64encode(data).decode()}
+
+    async def resume_for_operator(self) -> dict[str, Any]:
+        if not self.operator_hold:
+            raise RuntimeError("the controller was not stopped by `controller save`")
+        await self.release_hold()
+        return {"name": self.fn.name, "stopped": self.held}
+
+    def restore_from_file(self, path: str) -> None:
+        """Start-up with `restore = FILE`: checked now, applied once guest memory is mapped."""
+        try:
+            with open(path, "rb") as f:
+                blobs = devstate.split(f.read())
+            for b in blobs:
+                devstate.check(self.fn, b)
+            if not any("controller" in b for b in blobs):
+                raise SnapshotError("no controller state in it")
+        except (OSError, SnapshotError) as e:
+            log.error("%s: restore from %s refused, starting fresh: %s", self.fn.name, path, e)
+            return
+        self.pending, self.pending_file = blobs, path
+        log.info("%s: will resume from %s once the client has mapped guest memory", self.fn.name, path)
+
+    def try_pending_restore(self) -> None:
+        """After each DMA map: the pending snapshot's rings all mapped -> restore now."""
+        if self.pending is None:
+            return
+        try:
+            devstate.load_state(self.fn, self.pending)
+        except devstate.RingsNotMapped:
+            return                              # more memory to come
+        except SnapshotError as e:
+            log.error("%s: restore from %s failed, starting fresh: %s", self.fn.name,
+                      self.pending_file, e)
+        else:
+            log.info("%s: resumed from %s", self.fn.name, self.pending_file)
+        self.pending = None
 
     def info(self) -> dict[str, Any]:
         return {"state": self.engine.state.name, "scheme": self.engine.scheme or None,

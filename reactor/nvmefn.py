@@ -108,6 +108,7 @@ class NvmeFunction:
         self.fatal_reason: str | None = None
         self.fingerprints: dict[int, str] = {}     # nsid -> operator's backend fingerprint
         self._batch: list[tuple[int, Any]] | None = None   # worker_batch() in progress
+        self.qlock = asyncio.Lock()
         self.mig = MigrationController(self)
 
     # ------------------------------------------------------------------ workers
@@ -247,16 +248,27 @@ class NvmeFunction:
         return self.mig.feature_needs_quiesce(flags, data)
 
     async def quiesce(self) -> None:
-        if self.mig.held:
-            return          # stopped for migration: already drained (reactor/migctl.py)
-        await self.coord.quiesce(self.mig.quiesce_set(self.placement.busy_workers()))
+        # qlock pairs quiesce() with resume() so an operator's hold (migctl.hold) never
+        # interleaves with a request's bracket.
+        await self.qlock.acquire()
+        try:
+            if self.mig.held:
+                return      # stopped for migration: already drained (reactor/migctl.py)
+            await self.coord.quiesce(self.mig.quiesce_set(self.placement.busy_workers()))
+        except BaseException:
+            self.qlock.release()
+            raise
 
     async def resume(self) -> None:
-        if self.mig.held:
-            return
-        # After a late worker (coordinator FAULTED) only a reset that cleared CFS resumes.
-        self.coord.resume(recovered=not self.ctrl.fatal)
-        self.admin_kick.set()
+        try:
+            if self.mig.held:
+                return
+            # After a late worker (coordinator FAULTED) only a reset that cleared CFS resumes.
+            self.coord.resume(recovered=not self.ctrl.fatal)
+            self.admin_kick.set()
+        finally:
+            if self.qlock.locked():
+                self.qlock.release()
 
     def region_read(self, region: int, offset: int, count: int) -> bytes:
         if region == Region.CONFIG:
@@ -356,6 +368,7 @@ class NvmeFunction:
         self._broadcast(self._map_msg(iova, size, offset, fd, readable, writable),
                         [fd] if fd is not None else None)
         self.mig.dirty.mapped(iova, size, fd, writable)
+        self.mig.try_pending_restore()
 
     def dma_unmapped(self, iova: int, size: int) -> None:
         log.debug("%s: DMA unmap %#x+%#x", self.name, iova, size)
@@ -618,7 +631,7 @@ class NvmeFunction:
                 "cq_head": cq.head if cq else None, "cq_tail": cq.tail if cq else None,
                 "broken": sq.broken}
         return {"controller": ctrl, "queues": queues, "workers": workers,
-                "errors_logged": self.ctrl.errlog.count}
+                "errors_logged": self.ctrl.errlog.count, "migration": self.mig.info()}
 
     # the admin poller ---------------------------------------------------------------------
     async def admin_loop(self, min_interval: float = 0.0002, max_interval: float = 0.01,

@@ -258,7 +258,7 @@ class Supervisor(ManagementApiMixin):
     def _ns_wire(ns: NamespaceSpec, b: Backend) -> dict[str, Any]:
         assert ns.nsid is not None
         return {"nsid": ns.nsid, "block_size": ns.block_size, "blocks": b.size // ns.block_size,
-                "read_only": ns.read_only, "backend": b.spec()}
+                "read_only": ns.read_only, "backend": b.spec(), "fingerprint": ns.fingerprint}
 
     async def _add_front(self, spec: ControllerSpec) -> FrontProc:
         f = FrontProc(spec)

@@ -42,28 +42,29 @@ IMG_SIZE = 64 << 20
 
 
 def start_hosts(n: int = 2, img_size: int = IMG_SIZE, cores: str = "0",
-                extra: tuple[str, ...] = (), namespace: str | None = None) -> tuple[list[Daemon], str]:
-    """n daemons ("hosts") each serving nvme0 on the same image file; (daemons, image).
-
-    `namespace` (e.g. ``nbd:URI`` or ``rbd:POOL/IMAGE``) replaces the file: storage both
-    hosts reach over the network, as across real hosts."""
+                extra: tuple[str, ...] = ()) -> tuple[list[Daemon], str]:
+    """n daemons ("hosts") each serving nvme0 on the same image file; (daemons, image)."""
     shared = tempfile.mkdtemp(prefix="vnvmig-", dir="/tmp")
     img = os.path.join(shared, "shared.img")
     with open(img, "wb") as f:
         f.truncate(img_size)
-    daemons = []
+    daemons: list[Daemon] = []
     try:
-        for i in range(n):
-            run = os.path.join(shared, f"h{i}")
-            os.mkdir(run)
-            d = Daemon(["--cores", cores, "--controller", f"nvme0={run}/nvme0.sock",
-                        "--namespace", f"nvme0={namespace or 'file:' + img}", *extra], run)
-            daemons.append(d)
-            d.start(30)
+        for _ in range(n):
+            daemons.append(start_host(img, cores, extra))
     except BaseException:
         stop_hosts(daemons, img)
         raise
     return daemons, img
+
+
+def start_host(img: str, cores: str = "0", extra: tuple[str, ...] = ()) -> Daemon:
+    """One more "host" serving nvme0 on the shared image (its run dir next to the image)."""
+    run = tempfile.mkdtemp(prefix="h", dir=os.path.dirname(img))
+    d = Daemon(["--cores", cores, "--controller", f"nvme0={run}/nvme0.sock",
+                "--namespace", f"nvme0=file:{img}", *extra], run)
+    d.start(30)
+    return d
 
 
 def stop_hosts(daemons: list[Daemon], img: str) -> list[int]:
