@@ -1,11 +1,15 @@
 """Per-I/O CPU budget of the worker data path, in one process (no sockets, no daemon).
 
-    python -m benchmarks.datapath [-n 200000] [-q 32] [-o 4096] [--backend null|ram] [--profile]
+    python -m benchmarks.datapath [-n 200000] [-q 32] [-o 4096] [--backend null|ram|file|file-async] [--profile]
 
 Drives `nvme.qpair.QueueRunner` + `nvme.io.IoExecutor` exactly as a worker does
 (doorbell words in a shared buffer, SQ/CQ/data in a FlatMemory "guest RAM"), with
 a minimal host side: fill `depth` SQEs, store the tail, `poll()`, consume the CQEs,
-store the CQ head.  Reported: CPU ns per I/O of the whole loop and of `poll()` alone
+store the CQ head.  `file` reads a page-cached 64 MiB file with preadv (the synchronous
+path); `file-async` the same file through the worker's asynchronous path (workers.aio
+BackendIo + io_uring or the thread pool): commands park in poll() and complete when
+reaped, so the whole-loop figure is the one to compare between the two.
+Reported: CPU ns per I/O of the whole loop and of `poll()` alone
 (process_time), i.e. the ceiling one worker core could reach.  A CPU-time figure,
 so it is far less disturbed by other load on the machine than wall-clock IOPS.
 """
@@ -15,6 +19,7 @@ import argparse
 import cProfile
 import os
 import pstats
+import select
 import struct
 import sys
 import time
@@ -59,9 +64,17 @@ def setup(depth: int, io_size: int, backend: str, flat: bool = False, windows: b
     dbw = memoryview(db).cast("I")
     sq, cq = BASE, BASE + PAGE * ((size * 64 + PAGE - 1) // PAGE)
     data = cq + PAGE * ((size * 16 + PAGE - 1) // PAGE)
+    bio = None
     if backend == "ram":
         from backends.ram import RamBackend
         be = RamBackend.create(1 << 26, name_prefix=f"vnvmed-dp-{os.getpid()}")
+    elif backend in ("file", "file-async"):
+        from backends.file import FileBackend
+        path = f"/var/tmp/vnvmed-datapath-{os.getpid()}.img"
+        with open(path, "wb") as f:
+            f.write(os.urandom(1 << 20) * 64)       # 64 MiB, in the page cache
+        be = FileBackend(path)
+        os.unlink(path)                              # the open fd keeps it
     else:
         from backends.null import NullBackend
         be = NullBackend(1 << 30)
@@ -69,8 +82,13 @@ def setup(depth: int, io_size: int, backend: str, flat: bool = False, windows: b
     # --windows: the executor's memory wrapped as in a worker (default window [0, 1 MiB)).
     ex = IoExecutor(ns, MessageWriteWindows(mem) if windows else mem, 1 << 20)
     runner = QueueRunner(doorbells=Doorbells(memoryview(db)), mem=mem,
-                         execute=lambda sqe, sqid: ex.execute(sqe),
+                         execute=lambda sqe, sqid: ex.execute(sqe, sqid),
                          irq=lambda v: None, doorbell_error=lambda i, q: None)
+    if backend == "file-async":
+        from workers.aio import BackendIo
+        bio = BackendIo(runner.complete)
+        bio.bind(ex)
+        bio.attach(1, be, depth)
     runner.add_cq(CqState(cqid=1, base=cq, size=size, iv=0, ien=False))
     runner.add_sq(SqState(sqid=1, base=sq, size=size, cqid=1))
     sqes = []
@@ -86,12 +104,12 @@ def setup(depth: int, io_size: int, backend: str, flat: bool = False, windows: b
             prp2 = lst
         sqes.append(struct.pack("<BBHIQQQQ6I", 0x02, 0, cid, 1, 0, 0, buf, prp2,
                                 (cid * 8 * nlb) & 0xFFFFFFFF, 0, nlb - 1, 0, 0, 0))
-    return ram, dbw, runner, sqes, sq - BASE, cq - BASE, size, be
+    return ram, dbw, runner, sqes, sq - BASE, cq - BASE, size, (be, bio)
 
 
 def bench(n: int, depth: int, io_size: int, backend: str, profile: bool,
           flat: bool = False, windows: bool = False) -> dict[str, float]:
-    ram, dbw, runner, sqes, sqo, cqo, size, be = setup(depth, io_size, backend, flat, windows)
+    ram, dbw, runner, sqes, sqo, cqo, size, (be, bio) = setup(depth, io_size, backend, flat, windows)
     mv = memoryview(ram)
     cqw = mv[cqo:cqo + size * 16].cast("I")
     tail = head = 0
@@ -111,6 +129,14 @@ def bench(n: int, depth: int, io_size: int, backend: str, profile: bool,
         if prof:
             prof.enable()
         got = runner.poll()
+        if bio is not None:         # parked on the backend: submit, then reap until all are back
+            bio.push()
+            while got < depth:
+                n = bio.service()
+                if not n:
+                    select.select([bio.fileno()], [], [], 0.01)
+                    n = bio.service(woke=True)
+                got += n
         if prof:
             prof.disable()
         poll_ns += clock() - p0
@@ -126,6 +152,8 @@ def bench(n: int, depth: int, io_size: int, backend: str, profile: bool,
     total = clock() - t0
     cqw.release()
     mv.release()
+    if bio is not None:
+        bio.close()
     be.close()
     if hasattr(be, "destroy"):
         be.destroy()
@@ -141,7 +169,7 @@ def main() -> int:
     p.add_argument("-n", type=int, default=200_000)
     p.add_argument("-q", type=int, default=32)
     p.add_argument("-o", type=int, default=4096)
-    p.add_argument("--backend", choices=("null", "ram"), default="null")
+    p.add_argument("--backend", choices=("null", "ram", "file", "file-async"), default="null")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--flat", action="store_true", help="nvme.memory.FlatMemory instead of the worker's MappedGuestMemory")
     p.add_argument("--windows", action="store_true",
