@@ -156,10 +156,16 @@ def case_stall(a: argparse.Namespace) -> list[dict[str, Any]]:
     sp = spawn_vnvmed("ram:1G", TARGET_CORE, extra=("--controller", f"nvme1={sock1}",
                                                      "--namespace", f"nvme1=nbd:{srv.uri}"))
     try:
-        while not os.path.exists(sock1):
-            time.sleep(0.05)
         wl = Workload("randread", 4096, a.qd, a.time, span=1 << 30)
-        client = VfioUserClient(sock1)
+        deadline = time.monotonic() + 30
+        while True:               # nvme1's socket may exist a moment before it listens
+            try:
+                client = VfioUserClient(sock1)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
         client.negotiate()
         ram = GuestRam(16 << 20)
         client.dma_map(0, 16 << 20, ram.fd, 0)
