@@ -23,7 +23,7 @@ Targets (--peers picks the peers; those not available are skipped with the reaso
   traps every BAR access (no sparse mmap), so each doorbell write is a socket round trip.
 
 Clients (--clients):
-* py: benchmarks/perf.py's driver (perfdrv.py); --sq-doorbells per-cmd makes it write
+* py: ops/perf.py's driver (perfdrv.py); --sq-doorbells per-cmd makes it write
   the SQ tail for every command as Linux and SPDK do (the default, batch, writes it once
   per reaped batch - this client's original pattern, which hides per-poll costs).
 * spdk: SPDK's spdk_nvme_perf (needs SPDK_DIR and free hugepages).  Its figures against
@@ -44,8 +44,8 @@ from typing import Any, Callable
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.perf import cpu_delta, format_table, process_tree, run, spawn_vnvmed  # noqa: E402
-from benchmarks.perfdrv import Workload  # noqa: E402
+from ops.perf import cpu_delta, format_table, process_tree, run, spawn_vnvmed  # noqa: E402
+from ops.perfdrv import Workload  # noqa: E402
 from benchmarks.spdkpeer import SUBNQN, SpdkTarget, spdk_dir, spdk_perf, spdk_perf_available  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -181,7 +181,7 @@ def main() -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--qemu", default=DEFAULT_QEMU)
     p.add_argument("--peers", default="spdk,qemu", help="peers to run when available (spdk, qemu)")
-    p.add_argument("--clients", default="py", help="py (benchmarks.perf) and/or spdk (spdk_nvme_perf)")
+    p.add_argument("--clients", default="py", help="py (ops.perf) and/or spdk (spdk_nvme_perf)")
     p.add_argument("-t", "--time", type=float, default=5.0)
     p.add_argument("--target-core", type=int, default=0)
     p.add_argument("--client-core", type=int, default=1)

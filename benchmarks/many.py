@@ -38,8 +38,8 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.perf import REPO, process_tree  # noqa: E402
-from benchmarks.perfdrv import Controller, QueueJob, Workload  # noqa: E402
+from ops.perf import VNVMED, process_tree  # noqa: E402
+from ops.perfdrv import Controller, QueueJob, Workload  # noqa: E402
 
 MiB = 1024.0
 
@@ -65,7 +65,7 @@ class Daemon:
     def __init__(self, n: int, cores: str, extra: list[str]) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="vnvmed-many-")
         self.socks = [os.path.join(self.tmp.name, f"c{i}.sock") for i in range(n)]
-        args = [sys.executable, os.path.join(REPO, "bin", "vnvmed"), "--cores", cores,
+        args = [*VNVMED, "--cores", cores,
                 "--log-level", "info", *extra]
         for i, s in enumerate(self.socks):
             args += ["--controller", f"c{i}={s}", "--namespace", f"c{i}=null:1G"]

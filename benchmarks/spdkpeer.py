@@ -184,7 +184,7 @@ def spdk_perf_available() -> str | None:
 
 def spdk_perf(listen_dir: str, subnqn: str, pattern: str, io_size: int, depth: int,
               seconds: float, core: int) -> dict[str, Any]:
-    """One spdk_nvme_perf run against DIR/cntrl; the same keys as benchmarks.perf.report."""
+    """One spdk_nvme_perf run against DIR/cntrl; the same keys as ops.perf.report."""
     spdk = spdk_dir()
     assert spdk is not None
     mount, _ = hugetlbfs()

@@ -6,7 +6,7 @@
 
 file   4 KiB random reads at QD32 on a real file with O_DIRECT: `fio --ioengine=io_uring
        --direct=1` against vnvmed `file:PATH,direct` (through the vfio-user socket, the
-       guest-RAM memfd and the doorbell page, benchmarks/perfdrv.py as the host driver).
+       guest-RAM memfd and the doorbell page, ops/perfdrv.py as the host driver).
        Ratio vnvmed/fio; the target is >= 0.90.
 nbd    an nbdkit memory export (UNIX socket): fio --ioengine=nbd vs vnvmed `nbd:URI`,
        4 KiB random reads at QD1 and QD32.
@@ -38,9 +38,9 @@ from typing import Any, Callable
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.perf import run as perf_run  # noqa: E402
-from benchmarks.perf import spawn_vnvmed  # noqa: E402
-from benchmarks.perfdrv import Workload  # noqa: E402
+from ops.perf import run as perf_run  # noqa: E402
+from ops.perf import spawn_vnvmed  # noqa: E402
+from ops.perfdrv import Workload  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET_CORE, CLIENT_CORE = 0, 1

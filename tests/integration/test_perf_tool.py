@@ -1,4 +1,4 @@
-"""benchmarks/perf against a real vnvmed: the benchmark driver itself must be right.
+"""ops/perf.py (vnvmed-perf) against a real vnvmed: the benchmark driver itself must be right.
 
 Short runs (a fraction of a second): these check that the numbers it prints come
 from real completions (no errors, the read/write mix it was asked for, data really
@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from benchmarks.perf import process_tree, run, spawn_vnvmed
-from benchmarks.perfdrv import Controller, QueueJob, Workload
+from ops.perf import process_tree, run, spawn_vnvmed
+from ops.perfdrv import Controller, QueueJob, Workload
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -120,3 +120,26 @@ def test_per_command_doorbells_write_the_sq_tail_for_every_command():
         assert bsq <= bcq < bios, counts   # one SQ write per reaped batch, not per command
     finally:
         sp.stop()
+
+
+def test_installed_vnvmed_perf_spawns_the_installed_daemon(tmp_path):
+    """The console script, run from a directory that is not the checkout, with no
+    PYTHONPATH: it must find the daemon through the installed packages (it used to look
+    for the checkout's bin/), and `benchmarks` is not an installed package."""
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+    exe = os.path.join(os.path.dirname(sys.executable), "vnvmed-perf")
+    if not os.path.exists(exe):
+        pytest.skip(f"vnvmed-perf is not installed beside {sys.executable} (scripts/setup installs it)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    probe = subprocess.run([sys.executable, "-c", "import importlib.util as u; print(u.find_spec('benchmarks'))"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    assert probe.stdout.strip() == "None", probe.stdout
+    res = subprocess.run([exe, "--spawn", "null:64M", "-q", "4", "-t", "0.3", "--json"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rep = json.loads(res.stdout)
+    assert rep["errors"] == 0 and rep["ios"] > 0, rep
+    assert importlib.util.find_spec("ops.perf") is not None

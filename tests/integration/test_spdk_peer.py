@@ -9,8 +9,8 @@ import tempfile
 
 import pytest
 
-from benchmarks.perf import run, spawn_vnvmed
-from benchmarks.perfdrv import Workload
+from ops.perf import run, spawn_vnvmed
+from ops.perfdrv import Workload
 from benchmarks.spdkpeer import SpdkTarget, spdk_dir, spdk_perf, spdk_perf_available
 
 pytestmark = pytest.mark.timeout(180)

@@ -200,8 +200,8 @@ def test_shadow_doorbells_follow_eventidx_and_io_after_idle_completes(trapped) -
 
 
 def test_perf_driver_runs_against_trapped_doorbells() -> None:
-    from benchmarks.perf import run, spawn_vnvmed
-    from benchmarks.perfdrv import Workload
+    from ops.perf import run, spawn_vnvmed
+    from ops.perfdrv import Workload
     sp = spawn_vnvmed("ram:16M", None, extra=["--doorbells", "nvme0=trapped"])
     try:
         rep = run(sp.sock, Workload("randrw", 4096, 4, 0.3, read_pct=50, span=16 << 20))

@@ -1,9 +1,9 @@
 """vnvmed-perf: SPDK-perf-style load generator for an NVMe controller over vfio-user.
 
-    python -m benchmarks.perf -s SOCK -q 32 -o 4096 -w randread -t 5 [--target-pid PID]
-    python -m benchmarks.perf --spawn null:1G --target-core 0 -c 1 -q 32 -w randread
+    python -m ops.perf -s SOCK -q 32 -o 4096 -w randread -t 5 [--target-pid PID]
+    python -m ops.perf --spawn null:1G --target-core 0 -c 1 -q 32 -w randread
 
-Either attaches to a running server's socket (`-s`), or spawns `bin/vnvmed` itself
+Either attaches to a running server's socket (`-s`), or spawns vnvmed itself
 (`--spawn KIND:ARG`, pinned with --target-core) and stops it afterwards.  With a
 target PID (given or spawned) it also reports the CPU time the target and each of its
 descendant processes used during the measured interval (utime + stime from
@@ -26,9 +26,11 @@ from typing import Any, Sequence
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.perfdrv import Controller, QueueJob, Result, Workload  # noqa: E402
+from ops.perfdrv import Controller, QueueJob, Result, Workload  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The daemon this interpreter has: the installed one, or this checkout's when run from it
+# (never a path into a checkout: an installed vnvmed-perf has none).
+VNVMED = [sys.executable, "-m", "ops.cli"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PATTERNS = ("randread", "randwrite", "read", "write", "randrw", "rw")
 
@@ -102,12 +104,12 @@ class Spawned:
 
 def spawn_vnvmed(ns: str, core: int | None, polling: str = "adaptive",
                  extra: Sequence[str] = (), sock_name: str = "nvme0.sock") -> Spawned:
-    """bin/vnvmed with one controller nvme0 (socket TMP/sock_name; SPDK's vfio-user
+    """vnvmed (VNVMED) with one controller nvme0 (socket TMP/sock_name; SPDK's vfio-user
     client wants DIR/cntrl), pinned to `core` with its worker."""
     tmp = tempfile.TemporaryDirectory(prefix="vnvmed-perf-")
     sock = os.path.join(tmp.name, sock_name)
     env = dict(os.environ, VNVMED_RUN_DIR=tmp.name)
-    cmd = [sys.executable, os.path.join(REPO, "bin", "vnvmed"), "--cores", str(core if core is not None else 0),
+    cmd = [*VNVMED, "--cores", str(core if core is not None else 0),
            "--controller", f"nvme0={sock}", "--namespace", f"nvme0={ns}", "--polling", polling,
            "--log-level", "warning", *extra]
     pre = ["taskset", "-c", str(core)] if core is not None else []
@@ -270,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("-s", "--socket", help="vfio-user socket of a running server")
-    g.add_argument("--spawn", metavar="KIND:ARG", help="start bin/vnvmed with this namespace")
+    g.add_argument("--spawn", metavar="KIND:ARG", help="start vnvmed with this namespace")
     p.add_argument("-q", "--depth", type=int, default=32, help="queue depth per queue")
     p.add_argument("-o", "--io-size", type=int, default=4096, help="bytes per I/O")
     p.add_argument("-w", "--pattern", choices=PATTERNS, default="randread")
