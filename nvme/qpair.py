@@ -68,6 +68,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .crashjournal import park_cid, unpark_cid
 from .doorbell import Doorbells, ShadowDoorbellView
 from .fence import full_barrier
 from .memory import DmaFault, GuestMemory, NeedsMessageDma
@@ -218,7 +219,7 @@ class QueueRunner:
         for cid in sorted(s.parked):
             self._nparked -= 1
             cq.inflight -= 1
-            self._post(cq, s, cid, Status.ABORTED_SQ_DELETION, 0)
+            self._post(cq, s, cid, Status.ABORTED_SQ_DELETION, 0, unpark=True)
         s.parked.clear()
         self._signal()
         st = sq_state(s.r)
@@ -470,7 +471,10 @@ class QueueRunner:
                     log.exception("executor failed on SQ %d CID %d", qid, cid)
                     res = (Status.INTERNAL_ERROR, 0)
                 if res is None:
-                    # The parked command's later CQE reports this SQHD.
+                    # Journal the CID before the head moves past it (nvme.crashjournal:
+                    # a worker that dies now leaves it findable), then publish the head;
+                    # the parked command's later CQE reports this SQHD.
+                    park_cid(s.r, cid)
                     s.head = s.r[SQ_HEAD] = head
                     parked.add(cid)
                     c.inflight += 1
@@ -511,14 +515,21 @@ class QueueRunner:
             c.pending += posted
         return done
 
-    def _post(self, c: _Cq, s: _Sq, cid: int, status: int, dw0: int) -> None:
+    def _post(self, c: _Cq, s: _Sq, cid: int, status: int, dw0: int, unpark: bool = False) -> None:
         if c.words is None:
+            if unpark:
+                unpark_cid(s.r, cid)
             return
         if status:
             self.errors += 1
         write_cqe(c.words, c.tail, c.phase, dw0, s.head, s.qid, cid, status)
         if self.dirty is not None:
             self.dirty.mark(c.base + (c.tail << 4), 16)
+        if unpark:
+            # Between the entry and the published tail (nvme.crashjournal): a crash here
+            # leaves a CQE the recovery scan finds, never a journaled command that is
+            # both completed and retried.
+            unpark_cid(s.r, cid)
         t = c.tail + 1
         cr = c.r
         if t == c.size:
@@ -573,7 +584,7 @@ class QueueRunner:
         s.parked.discard(cid)
         s.cq.inflight -= 1
         self._nparked -= 1
-        self._post(s.cq, s, cid, status, dw0)
+        self._post(s.cq, s, cid, status, dw0, unpark=True)
         self._signal()
 
     def park(self, sqid: int, cid: int) -> None:
@@ -581,6 +592,7 @@ class QueueRunner:
         s = self._sqs[sqid]
         if cid in s.parked:
             return
+        park_cid(s.r, cid)
         s.parked.add(cid)
         s.cq.inflight += 1
         self._nparked += 1

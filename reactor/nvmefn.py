@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import mmap
 import os
@@ -46,6 +47,7 @@ from reactor.guestmem import MappedGuestMemory
 from reactor.irqroute import IrqRouter
 from reactor.migctl import MigrationController
 from reactor.placement import Placement
+from reactor.recovery import RecoveryStats, recover
 from reactor.slowpath import SlowPath
 from reactor.workerlink import WorkerLink
 from vfio_user.errors import ProtocolError
@@ -105,6 +107,7 @@ class NvmeFunction:
         self.coalescing: tuple[int, int, list[int]] | None = None
         self.admin_kick = asyncio.Event()
         self.slow = SlowPath(self)
+        self.recovery = RecoveryStats()
         self.fatal_reason: str | None = None
         self.fingerprints: dict[int, str] = {}     # nsid -> operator's backend fingerprint
         self._batch: list[tuple[int, Any]] | None = None   # worker_batch() in progress
@@ -127,16 +130,13 @@ class NvmeFunction:
         if self.coalescing is not None:
             thr, t, ex = self.coalescing
             link.send({"op": "coalesce", "thr": thr, "time": t, "exempt": ex})
+        recover(self, link)        # queues a previous process of this worker ran, if any
 
     def worker_lost(self, wid: int) -> None:
-        """A worker died: its queues are gone, so this controller cannot go on (CFS)."""
-        link = self.links.pop(wid, None)
-        lost = self.placement.drop_worker(wid)
+        """A worker died.  Its queues stay placed on `wid`: the replacement the supervisor
+        starts re-attaches them from shared state when it joins (reactor/recovery.py)."""
+        self.links.pop(wid, None)
         self.placement.set_workers(sorted(self.links))
-        if link is not None and lost:
-            # The queues died with the worker; the host sees CFS and resets us, and the
-            # teardown must not ask the new worker about queues it never had.
-            self._fatal(f"worker {wid} died while holding queues {lost}")
 
     @staticmethod
     def _ns_wire(ns: Namespace) -> dict[str, Any]:
@@ -156,14 +156,14 @@ class NvmeFunction:
         for link in self.links.values():
             link.send(dict(msg), fds)
 
-    def _sync(self, wid: int, msg: dict) -> dict:
+    def _sync(self, wid: int, msg: dict, timeout: float = 2.0) -> dict:
         if self._batch is not None:
             link = self.links.get(wid)
             if link is not None:
                 self._batch.append((wid, link.request(msg)))
             return {}
         try:
-            return self.links[wid].request_sync(msg)
+            return self.links[wid].request_sync(msg, timeout=timeout)
         except (TimeoutError, ConnectionError, KeyError) as e:
             self._fatal(f"worker {wid}: {e}")
             return {}
@@ -591,7 +591,8 @@ class NvmeFunction:
         ctrl: dict[str, Any] = {"read_commands": s.read_commands, "write_commands": s.write_commands,
                                 "bytes_read": s.bytes_read, "bytes_written": s.bytes_written,
                                 "media_errors": s.media_errors, "slow_commands": self.slow.count,
-                                "quiesces": self.coord.count, "commands": 0, "doorbell_errors": 0}
+                                "quiesces": self.coord.count, "commands": 0, "doorbell_errors": 0,
+                                "recovery": dataclasses.asdict(self.recovery)}
         queues: dict[str, dict[str, Any]] = {}
         workers: dict[str, Any] = {}
         for wid, link in sorted(self.links.items()):

@@ -75,6 +75,19 @@ class SlowPath:
         self.tasks: set[asyncio.Task] = set()
         self.count = 0
         self.running: dict[int, int] = {}     # SQ id -> commands of it in progress here
+        self.inflight: set[tuple[int, int]] = set()   # (sqid, cid) in progress here
+        # slow_done messages for a worker that was dead when they were ready: sent once
+        # its replacement has re-parked the commands (reactor/recovery.py)
+        self.pending: dict[int, list[dict[str, Any]]] = {}
+
+    def cids(self, sqid: int) -> set[int]:
+        return {c for s, c in self.inflight if s == sqid}
+
+    def flush_pending(self, wid: int) -> None:
+        link = self.fn.links.get(wid)
+        for msg in self.pending.pop(wid, []):
+            if link is not None:
+                link.send(msg)
 
     def set_session(self, session: Any) -> None:
         self.session = session
@@ -85,6 +98,7 @@ class SlowPath:
     def submit(self, wid: int, sqid: int, sqe: bytes) -> None:
         self.count += 1
         self.running[sqid] = self.running.get(sqid, 0) + 1
+        self.inflight.add((sqid, int.from_bytes(sqe[2:4], "little")))
         t = asyncio.ensure_future(self._run(wid, sqid, sqe))
         self.tasks.add(t)
         t.add_done_callback(self.tasks.discard)
@@ -103,9 +117,13 @@ class SlowPath:
             # Our bug, not the client's: say so in the log and in the status.
             log.exception("%s: slow-path command on SQ %d: internal error", self.fn.name, sqid)
             status = Status.INTERNAL_ERROR
+        done = {"op": "slow_done", "sqid": sqid, "cid": cid, "status": int(status), "dw0": dw0}
+        self.inflight.discard((sqid, cid))
         link = self.fn.links.get(wid)
-        if link is not None:
-            link.send({"op": "slow_done", "sqid": sqid, "cid": cid, "status": int(status), "dw0": dw0})
+        if link is not None and link.alive:
+            link.send(done)
+        else:
+            self.pending.setdefault(wid, []).append(done)   # worker being replaced
         left = self.running[sqid] - 1
         if left:
             self.running[sqid] = left

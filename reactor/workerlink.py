@@ -70,7 +70,27 @@ class WorkerLink:
     def send(self, msg: dict[str, Any], fds: list[int] | None = None) -> None:
         if not self.alive:
             return
-        self.chan.send(msg, fds)
+        try:
+            self.chan.send(msg, fds)
+        except OSError as e:
+            self._broken(e)
+
+    def _broken(self, e: OSError) -> None:
+        """The worker died (its end of the channel is gone): the link is dead from now on.
+
+        Nothing to tell anyone: the supervisor restarts the worker and sends us a new
+        channel ("worker"), which is where its queues are dealt with.  Until then every
+        send to this link is dropped and every request fails with ConnectionError, so a
+        DMA_MAP or SET_IRQS racing the death is not an internal error (found by the
+        stress suite, issue 12).
+        """
+        if self.alive:
+            log.info("worker %d: channel broken (%s); waiting for its replacement", self.wid, e)
+        self.alive = False
+        for f in self._waiting.values():
+            if f is not None and not f.done():
+                f.set_exception(ConnectionError(f"worker {self.wid} is gone"))
+        self._waiting.clear()
 
     def _next(self) -> int:
         self._seq += 1
@@ -84,7 +104,10 @@ class WorkerLink:
             return fut
         self._waiting[seq] = fut
         msg["seq"] = seq
-        self.chan.send(msg, fds)
+        try:
+            self.chan.send(msg, fds)
+        except OSError as e:
+            self._broken(e)
         return fut
 
     def request_sync(self, msg: dict[str, Any], fds: list[int] | None = None,
@@ -94,7 +117,11 @@ class WorkerLink:
         seq = self._next()
         self._waiting[seq] = None
         msg["seq"] = seq
-        self.chan.send(msg, fds)
+        try:
+            self.chan.send(msg, fds)
+        except OSError as e:
+            self._broken(e)
+            raise ConnectionError(f"worker {self.wid} is gone: {e}") from None
         deadline = time.monotonic() + timeout
         while seq not in self._acks:
             left = deadline - time.monotonic()

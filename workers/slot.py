@@ -249,6 +249,19 @@ class Slot:
         self.nqueues += 1
         self._ack(msg)
 
+    def _op_adopt(self, msg: dict[str, Any]) -> None:
+        """Commands a dead predecessor had parked on an SQ we now run (reactor/recovery.py):
+        `park` ones complete later (slow path), `retry` ones complete now with `status`
+        (Command Interrupted, DNR clear: the host retries them)."""
+        assert self.runner is not None
+        sqid = int(msg["sqid"])
+        for cid in msg["park"]:
+            self.runner.park(sqid, int(cid))
+        for cid in msg["retry"]:
+            self.runner.park(sqid, int(cid))
+            self.runner.complete(sqid, int(cid), int(msg["status"]), 0)
+        self._ack(msg)
+
     def _op_del_sq(self, msg: dict[str, Any]) -> None:
         assert self.runner is not None
         # The front-end sends this only once its slow-path commands on the SQ are done
