@@ -56,7 +56,13 @@ class Channel:
         tx = Ring.create(f"{prefix}-a", RING_CAPACITY)
         rx = Ring.create(f"{prefix}-b", RING_CAPACITY)
         sock.setblocking(True)
-        ipc.send(sock, {"op": "rings", "a": tx.name, "b": rx.name}, [tx.eventfd, rx.eventfd])
+        try:
+            ipc.send(sock, {"op": "rings", "a": tx.name, "b": rx.name}, [tx.eventfd, rx.eventfd])
+        except OSError:
+            for r in (tx, rx):     # the worker is gone: the rings are ours to remove
+                r.close()
+                r.unlink()
+            raise
         return cls(sock, tx, rx)
 
     @classmethod

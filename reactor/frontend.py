@@ -60,7 +60,15 @@ class FrontEnd:
         assert self.fn is not None
         loop = asyncio.get_running_loop()
         prefix = f"/{self.opts['prefix']}-ring-{self.spec.name}-w{wid}-{os.getpid()}"
-        chan = Channel.create(sock, prefix)
+        try:
+            chan = Channel.create(sock, prefix)
+        except OSError as e:
+            # That worker died just now: its replacement brings a new channel ("worker"
+            # control message), whose queues recovery re-attaches (found by the stress
+            # suite: a front-end starting while a worker dies crashed here).
+            log.info("%s: worker %d gone before its channel was set up: %s", self.spec.name, wid, e)
+            sock.close()
+            return
         link = WorkerLink(wid, chan, self.fn.on_worker_message)
         link.start(loop)
         self.fn.add_worker(link)

@@ -227,7 +227,13 @@ class Supervisor(ManagementApiMixin):
         log.error("worker %d (core %d, pid %d) died with exit code %s: restarting it", w.wid,
                   w.core, w.proc.pid, w.proc.exitcode)
         w.restarts += 1
-        self._start_worker(w)
+        try:
+            self._start_worker(w)
+        except OSError as e:
+            # The forkserver went down with it (a signal to the whole process group,
+            # which also stops us in a moment): nothing to restart with.
+            log.error("worker %d: cannot restart: %s", w.wid, e)
+            return
         for f in self.fronts.values():
             if f.ctl is not None and not f.stopping:
                 a, b = ipc.pair()
@@ -355,7 +361,22 @@ class Supervisor(ManagementApiMixin):
         for w in self.wprocs.values():
             _tell(w.ctl, {"op": "drop", "name": f.spec.name})
         f.restarts += 1
-        asyncio.ensure_future(self._start_front(f))
+        asyncio.ensure_future(self._restart_front(f))
+
+    async def _restart_front(self, f: FrontProc, attempts: int = 5) -> None:
+        """Start a dead front-end again; a start that fails is retried with a back-off
+        (found by the stress suite: a restart racing a worker's death can fail), and a
+        forkserver that is gone (the process group is being stopped) ends it quietly."""
+        for i in range(attempts):
+            try:
+                await self._start_front(f)
+                return
+            except Exception as e:
+                if self.stopping or f.stopping or isinstance(e, ConnectionRefusedError):
+                    return
+                log.error("front-end of %s: restart attempt %d failed: %s", f.spec.name, i + 1, e)
+                await asyncio.sleep(0.2 * 2 ** i)
+        log.error("front-end of %s: giving up after %d restart attempts", f.spec.name, attempts)
 
     async def _call(self, f: FrontProc, method: str, params: dict[str, Any] | None = None,
                     timeout: float = 5.0) -> Any:
