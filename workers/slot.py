@@ -102,7 +102,14 @@ class Slot:
             if self.aio is not None:
                 self.aio.detach(ni.nsid)
             old.backend.close()
-        ns = Namespace(ni, open_backend(ni.backend))
+        try:
+            backend = open_backend(ni.backend)
+        except ValueError as e:
+            # Destroyed meanwhile (the daemon is stopping, or the namespace was removed
+            # while this worker was being restarted): serve the controller without it.
+            log.error("%s: namespace %d not attached: %s", self.name, ni.nsid, e)
+            return
+        ns = Namespace(ni, backend)
         self.namespaces[ni.nsid] = ns
         self._aio_attach(ni.nsid, ns)
 

@@ -136,31 +136,31 @@ def test_io_verified_while_dma_map_unmap_storm(tmp_path, vnvmed):
     assert d.shm_left() == []
 
 
-def test_killed_worker_gives_cfs_then_recovers(tmp_path, vnvmed):
+def test_killed_worker_is_replaced_without_the_host_noticing(tmp_path, vnvmed):
+    """Issue 12: the supervisor restarts the worker and the front-end re-attaches its
+    queues from the queue table: no CSTS.CFS, the same I/O queue goes on, data written
+    before the kill reads back (tests/integration/test_worker_recovery.py does it under
+    load)."""
     d = vnvmed(tmp_path / "run", "--cores", "0", "--controller", f"c0={tmp_path}/c0.sock",
                "--namespace", "c0=ram:8M")
     c, ram, h = _host(f"{tmp_path}/c0.sock")
     try:
         h.create_io_queue(1, 16)
         buf = ram.alloc(4096)
+        ram.view(buf, 4096)[:] = b"\xa5" * 4096
         assert h.rw(1, True, 1, 0, 8, buf) == 0
         (worker,) = d.pids_named("worker")
         os.kill(worker, signal.SIGKILL)
-        h.wait_csts(2, 2, timeout=10)            # CSTS.CFS
-        d.wait_for_log("restarting it")
-        deadline = time.monotonic() + 10
-        while len(d.pids_named("worker")) != 1 or d.pids_named("worker") == [worker]:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        # the host resets the controller and carries on
-        h.disable()
-        h.enable()
-        h.create_io_queue(1, 16)
+        d.wait_for_log("worker 0 replaced")
+        assert h.reg_read(0x1C) & 3 == 1                 # RDY, no CFS
         ram.view(buf, 4096)[:] = b"\x5a" * 4096
-        assert h.rw(1, True, 1, 8, 8, buf) == 0
+        assert h.rw(1, True, 1, 8, 8, buf) == 0          # the same queue, no reset
         ram.view(buf, 4096)[:] = bytes(4096)
+        assert h.rw(1, False, 1, 0, 8, buf) == 0
+        assert bytes(ram.view(buf, 4096)) == b"\xa5" * 4096
         assert h.rw(1, False, 1, 8, 8, buf) == 0
         assert bytes(ram.view(buf, 4096)) == b"\x5a" * 4096
+        assert "controller fatal" not in d.log()
     finally:
         try:
             close_guest(c, ram, h)
