@@ -104,7 +104,9 @@ class Supervisor(ManagementApiMixin):
     def _opts(self) -> dict[str, Any]:
         c = self.cfg
         return {"prefix": self.prefix, "log_level": c.log_level, "polling": str(c.polling.value),
-                "spin_polls": 200, "idle_min_us": 50, "idle_max_us": int(c.poll_sleep_us)}
+                "spin_polls": 200, "idle_min_us": 50, "idle_max_us": int(c.poll_sleep_us),
+                # The trapped-mode safety-net sleep; tests raise it to prove a wake-up was a kick.
+                "trapped_sleep_us": int(os.environ.get("VNVMED_TRAPPED_SLEEP_US", 1_000_000))}
 
     def _cores(self) -> list[int]:
         allowed = os.sched_getaffinity(0)
