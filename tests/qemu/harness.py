@@ -350,7 +350,7 @@ class Guest:
                           returncode=self.proc.poll(), timed_out=timed_out,
                           elapsed=time.monotonic() - self._t0, workdir=self.workdir,
                           qemu_log=qlog)
-        if self.daemon is not None:
+        if self.daemon is not None and self.daemon.proc is not None:
             alive = "running" if self.daemon.proc.poll() is None else f"exited {self.daemon.proc.returncode}"
             res.attached[f"vnvmed log ({alive})"] = self.daemon.log()
         return res
