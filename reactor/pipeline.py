@@ -29,8 +29,8 @@ from vfio_user.messages import (DeviceFeature, DeviceInfoMsg, DmaMap, DmaUnmap, 
                                 RegionWriteMulti, SetIrqs)
 from vfio_user.negotiate import (SERVER_MAX_MSG_FDS, SERVER_MAX_XFER, build_server_version,
                                  parse_client_version)
-from vfio_user.wire import (HEADER_SIZE, Command, DmaMapFlag, DmaUnmapFlag, Header, RegionFlag,
-                            command_name)
+from vfio_user.wire import (HEADER_SIZE, Command, DmaMapFlag, DmaUnmapFlag, FeatureFlag, Header,
+                            RegionFlag, command_name)
 
 from .transport import Frame, close_fds
 
@@ -187,7 +187,11 @@ def handle_reset(p: "Pipeline", m: bytes, frame: Frame) -> Reply:
 
 def handle_feature(p: "Pipeline", m: DeviceFeature, frame: Frame) -> Reply:
     data = p.device.device_feature(m.flags, m.data, m.argsz)
-    return Reply(DeviceFeature(DeviceFeature.SIZE + len(data), m.flags, data).encode())
+    # SET and PROBE replies echo the request, argsz included; a GET reply's argsz is its
+    # own size (reference §3.12, libvfio-user handle_device_feature).
+    echo = m.flags & (FeatureFlag.SET | FeatureFlag.PROBE)
+    argsz = m.argsz if echo else DeviceFeature.SIZE + len(data)
+    return Reply(DeviceFeature(argsz, m.flags, data).encode())
 
 
 def handle_mig_read(p: "Pipeline", m: MigData, frame: Frame) -> Reply:

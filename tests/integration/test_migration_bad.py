@@ -107,6 +107,17 @@ def test_v2_feature_sizes_and_operations(dev):
     dev.serves()
 
 
+def test_v2_set_and_probe_replies_echo_the_request(dev):
+    c = dev.c
+    data = struct.pack("<Ii", RUNNING, -1)
+    r = c.device_feature(SET | Feature.MIG_DEVICE_STATE, data, argsz=64)
+    assert (r.argsz, r.flags, r.data) == (64, SET | Feature.MIG_DEVICE_STATE, data)
+    r = c.device_feature(FeatureFlag.PROBE | SET | Feature.MIG_DEVICE_STATE, argsz=8)
+    assert (r.argsz, r.data) == (8, b"")
+    r = c.device_feature(GET | Feature.MIG_DEVICE_STATE, argsz=64)
+    assert r.argsz == 16 and len(r.data) == 8          # GET: the reply's own size
+
+
 # ------------------------------------------------------------------------- v2 data
 
 def test_v2_data_in_the_wrong_state(dev):
