@@ -41,7 +41,8 @@ PAGE = 4096
 BASE = 0x1000_0000
 
 
-def setup(depth: int, io_size: int, backend: str, flat: bool = False, windows: bool = False):
+def setup(depth: int, io_size: int, backend: str, flat: bool = False, windows: bool = False,
+          dirty: bool = False):
     size = depth + 1
     npages = (io_size + PAGE - 1) // PAGE
     nbytes = PAGE * (8 + depth * (npages + 1)) + size * 80
@@ -91,6 +92,12 @@ def setup(depth: int, io_size: int, backend: str, flat: bool = False, windows: b
         bio.attach(1, be, depth)
     runner.add_cq(CqState(cqid=1, base=cq, size=size, iv=0, ien=False))
     runner.add_sq(SqState(sqid=1, base=sq, size=size, cqid=1))
+    if dirty:   # migration's dirty-page logging on, as a worker has it (migration/dirty.py)
+        from migration.dirty import DirtyLog, map_size
+        log = DirtyLog()
+        log.add(BASE, nbytes, memoryview(bytearray(map_size(BASE, nbytes))))
+        ex.dirty = log
+        runner.set_dirty(log)
     sqes = []
     nlb = io_size // 512
     for cid in range(depth):
@@ -108,8 +115,9 @@ def setup(depth: int, io_size: int, backend: str, flat: bool = False, windows: b
 
 
 def bench(n: int, depth: int, io_size: int, backend: str, profile: bool,
-          flat: bool = False, windows: bool = False) -> dict[str, float]:
-    ram, dbw, runner, sqes, sqo, cqo, size, (be, bio) = setup(depth, io_size, backend, flat, windows)
+          flat: bool = False, windows: bool = False, dirty: bool = False) -> dict[str, float]:
+    ram, dbw, runner, sqes, sqo, cqo, size, (be, bio) = setup(depth, io_size, backend, flat, windows,
+                                                               dirty)
     mv = memoryview(ram)
     cqw = mv[cqo:cqo + size * 16].cast("I")
     tail = head = 0
@@ -174,9 +182,11 @@ def main() -> int:
     p.add_argument("--flat", action="store_true", help="nvme.memory.FlatMemory instead of the worker's MappedGuestMemory")
     p.add_argument("--windows", action="store_true",
                    help="wrap the executor's memory in the default message-write window, as workers do")
+    p.add_argument("--dirty", action="store_true",
+                   help="dirty-page logging on (every read and CQ batch marks its pages)")
     a = p.parse_args()
-    r = bench(a.n, a.q, a.o, a.backend, a.profile, a.flat, a.windows)
-    print(f"{a.backend} {a.o}B qd={a.q}{' windows' if a.windows else ''}: poll() {r['ns_per_io_poll']:.0f} ns/IO CPU "
+    r = bench(a.n, a.q, a.o, a.backend, a.profile, a.flat, a.windows, a.dirty)
+    print(f"{a.backend} {a.o}B qd={a.q}{' windows' if a.windows else ''}{' dirty' if a.dirty else ''}: poll() {r['ns_per_io_poll']:.0f} ns/IO CPU "
           f"(ceiling {r['poll_iops_ceiling']:,.0f} IOPS/core); whole loop {r['ns_per_io_total']:.0f} ns/IO")
     return 0
 

@@ -64,10 +64,10 @@ class RegionMap:
     size: int
     first: int               # page number of byte 0
     bm: memoryview           # map_size(iova, size) bytes, format 'B'
+    end: int = 0             # iova + size (a field: mark() reads it on every call)
 
-    @property
-    def end(self) -> int:
-        return self.iova + self.size
+    def __post_init__(self) -> None:
+        self.end = self.iova + self.size
 
 
 class DirtyLog:
@@ -77,7 +77,6 @@ class DirtyLog:
         self._starts: list[int] = []
         self._maps: list[RegionMap] = []
         self._hit: RegionMap | None = None
-        self.marks = 0
 
     def __len__(self) -> int:
         return len(self._maps)
@@ -114,24 +113,25 @@ class DirtyLog:
 
     # -- marking (hot: once per read command / per CQ batch) ---------------------------
     def mark(self, addr: int, length: int) -> None:
-        """The device wrote [addr, addr+length) (call after the write completed)."""
-        if length <= 0:
-            return
+        """The device wrote [addr, addr+length) (call after the write completed).
+
+        Hot (once per read command, once per CQ per batch): the region of the last hit
+        is tried first, every value is read once.
+        """
         end = addr + length
         m = self._hit
-        if m is None or not (m.iova <= addr and end <= m.iova + m.size):
+        if m is not None and m.iova <= addr and end <= m.end and length > 0:
+            first = m.first
+            a = (addr >> 12) - first
+            b = ((end - 1) >> 12) - first + 1
+            if b - a == 1:
+                m.bm[a] = 1
+            elif b - a <= 4096:
+                m.bm[a:b] = _ONES[:b - a]
+            else:
+                m.bm[a:b] = b"\x01" * (b - a)
+        elif length > 0:
             self._mark_slow(addr, end)
-            return
-        a = (addr >> PAGE_SHIFT) - m.first
-        b = ((end - 1) >> PAGE_SHIFT) - m.first + 1
-        n = b - a
-        if n == 1:
-            m.bm[a] = 1
-        elif n <= 4096:
-            m.bm[a:b] = _ONES[:n]
-        else:
-            m.bm[a:b] = b"\x01" * n
-        self.marks += 1
 
     def _mark_slow(self, addr: int, end: int) -> None:
         i = bisect.bisect_right(self._starts, addr) - 1

@@ -129,4 +129,4 @@ class DirtyLogger:
                 raise ProtocolError(errno.EIO, f"worker {wid}: dirty logging: {ack['error']}")
 
     def info(self) -> dict:
-        return {"active": self.active, "regions": len(self._maps), "marks_here": self.log.marks}
+        return {"active": self.active, "regions": len(self._maps)}
