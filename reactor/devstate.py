@@ -147,8 +147,8 @@ def _apply(fn: "NvmeFunction", pci: bytes, doorbells: list[tuple[int, int]], ctr
         words[i] = 0
     for i, v in doorbells:
         words[i] = v
-    # Queue creation messages go to the (paused) workers without a round trip each; one
-    # barrier per worker at the end reports any failure (NvmeFunction.worker_batch).
+    # Queue creation messages go to the (paused) workers without a round trip each
+    # (NvmeFunction.worker_batch).
     with fn.worker_batch():
         fn.ctrl.restore(ctrl)
     fn._update_routes()
