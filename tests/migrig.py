@@ -42,8 +42,11 @@ IMG_SIZE = 64 << 20
 
 
 def start_hosts(n: int = 2, img_size: int = IMG_SIZE, cores: str = "0",
-                extra: tuple[str, ...] = ()) -> tuple[list[Daemon], str]:
-    """n daemons ("hosts") each serving nvme0 on the same image file; (daemons, image)."""
+                extra: tuple[str, ...] = (), namespace: str | None = None) -> tuple[list[Daemon], str]:
+    """n daemons ("hosts") each serving nvme0 on the same image file; (daemons, image).
+
+    `namespace` (e.g. ``nbd:URI`` or ``rbd:POOL/IMAGE``) replaces the file: storage every
+    host reaches over the network, as across real hosts (issue 15)."""
     shared = tempfile.mkdtemp(prefix="vnvmig-", dir="/tmp")
     img = os.path.join(shared, "shared.img")
     with open(img, "wb") as f:
@@ -51,18 +54,20 @@ def start_hosts(n: int = 2, img_size: int = IMG_SIZE, cores: str = "0",
     daemons: list[Daemon] = []
     try:
         for _ in range(n):
-            daemons.append(start_host(img, cores, extra))
+            daemons.append(start_host(img, cores, extra, namespace))
     except BaseException:
         stop_hosts(daemons, img)
         raise
     return daemons, img
 
 
-def start_host(img: str, cores: str = "0", extra: tuple[str, ...] = ()) -> Daemon:
-    """One more "host" serving nvme0 on the shared image (its run dir next to the image)."""
+def start_host(img: str, cores: str = "0", extra: tuple[str, ...] = (),
+               namespace: str | None = None) -> Daemon:
+    """One more "host" serving nvme0 on the shared image, or on `namespace` if given (its
+    run dir next to the image)."""
     run = tempfile.mkdtemp(prefix="h", dir=os.path.dirname(img))
     d = Daemon(["--cores", cores, "--controller", f"nvme0={run}/nvme0.sock",
-                "--namespace", f"nvme0=file:{img}", *extra], run)
+                "--namespace", f"nvme0={namespace or 'file:' + img}", *extra], run)
     d.start(30)
     return d
 
