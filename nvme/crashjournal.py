@@ -22,17 +22,19 @@ SQ head / CQ tail at the end of each batch (and at each park), so at a crash:
   by a command the host has not seen complete).
 * Parked commands (slow path in the front-end, asynchronous backends) are behind the
   published head and their SQ slots may already hold new entries.  The journal keeps
-  their CIDs in the SQ record's reserved words J0..J3 (nvme.qtable):
+  their CIDs in the SQ's journal (QueueTable.journal(qid), after the records):
 
-      J0  bits 0..5   occupancy of the 6 CID slots        J1..J3  two 16-bit CIDs each
-          bit  31     OVERFLOW: more than 6 were parked at once (recovery cannot be exact)
+      words 0..3   occupancy bitmap of 128 CID slots (bit 31 of word 3: OVERFLOW,
+                   more than 127 parked at once: recovery cannot be exact)
+      words 4..67  two 16-bit CIDs each
 
   Parking writes the CID half-word, then sets its occupancy bit (two aligned 32-bit
-  stores, only on the parking path); a parked command's completion writes its CQE
-  entry, clears the occupancy bit, then publishes the CQ tail - so a crash in between
-  leaves a journaled CID whose CQE the scan finds (done), never a completion that is
-  both posted and retried.  Fast-path commands cost nothing: the scan finds them.
-  The native data path (issue 14) keeps the same two rules.
+  stores, only on the parking path; the runner remembers CID -> slot); a parked
+  command's completion writes its CQE entry, clears the occupancy bit (one store),
+  then publishes the CQ tail - so a crash in between leaves a journaled CID whose CQE
+  the scan finds (done), never a completion that is both posted and retried.
+  Fast-path commands cost nothing: the scan finds them.  The native data path
+  (issue 14) keeps the same two rules.
 
 After recovery the new worker re-parks what the front-end's slow path still runs and
 completes every other journaled command with Command Interrupted, DNR clear (the host
@@ -43,48 +45,54 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .qtable import J0, J1
-
-SLOTS = 6
-OCCUPANCY = (1 << SLOTS) - 1
-OVERFLOW = 1 << 31
+SLOTS = 127                    # the 128th bit is OVERFLOW
+OVERFLOW_WORD, OVERFLOW = 3, 1 << 31
+CIDS = 4                       # first word of the CID half-words
 # Command Interrupted (NVMe 1.4, generic 21h): "the host should retry"; posted with
 # DNR clear.
 COMMAND_INTERRUPTED = 0x021
 
 
-def park_cid(r: memoryview, cid: int) -> bool:
-    """Journal a parked CID in SQ record r; False (and OVERFLOW set) if no slot is free."""
-    occ = r[J0]
-    free = ~occ & OCCUPANCY
-    if not free:
-        r[J0] = occ | OVERFLOW
-        return False
-    i = (free & -free).bit_length() - 1
-    w = J1 + (i >> 1)
-    shift = 16 * (i & 1)
-    r[w] = (r[w] & ~(0xFFFF << shift)) | ((cid & 0xFFFF) << shift)   # the CID first
-    r[J0] = occ | (1 << i)                                           # then it counts
-    return True
+def park_cid(j: memoryview, cid: int) -> int:
+    """Journal a parked CID; returns its slot, or -1 (and OVERFLOW set) if none is free."""
+    for w in range(4):
+        occ = j[w]
+        free = ~occ & (0x7FFFFFFF if w == OVERFLOW_WORD else 0xFFFFFFFF)
+        if free:
+            b = (free & -free).bit_length() - 1
+            slot = 32 * w + b
+            cw = CIDS + (slot >> 1)
+            shift = 16 * (slot & 1)
+            j[cw] = (j[cw] & ~(0xFFFF << shift)) | ((cid & 0xFFFF) << shift)   # the CID first
+            j[w] = occ | (1 << b)                                                # then it counts
+            return slot
+    j[OVERFLOW_WORD] |= OVERFLOW
+    return -1
 
 
-def unpark_cid(r: memoryview, cid: int) -> None:
-    """Forget a journaled CID (call between writing its CQE and publishing the CQ tail)."""
-    occ = r[J0]
-    for i in range(SLOTS):
-        if occ & (1 << i) and (r[J1 + (i >> 1)] >> (16 * (i & 1))) & 0xFFFF == cid:
-            occ &= ~(1 << i)
-            break
-    if not occ & OCCUPANCY:
-        occ = 0                  # nothing parked: OVERFLOW no longer matters
-    r[J0] = occ
+def unpark_slot(j: memoryview, slot: int, none_left: bool) -> None:
+    """Forget a journaled command (between writing its CQE and publishing the CQ tail).
+
+    `slot` -1: the command overflowed the journal (nothing to clear).  `none_left`: the
+    SQ has no parked command any more, so an OVERFLOW no longer matters.
+    """
+    if slot >= 0:
+        j[slot >> 5] &= ~(1 << (slot & 31))
+    if none_left and j[OVERFLOW_WORD] & OVERFLOW:
+        j[OVERFLOW_WORD] &= ~OVERFLOW
 
 
-def journaled(r: memoryview) -> tuple[list[int], bool]:
-    """(parked CIDs, overflowed) from an SQ record."""
-    occ = r[J0]
-    cids = [(r[J1 + (i >> 1)] >> (16 * (i & 1))) & 0xFFFF for i in range(SLOTS) if occ & (1 << i)]
-    return cids, bool(occ & OVERFLOW)
+def journaled(j: memoryview) -> tuple[list[int], bool]:
+    """(parked CIDs, overflowed) from an SQ's journal."""
+    out = []
+    for w in range(4):
+        occ = j[w] & (0x7FFFFFFF if w == OVERFLOW_WORD else 0xFFFFFFFF)
+        while occ:
+            b = (occ & -occ).bit_length() - 1
+            occ &= occ - 1
+            slot = 32 * w + b
+            out.append((j[CIDS + (slot >> 1)] >> (16 * (slot & 1))) & 0xFFFF)
+    return out, bool(j[OVERFLOW_WORD] & OVERFLOW)
 
 
 @dataclass(frozen=True, slots=True)

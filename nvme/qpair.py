@@ -68,7 +68,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .crashjournal import park_cid, unpark_cid
+from .crashjournal import park_cid, unpark_slot
 from .doorbell import Doorbells, ShadowDoorbellView
 from .fence import full_barrier
 from .memory import DmaFault, GuestMemory, NeedsMessageDma
@@ -119,6 +119,8 @@ class _Sq:
     words: memoryview | None = None   # RO view of the ring, cast 'I'
     faulted: bool = False
     parked: set[int] = field(default_factory=set)   # CIDs parked on this SQ
+    j: memoryview | None = None       # the SQ's crash journal (nvme.crashjournal)
+    jslot: dict[int, int] = field(default_factory=dict)   # parked CID -> journal slot
     dbi: int = 0                      # index of the tail doorbell in Doorbells.words
     stale: int | None = None          # doorbell value to disregard (see set_shadow)
 
@@ -201,7 +203,7 @@ class QueueRunner:
             raise ValueError(f"SQ {sqid}: CQ {st.cqid} does not exist")
         words = self._mem.view(st.base, st.size * SQE_SIZE, write=False).cast("I")
         s = _Sq(self.table.sq(sqid), sqid, st.base, st.size, cq, st.head, st.tail, st.broken,
-                words, dbi=sqid << 1)
+                words, dbi=sqid << 1, j=self.table.journal(sqid))
         cq.nsq += 1
         self._sqs[sqid] = s
         self._order.append(s)
@@ -474,7 +476,7 @@ class QueueRunner:
                     # Journal the CID before the head moves past it (nvme.crashjournal:
                     # a worker that dies now leaves it findable), then publish the head;
                     # the parked command's later CQE reports this SQHD.
-                    park_cid(s.r, cid)
+                    s.jslot[cid] = park_cid(s.j, cid)  # type: ignore[arg-type]
                     s.head = s.r[SQ_HEAD] = head
                     parked.add(cid)
                     c.inflight += 1
@@ -518,7 +520,7 @@ class QueueRunner:
     def _post(self, c: _Cq, s: _Sq, cid: int, status: int, dw0: int, unpark: bool = False) -> None:
         if c.words is None:
             if unpark:
-                unpark_cid(s.r, cid)
+                unpark_slot(s.j, s.jslot.pop(cid, -1), not s.parked)  # type: ignore[arg-type]
             return
         if status:
             self.errors += 1
@@ -529,7 +531,7 @@ class QueueRunner:
             # Between the entry and the published tail (nvme.crashjournal): a crash here
             # leaves a CQE the recovery scan finds, never a journaled command that is
             # both completed and retried.
-            unpark_cid(s.r, cid)
+            unpark_slot(s.j, s.jslot.pop(cid, -1), not s.parked)  # type: ignore[arg-type]
         t = c.tail + 1
         cr = c.r
         if t == c.size:
@@ -592,7 +594,7 @@ class QueueRunner:
         s = self._sqs[sqid]
         if cid in s.parked:
             return
-        park_cid(s.r, cid)
+        s.jslot[cid] = park_cid(s.j, cid)  # type: ignore[arg-type]
         s.parked.add(cid)
         s.cq.inflight += 1
         self._nparked += 1

@@ -22,7 +22,8 @@ the admin queue) is the only writer of its record while it runs it.  The front-e
 writes a record before handing the queue to a worker and after taking it back.
 Anybody may read at any time (stats); a consistent picture of a controller needs its
 workers quiesced (then every record is final).  Words 8..15 of each record are
-reserved: 12..15 for the crash-recovery journal of a worker, 9..11 free.
+reserved (9..15); the crash-recovery journals (nvme.crashjournal) follow the records,
+JOURNAL_WORDS per qid.
 
 `nvme.state.SqState` / `CqState` remain the serialised form (messages, snapshots,
 tests); `put_*` / `get_*` convert.
@@ -52,9 +53,14 @@ BROKEN = 2        # the last doorbell value was invalid: skipped until the host 
 IEN = 8           # CQ: interrupts enabled
 
 
+# After the records: one crash journal per qid (nvme.crashjournal: which parked
+# commands an SQ's worker holds; written only on the parking path).
+JOURNAL_WORDS = 68
+
+
 def table_bytes(nqueues: int) -> int:
-    """Size of a table for qids 0..nqueues-1."""
-    return 4 * (HEADER_WORDS + nqueues * QID_WORDS)
+    """Size of a table for qids 0..nqueues-1 (records, then the journals)."""
+    return 4 * (HEADER_WORDS + nqueues * (QID_WORDS + JOURNAL_WORDS))
 
 
 class QueueTable:
@@ -66,8 +72,8 @@ class QueueTable:
         mv = memoryview(buf)  # type: ignore[arg-type]
         w = (mv if mv.format == "B" else mv.cast("B")).cast("I")
         if nqueues is None:
-            nqueues = (len(w) - HEADER_WORDS) // QID_WORDS
-        if len(w) < HEADER_WORDS + nqueues * QID_WORDS:
+            nqueues = (len(w) - HEADER_WORDS) // (QID_WORDS + JOURNAL_WORDS)
+        if len(w) < HEADER_WORDS + nqueues * (QID_WORDS + JOURNAL_WORDS):
             raise ValueError(f"queue table of {len(w) * 4} bytes is too small for {nqueues} queues")
         self._w = w
         self.nqueues = nqueues
@@ -94,6 +100,12 @@ class QueueTable:
         o = HEADER_WORDS + qid * QID_WORDS + RECORD_WORDS
         return self._w[o:o + RECORD_WORDS]
 
+    def journal(self, qid: int) -> memoryview:
+        """The crash journal of SQ `qid` (nvme.crashjournal), JOURNAL_WORDS words."""
+        self._check(qid)
+        o = HEADER_WORDS + self.nqueues * QID_WORDS + qid * JOURNAL_WORDS
+        return self._w[o:o + JOURNAL_WORDS]
+
     def _check(self, qid: int) -> None:
         if not 0 <= qid < self.nqueues:
             raise ValueError(f"qid {qid} outside the queue table (0..{self.nqueues - 1})")
@@ -112,6 +124,9 @@ class QueueTable:
         r[SQ_BASE_HI] = sq.base >> 32
         for i in range(9, RECORD_WORDS):
             r[i] = 0
+        j = self.journal(sq.sqid)
+        for i in range(JOURNAL_WORDS):
+            j[i] = 0                         # a new owner re-journals what it parks
         r[SQ_FLAGS] = LIVE | (BROKEN if sq.broken else 0)
         return r
 

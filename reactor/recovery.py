@@ -23,7 +23,7 @@ worker has its hello, memory map, interrupt routes, shadow doorbells and coalesc
 
 Bounds: the sync requests use the normal worker timeout (a new worker that does not
 answer makes the controller fatal, as before); a journal that overflowed (more than
-6 commands of one SQ parked at once) or ring memory the front-end cannot map makes
+127 commands of one SQ parked at once) or ring memory the front-end cannot map makes
 the controller fatal (CSTS.CFS): the host resets it, as it had to before this module.
 The figures (`recovered`, `retried`, ...) are in `vnvmectl stats` (controller.recovery).
 """
@@ -125,7 +125,7 @@ def plan_recovery(qt: QueueTable, mem: GuestMemory, cqids: list[int], sqids: lis
         sq = qt.get_sq(sqid)
         if sq is None:
             raise Unrecoverable(f"SQ {sqid} has no record")
-        cids, overflow = journaled(qt.sq(sqid))
+        cids, overflow = journaled(qt.journal(sqid))
         if overflow:
             raise Unrecoverable(f"SQ {sqid}: more commands were parked than the journal holds")
         finished = done.get(sqid, set())

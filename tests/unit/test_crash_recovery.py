@@ -15,12 +15,11 @@ import struct
 
 import pytest
 
-from nvme.crashjournal import (OVERFLOW, SLOTS, journaled, park_cid, resume_head, scan_cq,
-                               unpark_cid)
+from nvme.crashjournal import SLOTS, journaled, park_cid, resume_head, scan_cq, unpark_slot
 from nvme.doorbell import Doorbells
 from nvme.memory import FlatMemory
 from nvme.qpair import QueueRunner
-from nvme.qtable import J0, QueueTable
+from nvme.qtable import QueueTable
 from nvme.state import CqState, SqState
 from nvme.status import RETRY
 from reactor.recovery import plan_recovery
@@ -33,19 +32,29 @@ class Died(BaseException):
 
 
 def test_journal_slots_overflow_and_clear() -> None:
-    r = memoryview(bytearray(64)).cast("I")
-    cids = [0xFFFF, 0, 7, 12345, 2, 3]
-    for c in cids:
-        assert park_cid(r, c)
-    assert sorted(journaled(r)[0]) == sorted(cids) and not journaled(r)[1]
-    assert not park_cid(r, 99) and r[J0] & OVERFLOW
-    unpark_cid(r, 7)
-    got, over = journaled(r)
-    assert sorted(got) == sorted(set(cids) - {7}) and over
-    for c in set(cids) - {7}:
-        unpark_cid(r, c)
-    assert r[J0] == 0 and journaled(r) == ([], False)     # empty: overflow forgotten
-    assert SLOTS == 6
+    j = QueueTable.private(2).journal(1)
+    cids = [0xFFFF, 0] + list(range(7, 7 + SLOTS - 2))
+    slots = {c: park_cid(j, c) for c in cids}
+    assert sorted(slots.values()) == list(range(SLOTS))
+    got, over = journaled(j)
+    assert sorted(got) == sorted(cids) and not over
+    assert park_cid(j, 99) == -1 and journaled(j)[1]          # the 128th: OVERFLOW
+    unpark_slot(j, slots.pop(7), none_left=False)
+    got, over = journaled(j)
+    assert sorted(got) == sorted(slots) and over               # still overflowed
+    for c, sl in list(slots.items()):
+        unpark_slot(j, sl, none_left=False)
+    assert journaled(j) == ([], True)                           # 99 is still parked, unjournaled
+    unpark_slot(j, -1, none_left=True)                          # ... until it completes
+    assert journaled(j) == ([], False) and not any(j[i] for i in range(4))
+
+
+def test_put_sq_clears_the_journal() -> None:
+    t = QueueTable.private(4)
+    park_cid(t.journal(2), 5)
+    t.put_sq(SqState(2, 2, 0x1000, 16))
+    assert journaled(t.journal(2)) == ([], False)
+    assert journaled(t.journal(1)) == ([], False)
 
 
 def test_scan_stops_at_phase_and_is_bounded() -> None:
@@ -124,10 +133,10 @@ def test_death_mid_batch_completes_every_command_exactly_once(seed: int) -> None
             raise Died()
         cid = sqe[2] | (sqe[3] << 8) if sqe.format == "B" else sqe.cast("B")[2] | (sqe.cast("B")[3] << 8)
         k = rng.random()
-        if k < 0.15 and len(parked_by_backend) + len(slow) < SLOTS:
+        if k < 0.15:
             parked_by_backend.add(cid)
             return None
-        if k < 0.25 and len(parked_by_backend) + len(slow) < SLOTS:
+        if k < 0.25:
             slow.add(cid)
             return None
         return (0, 0)
