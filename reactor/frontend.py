@@ -215,6 +215,7 @@ def run(spec: Any, namespaces: list[dict[str, Any]], worker_socks: dict[int, soc
         sup: socket.socket, opts: dict[str, Any]) -> None:
     """multiprocessing entry point (forked by the forkserver, see reactor/zygote.py)."""
     set_process_name(f"vnvmed: frontend {spec.name}")
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)   # the forkserver ignores it (reactor/zygote.py)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from ops.logsetup import setup_logging
     setup_logging(opts.get("log_level", "info"))

@@ -16,13 +16,21 @@ cyclic GC then never walks (and never writes the GC headers of) those objects, w
 would copy the pages they live on one by one.  Reference counting still dirties the pages
 of objects a child actually uses; what stays shared is the rest.
 
-Importing this module renames the process ("vnvmed: forkserver"): only the forkserver
-may import it.
+Signals: `kill -- -PGID` (systemd's KillMode=control-group, a shell's job control) sends
+SIGTERM to the forkserver too.  If it died, a child the supervisor restarts in that
+moment (one that got the same SIGTERM a little earlier) could not be forked at all.  So
+the forkserver ignores SIGTERM - it ends when the supervisor does (multiprocessing's
+alive pipe) - and every child restores SIGTERM first thing (reactor/frontend.py,
+workers/main.py).
+
+Importing this module renames the process ("vnvmed: forkserver") and makes it ignore
+SIGTERM: only the forkserver may import it.
 """
 from __future__ import annotations
 
 import gc
 import importlib
+import signal
 
 from ops.proctitle import set_process_name
 
@@ -30,6 +38,7 @@ from ops.proctitle import set_process_name
 PRELOAD = ("ops.cli", "reactor.frontend", "workers.main")
 
 set_process_name("forkserver")
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
 for _name in PRELOAD:
     importlib.import_module(_name)
 gc.collect()

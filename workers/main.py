@@ -311,6 +311,7 @@ class Worker:
 def run(wid: int, core: int, ctl: socket.socket, opts: dict[str, Any]) -> None:
     """multiprocessing entry point (forked by the forkserver, see reactor/zygote.py)."""
     set_process_name(f"vnvmed: worker {wid}")
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)   # the forkserver ignores it (reactor/zygote.py)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from ops.logsetup import setup_logging
     setup_logging(opts.get("log_level", "info"))
