@@ -177,6 +177,12 @@ class BackendIo:
         self.completed += n
         return n
 
+    def stats(self) -> dict[str, Any]:
+        """Per asynchronous namespace: engine, depth bound, requests out (vnvmectl stats)."""
+        return {str(nsid): {"engine": type(q.engine).__name__, "depth": q.depth,
+                            "outstanding": q.outstanding(), "waiting": len(q.wait)}
+                for nsid, q in self.queues.items()}
+
     def close(self) -> None:
         for nsid in list(self.queues):
             self.detach(nsid, timeout=0.5)

@@ -340,7 +340,8 @@ class Slot:
         err = self.runner.errors if self.runner is not None else 0
         self._ack(msg, stats=dict(self.stats, nqueues=self.nqueues,
                                   read_commands=r, write_commands=w, bytes_read=br,
-                                  bytes_written=bw, io_errors=err, lat_log2_ns=list(self.lat)))
+                                  bytes_written=bw, io_errors=err, lat_log2_ns=list(self.lat),
+                                  backends=self.aio.stats() if self.aio is not None else {}))
 
     def _op_dirty_add(self, msg: dict[str, Any]) -> None:
         (fd,) = self.chan.take_fds(msg["tok"])

@@ -7,6 +7,7 @@ line) and from `vnvmectl namespace add` (refused, nothing else disturbed).
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -245,6 +246,12 @@ def test_stalled_server_does_not_stall_the_worker(run_dir: str) -> None:
             for i in range(200):                          # the other controller is served meanwhile
                 _roundtrip(h0, 1, 1, (i * 8) % 32000, 8, rng)
             assert h1.poll_cqe(1) is None                 # still waiting for the stopped server
+            # ... and the operator sees them outstanding on that namespace's engine
+            r = subprocess.run([sys.executable, VNVMECTL, "--rpc", os.path.join(run_dir, "vnvmed.rpc"),
+                                "stats", "nvme1", "--json"], capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0, r.stderr
+            (w,) = json.loads(r.stdout)["controllers"]["nvme1"]["workers"].values()
+            assert w["backends"]["1"]["engine"] == "NbdEngine" and w["backends"]["1"]["outstanding"] == 16, w
             kit.resume()
             got = h1.reap_cqes(1, 16, timeout=10)
             assert sorted(c.cid for c in got) == sorted(cids) and all(c.status == 0 for c in got)
