@@ -152,6 +152,10 @@ class QueueRunner:
         self._more = False
         self._nparked = 0
         self.errors = 0                   # completions posted with a non-zero status
+        # Failed commands for the controller's Error Information log (sqid, cid, status,
+        # lba, nsid): collected on the error path only, taken by the owner after a poll.
+        self.failed: list[tuple[int, int, int, int, int]] = []
+        self.failed_dropped = 0
         self._thr = 0
         self._time_ns = 0
         self._exempt: set[int] = set()
@@ -488,6 +492,7 @@ class QueueRunner:
             status = res[0]
             if status:
                 self.errors += 1
+                self._note_failure(qid, cid, status, sqe)
             i = ctail << 2
             cw[i] = res[1] & 0xFFFFFFFF
             cw[i + 1] = 0                                   # DW1 reserved
@@ -524,6 +529,8 @@ class QueueRunner:
             return
         if status:
             self.errors += 1
+            if status != Status.ABORTED_SQ_DELETION:     # the host's own doing: not an error
+                self._note_failure(s.qid, cid, status, None)
         write_cqe(c.words, c.tail, c.phase, dw0, s.head, s.qid, cid, status)
         if self.dirty is not None:
             self.dirty.mark(c.base + (c.tail << 4), 16)
@@ -542,6 +549,22 @@ class QueueRunner:
             c.first_ns = 0
             self._dirty.append(c)
         c.pending += 1
+
+    def _note_failure(self, sqid: int, cid: int, status: int, sqe: memoryview | None) -> None:
+        """Keep a failed command for the Error Information log (bounded between takes)."""
+        if len(self.failed) >= 64:
+            self.failed_dropped += 1
+            return
+        nsid = lba = 0
+        if sqe is not None:
+            nsid = sqe[1]
+            if sqe[0] & 0xFF in (0x01, 0x02, 0x05, 0x08):   # write, read, compare, write zeroes
+                lba = sqe[10] | (sqe[11] << 32)
+        self.failed.append((sqid, cid, int(status), lba, nsid))
+
+    def take_failures(self) -> list[tuple[int, int, int, int, int]]:
+        out, self.failed = self.failed, []
+        return out
 
     def reload(self) -> None:
         """Re-read every queue's words from the table after another writer (the native

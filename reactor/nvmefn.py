@@ -39,6 +39,7 @@ from nvme.namespace import Namespace
 from nvme.qtable import QueueTable, table_bytes
 from nvme.regs import RegisterAccessError
 from nvme.state import CqState, ShadowDoorbells, SqState
+from nvme.status import SCT
 from pci.config import PciConfig
 from reactor import devstate
 from reactor.coordinator import Coordinator, Phase
@@ -207,8 +208,24 @@ class NvmeFunction:
             self.slow.submit(wid, int(msg["sqid"]), bytes(msg["sqe"]))
         elif op == "fault":
             self._fatal(f"worker {wid}: {msg.get('reason')}")
+        elif op == "ioerr":
+            self._io_errors(msg)
         else:
             log.error("%s: unexpected message %r from worker %d", self.name, op, wid)
+
+    def _io_errors(self, msg: dict) -> None:
+        """Failed I/O commands from a worker: Error Information log entries (log page
+        01h; no AER, spec 5.14.1.1) and SMART Media and Data Integrity Errors."""
+        media = 0
+        for sqid, cid, status, lba, nsid in msg.get("errs") or ():
+            self.ctrl.log_error(int(sqid), int(cid), int(status), lba=int(lba), nsid=int(nsid))
+            if (int(status) >> 8) & 7 == SCT.MEDIA:
+                media += 1
+        if media:
+            self.ctrl.add_io_stats(media_errors=media)
+        if msg.get("dropped"):
+            log.info("%s: %d more failed I/O commands not entered in the error log",
+                     self.name, msg["dropped"], extra={"ratelimit": f"{self.name}:ioerr"})
 
     # ------------------------------------------------------------------ vfio-user device
     def device_info(self) -> DeviceInfo:

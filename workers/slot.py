@@ -152,9 +152,13 @@ class Slot:
                 self.aio = None        # our bug: the worker faults this controller; no log flood
                 raise
         if r is None or self.paused or self.nqueues == 0:
+            if r is not None and r.failed:
+                self._report_failures(r)
             return done
         t0 = perf_counter_ns()
         n = r.poll()
+        if r.failed:
+            self._report_failures(r)
         if aio is not None and aio.new:
             done += aio.push()       # parked on a backend: submitted now, counted as work
         if n:
@@ -163,6 +167,13 @@ class Slot:
             self.lat[min(((perf_counter_ns() - t0) // n).bit_length(), 47)] += n
             self.stats["commands"] += n
         return n + done
+
+    def _report_failures(self, r: QueueRunner) -> None:
+        """Failed commands go to the front-end's Error Information log (and SMART media
+        errors); at most 64 per poll, the rest counted."""
+        errs = r.take_failures()
+        dropped, r.failed_dropped = r.failed_dropped, 0
+        self.chan.send({"op": "ioerr", "errs": errs, "dropped": dropped})
 
     def prepare_sleep(self) -> bool:
         """Trapped mode, about to sleep with no timeout worth the name: arm EventIdx.

@@ -399,3 +399,22 @@ def test_smart_log_counts_the_workers_io(daemon: Daemon) -> None:
     # Data Units Written/Read: thousands of 512-byte units, rounded up.
     assert _u128(after, 48) == -(-(640 << 10) // 512_000) == 2
     assert _u128(after, 32) == -(-(384 << 10) // 512_000) == 1
+
+
+def test_failed_io_commands_enter_the_error_log(daemon: Daemon) -> None:
+    """An I/O command that fails on a worker becomes an Error Information log entry (log
+    page 01h: SQID, CID, status, LBA, NSID) - the workers report them to the front-end."""
+    with enabled_nvme(daemon.socket, [1, 2]) as h:
+        buf = h.ram.alloc(PAGE)
+        blocks = (64 << 20) // BS                              # nsid 1 is ram:64M
+        e1 = h.io(2, 0x02, NS_RAM, blocks + 5, 1, buf)        # read past the end
+        e2 = h.command(1, 0x7F, NS_RAM)                        # no such I/O opcode
+        assert e1.status & 0x7FF == 0x80 and e2.status & 0x7FF == 0x01
+        st, page = h.get_log_page(0x01, 64 * 4)
+        assert st == 0
+    entries = [struct.unpack_from("<QHHHHQI", page, 64 * i) for i in range(4)]
+    # newest first: (count, sqid, cid, status field, pel, lba, nsid)
+    assert entries[0][1:3] == (1, e2.cid) and (entries[0][3] >> 1) & 0x7FF == 0x01
+    assert entries[1][1:3] == (2, e1.cid) and (entries[1][3] >> 1) & 0x7FF == 0x80
+    assert entries[1][5] == blocks + 5 and entries[1][6] == NS_RAM
+    assert entries[0][0] == entries[1][0] + 1
