@@ -66,8 +66,10 @@ def test_block_device_with_o_direct() -> None:
             f.seek(100 * BS)
             assert f.read(4096) == data
     finally:
-        if daemon is not None:
-            finish_daemon(daemon)
-        subprocess.run(["losetup", "-d", dev], check=False)
-        shutil.rmtree(d, ignore_errors=True)
-        shutil.rmtree(run, ignore_errors=True)
+        try:
+            if daemon is not None:
+                finish_daemon(daemon)
+        finally:             # the loop device goes even if the daemon's exit check fails
+            subprocess.run(["losetup", "-d", dev], check=False)
+            shutil.rmtree(d, ignore_errors=True)
+            shutil.rmtree(run, ignore_errors=True)

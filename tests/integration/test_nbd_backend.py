@@ -94,9 +94,11 @@ def test_nbdkit_and_qemu_nbd_data(run_dir: str) -> None:
                 f.seek(2048 * BS)
                 assert f.read(4096) == data
     finally:
-        finish_daemon(d)
-        kit.stop()
-        qn.stop()
+        try:
+            finish_daemon(d)
+        finally:             # the servers go even if the daemon's exit check fails
+            kit.stop()
+            qn.stop()
 
 
 def test_server_killed_under_io_then_restarted(run_dir: str) -> None:
@@ -136,8 +138,10 @@ def test_server_killed_under_io_then_restarted(run_dir: str) -> None:
             assert c.status == 0, c
             _roundtrip(h, 1, 1, 64, 16, rng)
     finally:
-        finish_daemon(d)
-        kit.stop()
+        try:
+            finish_daemon(d)
+        finally:
+            kit.stop()
 
 
 def _start_fails(run: str, *ns: str) -> tuple[int, str]:
@@ -188,8 +192,10 @@ def test_namespace_add_refuses_bad_exports(run_dir: str) -> None:
             _roundtrip(h, 1, 2, 0, 8, rng)
             _roundtrip(h, 1, 1, 8, 8, rng)
     finally:
-        finish_daemon(d)
-        kit.stop()
+        try:
+            finish_daemon(d)
+        finally:
+            kit.stop()
 
 
 def test_backend_availability_is_reported(run_dir: str) -> None:
@@ -256,8 +262,10 @@ def test_stalled_server_does_not_stall_the_worker(run_dir: str) -> None:
             got = h1.reap_cqes(1, 16, timeout=10)
             assert sorted(c.cid for c in got) == sorted(cids) and all(c.status == 0 for c in got)
     finally:
-        finish_daemon(d)
-        kit.stop()
+        try:
+            finish_daemon(d)
+        finally:
+            kit.stop()
 
 
 def test_quiesce_waits_for_backend_requests(run_dir: str) -> None:
@@ -280,5 +288,7 @@ def test_quiesce_waits_for_backend_requests(run_dir: str) -> None:
             assert h.poll_cqe(1) is None                  # exactly once
             assert h.rw(1, False, 1, 0, 8, WBUF) == 0  # and the controller goes on
     finally:
-        finish_daemon(d)
-        kit.stop()
+        try:
+            finish_daemon(d)
+        finally:
+            kit.stop()
