@@ -29,12 +29,14 @@ def test_fio_verify_survives_worker_sigkills(tmp_path: Path, ns: str) -> None:
         ns = f"file:{img}"
     with harness.vnvmed_controller([ns]) as (daemon, sock):
         guest = harness.start_guest(devices=[sock], workload="fio",
-                                    args={"mb": 8, "rt": 60, "frate": 300, "nns": 1},
+                                    # 100 IOPS per job: 8 MiB of writes take ~20 s, so all
+                                    # five kills land in the write phase, then fio verifies
+                                    args={"mb": 8, "rt": 90, "frate": 100, "nns": 1},
                                     workdir=tmp_path, daemon=daemon)
         killed = []
         with guest:
             guest.wait_for("WL", timeout=240)
-            time.sleep(3)                        # fio's writes are in flight
+            time.sleep(2)                        # fio's writes are in flight
             for _ in range(KILLS):
                 (w,) = daemon.pids_named("worker")
                 os.kill(w, signal.SIGKILL)
@@ -45,7 +47,7 @@ def test_fio_verify_survives_worker_sigkills(tmp_path: Path, ns: str) -> None:
                     if now and now[0] != w:
                         break
                     time.sleep(0.1)
-                time.sleep(4)
+                time.sleep(2)
             res = guest.wait(timeout=300)
         log = daemon.log()
     iops = harness.expect_fio_verify_two_queues(res)
