@@ -17,14 +17,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-iops", type=float, default=0.0, help="per client (0: unthrottled)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--trapped", action="store_true", help="every other controller with trapped doorbells")
+    p.add_argument("--ns-kind", choices=("ram", "file"), default="ram",
+                   help="file: an asynchronous engine, so commands park (crash journal)")
+    p.add_argument("--faults", help="comma-separated subset of client_kill,worker_kill,frontend_kill,ns_churn")
     p.add_argument("--no-faults", action="store_true", help="verified I/O only")
     p.add_argument("--transparent-worker-kills", action="store_true",
                    help="a worker kill must not make a controller fatal")
     p.add_argument("--json", metavar="FILE", help="also write the summary as JSON")
     a = p.parse_args(argv)
     cfg = StressConfig(controllers=a.controllers, queues=a.queues, depth=a.depth, seed=a.seed,
-                       trapped=a.trapped, max_iops=a.max_iops,
+                       trapped=a.trapped, max_iops=a.max_iops, ns_kind=a.ns_kind,
                        worker_kill_transparent=a.transparent_worker_kills)
+    if a.faults:
+        cfg.faults = {k: v for k, v in cfg.faults.items() if k in a.faults.split(",")}
     if a.no_faults:
         cfg.faults, cfg.storm_every, cfg.reset_every = {}, 0.0, 0.0
     s = Stress(cfg)
