@@ -2,18 +2,22 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from migration import snapshot as S
 
 NAMES = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=16)
 VALUES = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.binary(max_size=64)
                       | st.text(max_size=16),
-                      lambda k: st.lists(k, max_size=4) | st.dictionaries(st.text(max_size=8), k, max_size=4),
-                      max_leaves=20)
-SECTIONS = st.dictionaries(NAMES, VALUES, max_size=8)
+                      lambda k: st.lists(k, max_size=3) | st.dictionaries(st.text(max_size=6), k, max_size=3),
+                      max_leaves=6)
+SECTIONS = st.dictionaries(NAMES, VALUES, max_size=5)
+# The snapshot's own checks are cheap; generating nested msgpack values is not: fewer
+# examples here keep this file at a few seconds in CI (VNVMED_HYPOTHESIS=long: 20x).
+FEW = settings(max_examples=max(40, settings().max_examples // 4))
 
 
+@FEW
 @given(SECTIONS, st.data())
 def test_roundtrip(sections, data) -> None:
     req = data.draw(st.sets(st.sampled_from(sorted(sections)))) if sections else set()
@@ -27,6 +31,7 @@ def test_roundtrip(sections, data) -> None:
     assert S.blob_length(blob[:S.HEADER_SIZE]) == len(blob)
 
 
+@FEW
 @given(SECTIONS, st.data())
 def test_truncation_is_corrupt(sections, data) -> None:
     blob = S.encode(sections)
@@ -35,6 +40,7 @@ def test_truncation_is_corrupt(sections, data) -> None:
         S.decode(blob[:cut])
 
 
+@FEW
 @given(SECTIONS, st.data())
 def test_any_flipped_bit_is_refused_or_harmless(sections, data) -> None:
     blob = bytearray(S.encode(sections))
@@ -49,7 +55,8 @@ def test_any_flipped_bit_is_refused_or_harmless(sections, data) -> None:
         or snap.order == list(sections)
 
 
-@given(st.lists(SECTIONS, min_size=1, max_size=4), st.lists(st.integers(1, 200), min_size=1, max_size=10))
+@FEW
+@given(st.lists(SECTIONS, min_size=1, max_size=3), st.lists(st.integers(1, 200), min_size=1, max_size=10))
 def test_stream_splitter_any_chunking(blobs, cuts) -> None:
     stream = b"".join(S.encode(s) for s in blobs)
     sp = S.StreamSplitter()
