@@ -112,6 +112,10 @@ class RamBackend:
         self._mv.release()
         self._mm.close()
 
+    def take_ownership(self) -> None:
+        """A live upgrade moved the namespace to us: we unlink it at destroy() now."""
+        self._owner = True
+
     def destroy(self) -> None:
         self.close()
         if self._owner:

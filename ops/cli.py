@@ -17,8 +17,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"vnvmed: {e}", file=sys.stderr)
         return 2
+    from reactor.takeover import handover_fd
     try:
-        preflight.check(cfg)
+        # A live upgrade's new daemon takes over sockets and RAM namespaces that exist
+        # and are served (by the daemon it replaces): nothing here applies to it.
+        if handover_fd() is None:
+            preflight.check(cfg)
     except preflight.StartupError as e:
         print(f"vnvmed: {e}", file=sys.stderr)
         return 2

@@ -205,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rpc", metavar="PATH", help=f"management socket (default ${RUN_DIR_ENV}/{RPC_SOCKET_NAME}, "
                                                  f"else {DEFAULT_RUN_DIR}/{RPC_SOCKET_NAME})")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for an answer (default 30)")
-    sub = p.add_subparsers(dest="group", required=True, metavar="{controller,namespace,stats,workers}")
+    sub = p.add_subparsers(dest="group", required=True,
+                           metavar="{controller,namespace,stats,workers,upgrade}")
 
     ctrl = sub.add_parser("controller", help="list/add/remove controllers").add_subparsers(
         dest="cmd", required=True)
@@ -259,6 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("ctrl", nargs="?")
     sub.add_parser("workers", parents=[common], help="worker processes and their queues")
     sub.add_parser("backends", parents=[common], help="namespace kinds the daemon can serve, and why not")
+    up = sub.add_parser("upgrade", parents=[common],
+                        help="live upgrade: a new daemon from the installed code takes over every "
+                             "controller, VMs stay connected (exit 1 and the reason if it rolled back)")
+    up.add_argument("--exec", metavar="PROGRAM",
+                    help="start PROGRAM (given the daemon's arguments) instead of the installed vnvmed")
+    up.add_argument("--handover-timeout", type=float, default=45.0, metavar="S",
+                    help="give up (and roll back) after S seconds (default 45)")
     return p
 
 
@@ -309,6 +317,11 @@ def request_for(a: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         return "stats", ({"ctrl": a.ctrl} if a.ctrl else {})
     if a.group == "backends":
         return "backends", {}
+    if a.group == "upgrade":
+        params = {"timeout": a.handover_timeout}
+        if a.exec:
+            params["exec"] = os.path.abspath(a.exec)
+        return "daemon.upgrade", params
     return "workers", {}
 
 
@@ -332,6 +345,14 @@ def render(method: str, value: Any) -> str:
         return format_stats(value)
     if method in ("workers", "backends") and isinstance(value, list):
         return format_records(value)
+    if method == "daemon.upgrade" and isinstance(value, dict):
+        ctrls = value.get("controllers") or {}
+        lines = [f"upgraded: pid {value.get('old_pid')} -> pid {value.get('new_pid')} "
+                 f"in {value.get('duration_ms')} ms (snapshot format {value.get('format')})"]
+        lines += [f"  {n}: blackout {c.get('blackout_ms')} ms" for n, c in sorted(ctrls.items())]
+        if value.get("error"):
+            lines.append(f"  after the commit: {value['error']}")
+        return "\n".join(lines)
     return format_result(value)
 
 
@@ -340,8 +361,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
     err = err or sys.stderr
     a = build_parser().parse_args(argv)
     method, params = request_for(a)
+    timeout = a.timeout
+    if method == "daemon.upgrade":     # the answer comes once the handover is done
+        timeout = max(timeout, float(params["timeout"]) + 15)
     try:
-        with RpcClient(rpc_path(a.rpc), a.timeout) as client:
+        with RpcClient(rpc_path(a.rpc), timeout) as client:
             value = client.call(method, **params)
         if method == "controller.save":
             value = _write_snapshot(a.file, value)

@@ -21,8 +21,10 @@ children never see them.
 """
 from __future__ import annotations
 
+import array
 import logging
 import os
+import select
 import socket
 import time
 from typing import Mapping
@@ -85,6 +87,31 @@ class Notifier:
     def stopping(self) -> bool:
         return self.notify(STOPPING=1)
 
+    def barrier(self, timeout: float = 2.0) -> bool:
+        """Wait until systemd has processed every message we sent before (sd_notify_barrier):
+        BARRIER=1 carries a pipe's write end, which systemd closes once it got that far.
+        A live upgrade needs it: MAINPID= must be read before the old main process exits."""
+        if self.address is None:
+            return False
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+                    s.sendmsg([b"BARRIER=1\n"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                   array.array("i", [w]).tobytes())], 0, self.address)
+            except OSError as e:
+                log.debug("sd_notify barrier to %r failed: %s", self.address, e)
+                return False
+            os.close(w)
+            w = -1
+            p = select.poll()
+            p.register(r, select.POLLHUP | select.POLLIN)
+            return bool(p.poll(int(timeout * 1000)))
+        finally:
+            os.close(r)
+            if w >= 0:
+                os.close(w)
+
     def watchdog(self) -> bool:
         return self.watchdog_interval() is not None and self.notify(WATCHDOG=1)
 
@@ -138,6 +165,10 @@ def reloading() -> bool:
 
 def stopping() -> bool:
     return default().stopping()
+
+
+def barrier(timeout: float = 2.0) -> bool:
+    return default().barrier(timeout)
 
 
 def watchdog() -> bool:

@@ -2,7 +2,9 @@
 
 It runs an asyncio loop with: the vfio-user server (requests in order, quiesce via the
 coordinator), the admin-queue poller, the worker links (rings), and the supervisor's
-control socket (new/lost workers, management requests, stop).
+control socket (new/lost workers, management requests, stop, and the handover messages
+of a live upgrade: reactor/connmove.py).  Started with opts["adopt"], it takes over a
+running controller from another front-end instead of binding its socket.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from nvme.namespace import Namespace
 from nvme.state import NamespaceInfo
 from reactor import ipc
 from reactor.channel import Channel
+from reactor.connmove import Mover
 from reactor.nvmefn import NvmeFunction
 from ops.proctitle import set_process_name
 from reactor.server import VfioUserServer
@@ -55,6 +58,9 @@ class FrontEnd:
         self.fn: NvmeFunction | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.server: VfioUserServer | None = None
+        self.mover = Mover(self)
+        self.provisional = bool(opts.get("adopt"))   # adopting: nothing shared is ours yet
+        self.handovers: dict[str, Any] = {}          # count, last/max blackout (stats)
 
     def _link(self, wid: int, sock: socket.socket) -> None:
         assert self.fn is not None
@@ -73,13 +79,13 @@ class FrontEnd:
         link.start(loop)
         self.fn.add_worker(link)
 
-    async def main(self) -> None:
-        loop = asyncio.get_running_loop()
+    def build(self, bar_fd: int | None = None) -> None:
+        """The function, its worker links and the server object (not listening yet)."""
         namespaces = {ns["nsid"]: make_namespace(ns) for ns in self.ns_wire}
         cfg = controller_config(self.spec)
         self.fn = NvmeFunction(self.spec.name, cfg, namespaces, cfg.max_transfer,
                                doorbells=str(getattr(self.spec, "doorbells", "mmap")),
-                               write_windows=self.spec.message_write_windows)
+                               write_windows=self.spec.message_write_windows, bar_fd=bar_fd)
         self.fn.fingerprints = {ns["nsid"]: ns["fingerprint"] for ns in self.ns_wire
                                 if ns.get("fingerprint")}
         for wid, sock in sorted(self.worker_socks.items()):
@@ -88,16 +94,60 @@ class FrontEnd:
         if restore:
             self.fn.mig.restore_from_file(restore)
         self.server = VfioUserServer(self.spec.socket, self.fn, mode=self.spec.socket_mode)
-        await self.server.start()
-        self._chown(self.spec.socket)
-        if self.spec.socket_mode & 0o007:   # only with allow_world_socket (ops.config)
-            log.warning("%s: socket %s is world-connectable (mode %04o, allow_world_socket): any "
-                        "local user can attach to this controller's disks", self.spec.name,
-                        self.spec.socket, self.spec.socket_mode)
+
+    def tell(self, msg: dict[str, Any]) -> None:
+        ipc.send(self.sup, msg)
+
+    async def _adopt(self) -> None:
+        """Take the controller over from the old front-end, in the supervisor's steps."""
+        t = self.mover.taker
+        try:
+            await t.prepare()
+            self.tell({"op": "handover_prepared", "name": self.spec.name})
+            await t.restore()
+            self.tell({"op": "handover_restored", "name": self.spec.name})
+            await t.go.wait()
+            self.provisional = False
+            phases = await t.resume()
+        except Exception as e:
+            log.error("%s: taking over the controller failed: %s", self.spec.name, e)
+            self.tell({"op": "handover_failed", "name": self.spec.name, "reason": str(e)})
+            self.exit_quietly()
+        ms = phases["blackout_ms"]
+        h = self.handovers
+        h.update(count=int(h.get("count", 0)) + 1, last_blackout_ms=ms,
+                 max_blackout_ms=max(ms, float(h.get("max_blackout_ms", 0.0))))
+        log.info("%s: handover done, front-end %d serves; blackout %.2f ms (%s)", self.spec.name,
+                 os.getpid(), ms, ", ".join(f"{k[:-3]} {v:.1f}" for k, v in phases.items() if k != "blackout_ms"))
+        self.tell({"op": "handover_resumed", "name": self.spec.name, "phases": phases})
+
+    def exit_quietly(self) -> None:
+        """Leave without touching what another process now runs (or still runs): only our
+        own ring names are unlinked; the kernel closes every fd."""
+        for link in list(self.fn.links.values()) if self.fn is not None else []:
+            link.chan.close(unlink=True)
+        logging.shutdown()
+        os._exit(0)
+
+    async def main(self) -> None:
+        loop = asyncio.get_running_loop()
         self.sup.setblocking(False)
         loop.add_reader(self.sup.fileno(), self._control)
         loop.add_signal_handler(signal.SIGTERM, self.stop.set)
-        ipc.send(self.sup, {"op": "listening", "name": self.spec.name})
+        if self.provisional:
+            await self._adopt()
+        else:
+            self.build()
+            assert self.server is not None
+            await self.server.start()
+            self._chown(self.spec.socket)
+            if self.spec.socket_mode & 0o007:   # only with allow_world_socket (ops.config)
+                log.warning("%s: socket %s is world-connectable (mode %04o, allow_world_socket): any "
+                            "local user can attach to this controller's disks", self.spec.name,
+                            self.spec.socket, self.spec.socket_mode)
+            self.tell({"op": "listening", "name": self.spec.name})
+        assert self.fn is not None and self.server is not None
+        namespaces = self.fn.namespaces
         tasks = [asyncio.ensure_future(self.server.serve_forever()),
                  asyncio.ensure_future(self.fn.admin_loop())]
         await self.stop.wait()
@@ -111,7 +161,7 @@ class FrontEnd:
         for link in list(self.fn.links.values()):
             link.stop(loop)
             link.chan.close(unlink=True)
-        for ns in namespaces.values():
+        for ns in list(namespaces.values()):
             ns.backend.close()
 
     def _chown(self, path: str) -> None:
@@ -133,6 +183,8 @@ class FrontEnd:
                 # Supervisor gone (or it closed our socket at shutdown): stop.  The reader
                 # must go too, or end-of-file keeps it firing and the loop spins at 100 %.
                 asyncio.get_running_loop().remove_reader(self.sup.fileno())
+                if self.provisional:
+                    self.exit_quietly()
                 self.stop.set()
                 return
             try:
@@ -143,8 +195,13 @@ class FrontEnd:
                     ipc.send(self.sup, {"op": "reply", "id": msg["id"], "error": str(e)})
 
     def _handle(self, msg: dict[str, Any], fds: list[int]) -> None:
-        assert self.fn is not None
         op = msg.get("op")
+        if op == "pkg" or str(op).startswith("handover_"):
+            self.mover.handle(msg, fds)
+            return
+        if op == "stop" and self.provisional:
+            self.exit_quietly()
+        assert self.fn is not None
         if op == "worker":  # a (re)started worker: a new channel to it
             wid = int(msg["wid"])
             old = self.fn.links.get(wid)
@@ -207,7 +264,7 @@ class FrontEnd:
                 raise
             return {"nsid": ns.info.nsid, "blocks": ns.info.blocks}
         if method == "stats":
-            return fn.stats()
+            return dict(fn.stats(), handover=self.handovers)
         raise ValueError(f"unknown front-end call {method!r}")
 
 

@@ -70,7 +70,7 @@ NUM_IRQS = 5
 class NvmeFunction:
     def __init__(self, name: str, cfg: ControllerConfig, namespaces: dict[int, Namespace],
                  mdts_bytes: int, quiesce_timeout: float = 2.0, doorbells: str = "mmap",
-                 write_windows: Iterable[Iterable[int]] = LOW_MEMORY) -> None:
+                 write_windows: Iterable[Iterable[int]] = LOW_MEMORY, bar_fd: int | None = None) -> None:
         if str(doorbells) not in ("mmap", "trapped"):
             raise ValueError(f"doorbell mode {doorbells!r}: use 'mmap' or 'trapped'")
         self.name = name
@@ -78,8 +78,11 @@ class NvmeFunction:
         self.write_windows = normalize(write_windows)   # read payloads there go by DMA_WRITE
         self.cfg = cfg
         self.mdts_bytes = mdts_bytes
-        self.bar_fd = os.memfd_create(f"vnvmed-{name}-bar0", os.MFD_CLOEXEC)
-        os.ftruncate(self.bar_fd, BAR0_SIZE)
+        # A live upgrade hands the running BAR0 memfd over (the client has it mmapped).
+        if bar_fd is None:
+            bar_fd = os.memfd_create(f"vnvmed-{name}-bar0", os.MFD_CLOEXEC)
+            os.ftruncate(bar_fd, BAR0_SIZE)
+        self.bar_fd = bar_fd
         self.bar = mmap.mmap(self.bar_fd, BAR0_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.db_words = memoryview(self.bar)[DB_OFFSET:].cast("I")
         # The queue table (nvme.qtable, SEAMS S1): every queue's state, shared with the

@@ -18,6 +18,13 @@ waiter is a genuine second client: it is closed (EOF, not a hang in the backlog)
 that log line is rate-limited, since any local user who can reach the socket can
 produce it.  More than MAX_WAITING waiters are closed at once.
 
+Live upgrade (reactor/connmove.py): `hold_accepting()` stops accepting between two
+accepts (a client that connects meanwhile waits in the backlog), `adopt()` serves a
+listening socket another process bound, `adopt_session()` a connection it served, and
+`waiting()` / `enqueue()` move the admission queue.  Accepting is a
+readiness wait plus a non-blocking accept(), so cancelling the wait can never drop a
+connection the kernel already handed to us.
+
 Device-specific behaviour lives behind `VfioDevice` (device.py); nothing here knows
 about NVMe.
 """
@@ -62,11 +69,13 @@ class VfioUserServer:
         self._ino: tuple[int, int] | None = None
         self._session_task: asyncio.Task[None] | None = None
         self._closing = False
-        self._accept: asyncio.Future[tuple[socket.socket, object]] | None = None
+        self._accept: asyncio.Future[None] | None = None
         self._session_done = asyncio.Event()
         self._closed = asyncio.Event()
         self._waiting: deque[tuple[socket.socket, float]] = deque()
         self._admit_task: asyncio.Task[None] | None = None
+        self._accepting = asyncio.Event()
+        self._accepting.set()
 
     async def start(self) -> None:
         self._claim_path()
@@ -84,6 +93,35 @@ class VfioUserServer:
             raise
         self._sock = sock
         log.info("vfio-user server listening on %s", self.path)
+
+    def adopt(self, sock: socket.socket, ino: tuple[int, int] | None) -> None:
+        """Serve a socket that another process bound and listens on (live upgrade).
+
+        `ino` is the (st_dev, st_ino) of the path when it was bound: close() unlinks
+        the path only if it is still that socket file.
+        """
+        sock.setblocking(False)
+        self._sock = sock
+        self._ino = ino
+        log.info("vfio-user server adopted the listening socket %s", self.path)
+
+    @property
+    def listening(self) -> tuple[socket.socket, tuple[int, int] | None]:
+        if self._sock is None:
+            raise ServerError("not listening")
+        return self._sock, self._ino
+
+    def hold_accepting(self) -> None:
+        self._accepting.clear()
+        if self._accept is not None and not self._accept.done():
+            self._accept.cancel()        # only ever waiting for readiness: nothing lost
+
+    def resume_accepting(self) -> None:
+        self._accepting.set()
+
+    def waiting(self) -> list[tuple[socket.socket, float]]:
+        """Accepted connections waiting for their turn, with since when (they stay queued)."""
+        return list(self._waiting)
 
     def _claim_path(self) -> None:
         try:
@@ -115,18 +153,41 @@ class VfioUserServer:
             if self._closing:
                 await self._closed.wait()
 
-    async def _accept_loop(self) -> None:
+    async def _readable(self) -> None:
         loop = asyncio.get_running_loop()
+        assert self._sock is not None
+        fut: asyncio.Future[None] = loop.create_future()
+        fd = self._sock.fileno()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+        loop.add_reader(fd, ready)
+        try:
+            await fut
+        finally:
+            loop.remove_reader(fd)
+
+    async def _accept_loop(self) -> None:
         assert self._sock is not None   # listen() ran first
         try:
             while not self._closing:
-                self._accept = asyncio.ensure_future(loop.sock_accept(self._sock))
+                if not self._accepting.is_set():
+                    await self._accepting.wait()
+                    continue
                 try:
-                    conn, _ = await self._accept
-                except asyncio.CancelledError:
-                    if self._closing:
-                        return
-                    raise
+                    conn, _ = self._sock.accept()
+                except (BlockingIOError, InterruptedError):
+                    self._accept = asyncio.ensure_future(self._readable())
+                    try:
+                        await self._accept
+                    except asyncio.CancelledError:
+                        if self._closing:
+                            return
+                        if not self._accepting.is_set():
+                            continue     # hold_accepting() cancelled the wait
+                        raise
+                    continue
                 except OSError as e:
                     if self._closing:
                         return
@@ -135,8 +196,9 @@ class VfioUserServer:
                         await asyncio.sleep(0.1)
                         continue
                     raise
+                conn.setblocking(False)
                 if self.session is not None or self._waiting:
-                    self._enqueue(conn)
+                    self.enqueue(conn)
                     continue
                 self._start_session(conn)
         except asyncio.CancelledError:
@@ -150,11 +212,11 @@ class VfioUserServer:
         log.warning("%s: %s", self.path, reason, extra={"ratelimit": "clients refused"})
         conn.close()
 
-    def _enqueue(self, conn: socket.socket) -> None:
+    def enqueue(self, conn: socket.socket, since: float | None = None) -> None:
         if len(self._waiting) >= MAX_WAITING:
             self._refuse(conn, "refusing a client: too many waiting for their turn")
             return
-        self._waiting.append((conn, asyncio.get_running_loop().time()))
+        self._waiting.append((conn, asyncio.get_running_loop().time() if since is None else since))
         if self._admit_task is None or self._admit_task.done():
             self._admit_task = asyncio.create_task(self._admit())
 
@@ -185,8 +247,11 @@ class VfioUserServer:
 
     def _start_session(self, conn: socket.socket) -> None:
         self.sessions_served += 1
-        session = Session(conn, self.device, dma_timeout=self.dma_timeout,
-                          name=f"{os.path.basename(self.path)}#{self.sessions_served}")
+        self.adopt_session(Session(conn, self.device, dma_timeout=self.dma_timeout,
+                                   name=f"{os.path.basename(self.path)}#{self.sessions_served}"))
+
+    def adopt_session(self, session: Session) -> None:
+        """Serve `session` (a new one, or one taken over from another process)."""
         self.session = session
 
         async def run() -> None:

@@ -23,6 +23,13 @@ Teardown (EOF, stream error or `abort()`): stop reading, drop queued commands
 (closing their fds), let the command in progress finish, fail pending DMA requests
 with ENOTCONN, then quiesce -> dma_unmapped() for each region -> unmap all -> close
 the DMA fds -> resume -> device.client_disconnected().
+
+Handing the connection to another process (reactor/connmove.py): `inject()` puts a
+barrier into the FIFO, so it is reached between two commands, after every command
+received before it has been answered; `hold_reading()` stops the reader between two
+`recvmsg` calls (bytes the client sends meanwhile wait in the socket buffer), and
+`resume_reading()` goes on where it stopped.  Frames read but not yet processed are
+still in the FIFO (`queued_frames()`), a partial message in the framer.
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ import asyncio
 import errno
 import logging
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from vfio_user.dmamsg import (DmaLayout, DmaRw, decode_read_reply, probe_address, probe_layout,
                               write_reply_layout)
@@ -60,6 +67,13 @@ MAX_MESSAGE = SERVER_MAX_XFER + 4096
 QUEUE_DEPTH = 4096
 
 
+class Barrier(Protocol):
+    """Something the pipeline runs in order, between two commands (see connmove)."""
+
+    async def reached(self) -> None: ...
+    def close(self) -> None: ...
+
+
 class Session:
     def __init__(self, sock: socket.socket, device: "VfioDevice", *,
                  dma_timeout: float = 5.0, name: str = "vfio-user") -> None:
@@ -72,13 +86,17 @@ class Session:
         self.dma_fds: dict[int, int | None] = {}       # iova -> fd we keep until unmap
         self.dma_timeout = dma_timeout
         self.dma_layout: DmaLayout | None = None         # proven by a DMA_READ reply
-        self._queue: asyncio.Queue[Frame | None] = asyncio.Queue(QUEUE_DEPTH)
+        self._queue: asyncio.Queue[Frame | Barrier | None] = asyncio.Queue(QUEUE_DEPTH)
         self._pending: dict[int, tuple[int, asyncio.Future[Frame]]] = {}
         self._next_id = 0x8000
         self._pipeline = Pipeline(self)
         self._reader_task: asyncio.Task[None] | None = None
         self._connected = False
         self._closed = False
+        self._holding = False                 # hold_reading(): no recvmsg until resumed
+        self._reading = asyncio.Event()
+        self._reading.set()
+        self._in_recv = False                 # the reader waits in recv_chunk (cancellable)
 
     # ------------------------------------------------------------- state
     @property
@@ -150,9 +168,48 @@ class Session:
             if f is not None:
                 f.close()
 
+    def hold_reading(self) -> None:
+        """Stop reading between two recvmsg calls; nothing read is lost (see module doc)."""
+        self._holding = True
+        self._reading.clear()
+        if self._in_recv and self._reader_task is not None:
+            # Suspended only in the readiness wait, before recvmsg: no byte is in flight.
+            self._reader_task.cancel()
+
+    def resume_reading(self) -> None:
+        self._holding = False
+        self._reading.set()
+
+    def inject(self, barrier: Barrier) -> None:
+        """Run `barrier.reached()` in the pipeline after the commands queued before it."""
+        self._queue.put_nowait(barrier)
+
+    def queued_frames(self) -> list[Frame]:
+        """Frames read but not processed yet, in order (they stay queued)."""
+        return [f for f in list(self._queue._queue) if isinstance(f, Frame)]  # type: ignore[attr-defined]
+
+    def requeue(self, frames: list[Frame]) -> None:
+        """Queue frames another process read but did not process (before reading more)."""
+        for f in frames:
+            self._queue.put_nowait(f)
+
     async def _reader(self) -> None:
         while True:
-            data, fds, trunc = await self.transport.recv_chunk()
+            if self._holding:
+                await self._reading.wait()
+                continue
+            self._in_recv = True
+            try:
+                data, fds, trunc = await self.transport.recv_chunk()
+            except asyncio.CancelledError:
+                if not self._holding or self._closed:
+                    raise
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                continue
+            finally:
+                self._in_recv = False
             if not data:
                 close_fds(fds)
                 log.info("%s: client closed the connection", self.name, extra=_RL_GONE)
@@ -173,6 +230,12 @@ class Session:
             frame = await self._queue.get()
             if frame is None:
                 return
+            if not isinstance(frame, Frame):
+                try:
+                    await frame.reached()
+                except Exception:
+                    log.exception("%s: pipeline barrier failed", self.name)
+                continue
             try:
                 await self._pipeline.process(frame)
             finally:

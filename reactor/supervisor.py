@@ -13,6 +13,13 @@ to the new one and re-attaches the dead worker's queues from shared state
 (reactor/recovery.py): the guest sees at most retried commands.  A front-end that dies is restarted
 and serves its socket again.  SIGTERM: STOPPING=1, stop the front-ends (they close
 their sockets and release the workers), stop the workers, destroy backends, exit 0.
+
+Live upgrade (SIGUSR2, `vnvmectl upgrade`): reactor/upgrade.py hands every
+controller to a new daemon started from the installed code, which runs
+reactor/takeover.py instead of the normal start (`$VNVMED_HANDOVER_FD`).  After a
+handover this process only stops its workers and exits: the controllers, their
+sockets, the RAM namespaces and the management socket belong to the new one.
+SIGHUP keeps its meaning: re-read the config file.
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ from ops.cores import parse_cores
 from ops.mgmt.jsonrpc import MgmtError
 from ops.mgmt.server import MgmtServer
 from ops.mgmtapi import ManagementApiMixin
+from reactor.upgrade import UpgradeMixin
 from reactor.shm.names import cleanup_stale, instance_prefix
 
 log = logging.getLogger("vnvmed")
@@ -87,7 +95,7 @@ def _tell(sock: socket.socket | None, msg: dict[str, Any]) -> None:
             pass
 
 
-class Supervisor(ManagementApiMixin):
+class Supervisor(ManagementApiMixin, UpgradeMixin):
     def __init__(self, cfg: DaemonConfig) -> None:
         self.cfg = cfg
         self.wprocs: dict[int, WorkerProc] = {}
@@ -99,6 +107,9 @@ class Supervisor(ManagementApiMixin):
         self._pongs: dict[int, asyncio.Future] = {}
         self.mgmt: MgmtServer | None = None
         self.done: asyncio.Event | None = None  # created in the loop
+        self.handover: Any = None          # the running UpgradeSource / UpgradeTarget
+        self.handed_over = False           # everything now belongs to a new daemon
+        self.cores: list[int] = []
 
     # ------------------------------------------------------------------ set-up
     def _opts(self) -> dict[str, Any]:
@@ -119,20 +130,28 @@ class Supervisor(ManagementApiMixin):
         done = self.done = asyncio.Event()
         cores = self._cores()
         make_run_dir(self.cfg.run_dir)
-        for name in cleanup_stale(self.cfg.run_dir):
-            log.info("removed stale shared memory %s of a dead instance", name)
+        from reactor.takeover import UpgradeTarget, handover_fd
+        hfd = handover_fd()
+        if hfd is None:   # a new daemon taking over must not sweep what the old one runs
+            for name in cleanup_stale(self.cfg.run_dir):
+                log.info("removed stale shared memory %s of a dead instance", name)
         self.prefix = instance_prefix(self.cfg.run_dir, os.getpid())
+        self.cores = cores
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        loop.add_signal_handler(signal.SIGUSR2, lambda: asyncio.ensure_future(self.upgrade_signal()))
         try:
-            for wid, core in enumerate(cores):
-                self.wprocs[wid] = WorkerProc(wid, core)
-                self._start_worker(self.wprocs[wid])
-            for spec in self.cfg.controllers:
-                await self._add_front(spec)
-            self.mgmt = MgmtServer(self, self.cfg.rpc_socket)
-            await self.mgmt.start()
+            if hfd is not None:
+                self.handover = UpgradeTarget(self, hfd)
+                await self.handover.start()
+                self.handover = None
+            else:
+                self.start_workers()
+                for spec in self.cfg.controllers:
+                    await self._add_front(spec)
+                self.mgmt = MgmtServer(self, self.cfg.rpc_socket)
+                await self.mgmt.start()
         except BackendConfigError:
             await self._shutdown()
             raise             # ops.cli prints the one line and exits 2
@@ -149,11 +168,19 @@ class Supervisor(ManagementApiMixin):
         wd = asyncio.ensure_future(self._watchdog())
         await done.wait()
         wd.cancel()
+        if self.handed_over:
+            await self._leave()
+            return 0
         notify.stopping()
         log.info("stopping")
         await self._shutdown()
         log.info("stopped")
         return 0
+
+    def start_workers(self) -> None:
+        for wid, core in enumerate(self.cores):
+            self.wprocs[wid] = WorkerProc(wid, core)
+            self._start_worker(self.wprocs[wid])
 
     def request_stop(self) -> None:
         if not self.stopping:
@@ -288,7 +315,7 @@ class Supervisor(ManagementApiMixin):
             raise
         return f
 
-    async def _start_front(self, f: FrontProc) -> None:
+    async def _start_front(self, f: FrontProc, adopt: bool = False) -> None:
         from reactor.frontend import run as front_run
         loop = asyncio.get_running_loop()
         worker_socks: dict[int, socket.socket] = {}
@@ -303,7 +330,8 @@ class Supervisor(ManagementApiMixin):
             worker_socks[w.wid] = a
         mine, theirs = ipc.pair()
         nss = [self._ns_wire(ns, f.backends[ns.nsid]) for ns in f.spec.namespaces if ns.nsid is not None]
-        f.proc = CTX.Process(target=front_run, args=(f.spec, nss, worker_socks, theirs, self._opts()),
+        f.proc = CTX.Process(target=front_run, args=(f.spec, nss, worker_socks, theirs,
+                                                     dict(self._opts(), adopt=adopt)),
                              name=f"vnvmed-frontend-{f.spec.name}")
         f.proc.start()
         theirs.close()
@@ -311,9 +339,12 @@ class Supervisor(ManagementApiMixin):
             s.close()
         f.ctl = mine
         mine.setblocking(False)
-        f.listening = loop.create_future()
         loop.add_reader(mine.fileno(), self._front_readable, f)
         loop.add_reader(f.proc.sentinel, self._front_exited, f)
+        if adopt:        # it binds nothing: reactor/takeover.py follows its progress
+            f.listening = None
+            return
+        f.listening = loop.create_future()
         try:
             await asyncio.wait_for(asyncio.shield(f.listening), 30)
         except asyncio.TimeoutError:
@@ -326,11 +357,17 @@ class Supervisor(ManagementApiMixin):
                 msg, fds = ipc.recv(f.ctl)
             except (BlockingIOError, InterruptedError, OSError):
                 return
-            ipc.close_fds(fds)
             if msg is None:
                 asyncio.get_running_loop().remove_reader(f.ctl.fileno())
                 return
             op = msg.get("op")
+            if op == "pkg" or str(op).startswith("handover_"):
+                if self.handover is not None:
+                    self.handover.from_front(f, msg, fds)
+                else:
+                    ipc.close_fds(fds)
+                continue
+            ipc.close_fds(fds)
             if op == "listening" and f.listening is not None and not f.listening.done():
                 f.listening.set_result(True)
             elif op == "reply":
@@ -415,6 +452,12 @@ class Supervisor(ManagementApiMixin):
         if self.mgmt is not None:
             await self.mgmt.close()
         await asyncio.gather(*(self._stop_front(f) for f in self.fronts.values()))
+        await self._stop_workers()
+        # Every child has ended: whatever of this instance is still in /dev/shm belongs to
+        # a creator that died before it could unlink (SIGKILLed front-end).
+        self._sweep_shm()
+
+    async def _stop_workers(self) -> None:
         for w in self.wprocs.values():
             _tell(w.ctl, {"op": "stop"})
         deadline = time.monotonic() + 5
@@ -423,18 +466,16 @@ class Supervisor(ManagementApiMixin):
                 await asyncio.sleep(0.02)
             if w.proc is not None and w.proc.is_alive():
                 w.proc.kill()
-        # Every child has ended: whatever of this instance is still in /dev/shm belongs to
-        # a creator that died before it could unlink (SIGKILLed front-end).
-        self._sweep_shm()
 
-    def _sweep_shm(self, *parts: str) -> None:
+    def _sweep_shm(self, *parts: str, prefix: str | None = None) -> None:
         """Unlink this instance's segments whose names contain every part (creator died)."""
         try:
             names = os.listdir("/dev/shm")
         except OSError:
             return
+        prefix = prefix or self.prefix
         for n in names:
-            if n.startswith(self.prefix + "-") and all(p in n for p in parts):
+            if n.startswith(prefix + "-") and all(p in n for p in parts):
                 try:
                     os.unlink(os.path.join("/dev/shm", n))
                     log.info("removed shared memory %s left by a dead process", n)

@@ -18,12 +18,21 @@ mistakes for a clean exit 0).  ``shm_left()`` lists the ``/dev/shm`` objects
 (segments and ``sem.`` semaphores) named with this instance's prefix, for the
 "nothing left behind" checks after a stop.
 
+After a live upgrade the daemon's main process is another one (started by the old
+one, which exits): `upgrade()` runs ``vnvmectl upgrade`` and `follow()` switches to
+the new main PID.  The test process makes itself a child subreaper first
+(`become_subreaper`), so the new main process becomes our child when the old one exits
+and `stop()` still gets its exit status.  `shm_left()` then covers every main PID the
+daemon had (RAM namespaces keep the name their creator gave them).
+
 Users: tests/integration/conftest.py (`start_daemon`, the `daemon` fixture),
 test_reactor.py, test_slowpath.py, test_ops_daemon.py (adds vnvmectl helpers) and
 tests/qemu/harness.py (`start_vnvmed`).
 """
 from __future__ import annotations
 
+import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -39,6 +48,29 @@ VNVMED = str(ROOT / "bin" / "vnvmed")
 READY_MARK = "vnvmed ready"     # reactor/supervisor.py logs it once all sockets listen
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
+
+
+VNVMECTL = str(ROOT / "bin" / "vnvmectl")
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    """Orphaned descendants (a daemon's new main process after a live upgrade) become ours."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def other_build(directory: str | os.PathLike[str], **env: str) -> str:
+    """An executable running this checkout's bin/vnvmed with `env` exported: a 'second
+    build' for `vnvmectl upgrade --exec` (e.g. VNVMED_SNAPSHOT_FORMAT=0.9 claims an
+    older snapshot format, VNVMED_TEST_TAKEOVER_CRASH=restoring crashes mid-handover)."""
+    path = os.path.join(os.fspath(directory), "vnvmed-" + "-".join(f"{k}-{v}" for k, v in env.items()))
+    exports = "".join(f"export {k}={v}\n" for k, v in env.items())
+    with open(path, "w") as f:
+        f.write(f"#!/bin/sh\n{exports}exec {sys.executable} {VNVMED} \"$@\"\n")
+    os.chmod(path, 0o755)
+    return path
 
 
 class DaemonNotReady(RuntimeError):
@@ -63,6 +95,9 @@ class Daemon:
         self.new_session = new_session
         self.img = ""                 # a backing image the starter made for it, if any
         self.proc: subprocess.Popen | None = None
+        self.main: int | None = None  # main PID after a live upgrade (our adopted child)
+        self.main_rc: int | None = None
+        self.pids: list[int] = []     # every main PID it had
 
     # --- life cycle ---------------------------------------------------------------------
     def spawn(self) -> "Daemon":
@@ -76,6 +111,7 @@ class Daemon:
             self.proc = subprocess.Popen([sys.executable, VNVMED, *self.args], env=env,
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          cwd=self.cwd, start_new_session=self.new_session)
+        self.pids = [self.proc.pid]
         return self
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
@@ -105,6 +141,8 @@ class Daemon:
     def stop(self, timeout: float = STOP_TIMEOUT) -> int:
         """SIGTERM by PID and wait; SIGKILL after ``timeout`` s.  Returns the exit status."""
         proc = self._proc()
+        if self.main is not None:
+            return self._stop_main(timeout)
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)
             try:
@@ -114,8 +152,76 @@ class Daemon:
                 proc.wait(10)
         return proc.returncode
 
+    # --- after a live upgrade --------------------------------------------------------
+    def vnvmectl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """``vnvmectl --rpc <our socket> ARGS`` (output captured)."""
+        return subprocess.run([sys.executable, VNVMECTL, "--rpc", self.rpc, *args],
+                              capture_output=True, text=True, timeout=timeout, cwd=self.cwd)
+
+    def upgrade(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """``vnvmectl upgrade ARGS --json``; on success follow the new main process."""
+        become_subreaper()
+        r = self.vnvmectl("upgrade", *args, "--json", timeout=timeout)
+        if r.returncode == 0:
+            self.follow(int(json.loads(r.stdout)["new_pid"]))
+        return r
+
+    def follow(self, pid: int, timeout: float = 15.0) -> None:
+        """The daemon's main process is now `pid`; the previous one is reaped (exit status
+        in `handed_over_rc`: 0 for a clean handover)."""
+        prev = self.pid
+        deadline = time.monotonic() + timeout
+        if self.main is None:
+            self.handed_over_rc = self._proc().wait(timeout)
+        else:
+            self.handed_over_rc = self._wait_main(deadline)
+        assert prev != pid
+        self.main = pid
+        self.main_rc = None
+        self.pids.append(pid)
+
+    handed_over_rc: int | None = None
+
+    def _wait_main(self, deadline: float) -> int | None:
+        """Reap the adopted main process (we are its subreaper once its parent exited)."""
+        assert self.main is not None
+        while True:
+            try:
+                pid, status = os.waitpid(self.main, os.WNOHANG)
+            except ChildProcessError:       # not (yet) ours: its parent has not exited
+                pid, status = 0, 0
+                if not os.path.exists(f"/proc/{self.main}"):
+                    return None
+            if pid:
+                self.main_rc = os.waitstatus_to_exitcode(status)
+                return self.main_rc
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(str(self.main), 0)
+            time.sleep(0.02)
+
+    def _stop_main(self, timeout: float) -> int:
+        assert self.main is not None
+        if self.main_rc is not None:
+            return self.main_rc
+        try:
+            os.kill(self.main, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            rc = self._wait_main(time.monotonic() + timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(self.main, signal.SIGKILL)
+            rc = self._wait_main(time.monotonic() + 10)
+        return -1 if rc is None else rc
+
     def kill(self) -> None:
         """SIGKILL by PID (a test's last-resort clean-up; no exit status check)."""
+        if self.main is not None and self.main_rc is None:
+            try:
+                os.kill(self.main, signal.SIGKILL)
+                self._wait_main(time.monotonic() + 10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
@@ -134,9 +240,20 @@ class Daemon:
 
     @property
     def pid(self) -> int:
-        return self._proc().pid
+        return self.main if self.main is not None else self._proc().pid
 
     def alive(self) -> bool:
+        if self.main is not None:
+            if self.main_rc is not None:
+                return False
+            try:
+                pid, status = os.waitpid(self.main, os.WNOHANG)
+            except ChildProcessError:
+                return os.path.exists(f"/proc/{self.main}")
+            if pid:
+                self.main_rc = os.waitstatus_to_exitcode(status)
+                return False
+            return True
         return self.proc is not None and self.proc.poll() is None
 
     def log(self) -> str:
@@ -206,10 +323,11 @@ class Daemon:
         return sorted(p for p, cmd in self.children().items() if word in cmd)
 
     def shm_left(self) -> list[str]:
-        """/dev/shm objects (segments and semaphores) of this instance still present."""
-        prefix = instance_prefix(self.run_dir, self.pid)
+        """/dev/shm objects (segments and semaphores) of this instance still present
+        (every main PID it had: see the module doc)."""
+        prefixes = tuple(instance_prefix(self.run_dir, p) + "-" for p in (self.pids or [self.pid]))
         try:
             names = os.listdir(SHM_DIR)
         except FileNotFoundError:
             return []
-        return sorted(n for n in names if n.startswith(prefix) or n.startswith("sem." + prefix))
+        return sorted(n for n in names if n.startswith(prefixes) or n.startswith(tuple("sem." + p for p in prefixes)))

@@ -94,6 +94,29 @@ class Framer:
     def pending_bytes(self) -> int:
         return len(self._buf)
 
+    def export(self) -> tuple[bytes, list[tuple[int, int, bool]], list[int]]:
+        """The partial message held now, for a handover to another process.
+
+        Returns (bytes, [(offset in those bytes, fd count, truncated)], fds): the fds
+        stay ours (the caller sends copies); `adopt` rebuilds the same state.
+        """
+        marks = [(off - self._base, len(f), trunc) for off, f, trunc in self._fds]
+        return bytes(self._buf), marks, [fd for _, f, _ in self._fds for fd in f]
+
+    def adopt(self, data: bytes, marks: list[tuple[int, int, bool]], fds: list[int]) -> None:
+        """Take over another framer's partial message (see `export`); we own the fds."""
+        if self._buf or self._fds:
+            raise ValueError("adopt() needs an empty framer")
+        pos = 0
+        for off, n, trunc in marks:
+            if not 0 <= off < len(data) or pos + n > len(fds):
+                close_fds(fds)
+                raise ValueError("partial-message fd marks do not fit the bytes")
+            self._fds.append((self._base + off, list(fds[pos:pos + n]), bool(trunc)))
+            pos += n
+        close_fds(fds[pos:])
+        self._buf += data
+
     def close(self) -> None:
         """Drop buffered bytes and close every fd not yet handed out."""
         while self._fds:

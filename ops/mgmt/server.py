@@ -47,6 +47,7 @@ class ManagementApi(Protocol):
     async def stats(self, ctrl: str | None = None) -> dict: ...
     async def workers(self) -> list[dict]: ...
     async def backends(self) -> list[dict]: ...
+    async def upgrade(self, exec: str | None = None, timeout: float | None = None) -> dict: ...
 
 
 _S, _I, _B, _N = (str,), (int,), (bool,), (type(None),)
@@ -86,6 +87,10 @@ METHODS: dict[str, MethodSpec] = rpc.method_table([
                doc="per controller/queue/worker counters"),
     MethodSpec("workers", "workers", doc="worker processes, cores and queue assignments"),
     MethodSpec("backends", "backends", doc="namespace kinds this daemon can serve (nbd/rbd need Debian bindings)"),
+    MethodSpec("daemon.upgrade", "upgrade",
+               (Param("exec", _S + _N, False, None), Param("timeout", (int, float) + _N, False, None)),
+               doc="live upgrade: hand every controller to a new daemon started from the installed "
+                   "code (or exec), without disconnecting any VM"),
 ])
 
 
@@ -156,6 +161,7 @@ class MgmtServer:
         self.mode = mode
         self._server: asyncio.AbstractServer | None = None
         self._conns: set[asyncio.Task[None]] = set()
+        self._held: socket.socket | None = None     # stop_accepting(): our listening socket
 
     async def start(self) -> None:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
@@ -170,6 +176,43 @@ class MgmtServer:
             raise
         self._server = await asyncio.start_unix_server(self._client, sock=sock, limit=rpc.MAX_LINE + 1)
         log.info("management socket listening on %s", self.path)
+
+    async def adopt(self, sock: socket.socket) -> None:
+        """Serve a listening socket handed over by the daemon we replace (live upgrade)."""
+        self._server = await asyncio.start_unix_server(self._client, sock=sock, limit=rpc.MAX_LINE + 1)
+        log.info("management socket %s taken over", self.path)
+
+    def listening_fd(self) -> int:
+        """The listening socket, for a live upgrade (the caller sends a copy)."""
+        if self._held is not None:
+            return self._held.fileno()
+        assert isinstance(self._server, asyncio.Server)
+        return self._server.sockets[0].fileno()
+
+    def stop_accepting(self) -> None:
+        """Leave new connections to the daemon we hand over to; ours are still served."""
+        if not isinstance(self._server, asyncio.Server) or self._held is not None:
+            return
+        self._held = socket.socket(fileno=os.dup(self._server.sockets[0].fileno()))
+        self._server.close()
+
+    async def resume_accepting(self) -> None:
+        if self._held is not None:
+            sock, self._held = self._held, None
+            self._server = await asyncio.start_unix_server(self._client, sock=sock, limit=rpc.MAX_LINE + 1)
+
+    async def drain(self, timeout: float) -> None:
+        """Let the connections in progress finish (a handed-over daemon answers the
+        `upgrade` request), then stop; the socket file now belongs to someone else."""
+        if self._server is not None:
+            self._server.close()
+        if self._conns:
+            await asyncio.wait(set(self._conns), timeout=timeout)
+        for t in list(self._conns):
+            t.cancel()
+        if self._held is not None:
+            self._held.close()
+            self._held = None
 
     async def close(self) -> None:
         if self._server is None:

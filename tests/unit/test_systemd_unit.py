@@ -44,7 +44,7 @@ def verify(text: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
 def test_unit_verifies_cleanly(tmp_path: Path) -> None:
     true = shutil.which("true")
     assert true
-    text = UNIT.read_text().replace("/usr/local/bin/vnvmed", true)
+    text = UNIT.read_text().replace("/usr/local/bin/vnvmectl", true).replace("/usr/local/bin/vnvmed", true)
     r = verify(text, tmp_path)
     assert r.returncode == 0 and r.stdout == "" and r.stderr == "", r.stderr
 
@@ -53,7 +53,8 @@ def test_verify_would_catch_a_bad_key(tmp_path: Path) -> None:
     # Guards the test above: a broken unit really is reported.
     true = shutil.which("true")
     assert true
-    text = UNIT.read_text().replace("/usr/local/bin/vnvmed", true).replace("[Service]\n", "[Service]\nBogus=1\n")
+    text = UNIT.read_text().replace("/usr/local/bin/vnvmectl", true).replace("/usr/local/bin/vnvmed", true) \
+        .replace("[Service]\n", "[Service]\nBogus=1\n")
     r = verify(text, tmp_path)
     assert "Bogus" in r.stderr
 
@@ -62,7 +63,9 @@ def test_promised_directives() -> None:
     d = directives()
     assert d["Service.Type"] == ["notify"]
     assert d["Service.ExecStart"] == ["/usr/local/bin/vnvmed --config /etc/vnvmed/vnvmed.toml"]
-    assert d["Service.ExecReload"][0].endswith("kill -HUP $MAINPID")
+    # reload = live upgrade (the old main process moves MAINPID; see reactor/upgrade.py)
+    assert d["Service.ExecReload"] == ["/usr/local/bin/vnvmectl upgrade"]
+    assert d["Service.NotifyAccess"] == ["main"]
     assert d["Service.RuntimeDirectory"] == ["vnvmed"] and d["Service.RuntimeDirectoryMode"] == ["0750"]
     assert d["Service.Restart"] == ["on-failure"] and d["Service.WatchdogSec"]
     assert d["Service.LimitMEMLOCK"] == ["infinity"] and d["Service.ProtectSystem"] == ["strict"]
