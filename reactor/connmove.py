@@ -30,11 +30,11 @@ state package (nothing runs yet: queues are placed on paused workers, the socket
 not read), and `resume()` once the supervisor says the handover is committed.  Until
 then the taker is provisional: told to stop, it exits without side effects.
 
-The device state uses `Controller.snapshot()` with records refreshed from the workers
-plus the PCI config image: minimal glue until the migration snapshot
-(`NvmeFunction.save_state()/load_state()`, SEAMS S4) lands, which replaces
-`save_device`/`load_device` below.  The doorbell page is never restored here: the
-memfd is the same object, and the guest may have written it during the blackout.
+The device state is the migration snapshot (SEAMS S4, reactor/devstate.py: the same
+bytes live migration moves, with their own format version and identity check); the
+connection's own fds (DMA regions, interrupt eventfds) travel beside it.  The doorbell
+page is never restored: the memfd is the same object, and the guest may have written
+it during the blackout.  A migration in progress refuses the handover.
 """
 from __future__ import annotations
 
@@ -46,6 +46,8 @@ import time
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
+from migration.snapshot import SnapshotError
+from reactor import devstate
 from reactor.handover import FdTable, Package, PackageAssembler, claimed_format, format_problem, send_package
 from reactor.session import Session
 from vfio_user.framing import Frame
@@ -90,20 +92,12 @@ class _Barrier:
 
 # ------------------------------------------------------------------ device state
 def save_device(fn: "NvmeFunction", fds: FdTable) -> dict[str, Any]:
-    """Controller + PCI + interrupt + DMA state of a quiesced function (see module doc).
-
-    The I/O queues' progress comes from the queue table (SEAMS S1): quiesced workers
-    have stopped writing it, so every record is final.  The new front-end gets the
-    records in the snapshot and writes them into its own table: the old table is never
-    touched by the taker, so a rollback finds it exactly as the old workers left it.
-    """
-    sqs = [sq for sq in (fn.qtable.get_sq(i) for i in fn.ctrl.queues.sqs) if sq is not None]
-    cqs = [cq for cq in (fn.qtable.get_cq(i) for i in fn.ctrl.queues.cqs) if cq is not None]
-    fn.ctrl.update_queue_records(sqs, cqs)
+    """The stopped function's state: the migration snapshot (SEAMS S4: controller with
+    the queue table's records, PCI config, doorbell page) plus what belongs to the
+    connection rather than the device - DMA regions and interrupt eventfds, as fds."""
     r = fn.irqs
     return {
-        "ctrl": fn.ctrl.snapshot(),
-        "pci": fn.pci.snapshot(),
+        "snapshot": devstate.save_state(fn),
         "regions": [[iova, size, off, fds.ref(fd), rd, wr]
                     for (iova, size), (off, fd, rd, wr) in fn.dma_regions.items()],
         "irqs": {"msix": [[v, fds.ref(fd)] for v, fd in r.msix.items()],
@@ -126,25 +120,21 @@ def load_device(fn: "NvmeFunction", st: dict[str, Any], pkg: Package, session: S
             fn.client_connected(session)
         for iova, size, off, ref, rd, wr in st["regions"]:
             fn.dma_mapped(iova, size, off, pkg.fd(ref), rd, wr)      # dups the fd
-    fn.pci.restore(bytes(st["pci"]))
     irq = st["irqs"]
     r = fn.irqs
     r.msix = {int(v): pkg.take(ref) for v, ref in irq["msix"]}          # type: ignore[misc]
     r.intx, r.intx_unmask = pkg.take(irq["intx"]), pkg.take(irq["intx_unmask"])
     r.other = {int(k): pkg.take(ref) for k, ref in irq["other"]}        # type: ignore[misc]
     r.intx_masked = bool(irq["intx_masked"])
-    fn._update_routes()
-    # Queues go to the paused workers in one go: loads asked once, messages sent without
-    # waiting (rings are FIFO), then one round trip per worker before we say "restored".
+    # Placement counts every controller's queues: the loads once, before the restore
+    # creates its queues in one batch (devstate: no round trip per queue).
     for wid, link in list(fn.links.items()):
         fn.placement.report(wid, int(link.request_sync({"op": "load"}, timeout=2.0)["queues"]))
-    fn.batch = True
     try:
-        fn.ctrl.restore(st["ctrl"])
-    finally:
-        fn.batch = False
-    for wid, link in list(fn.links.items()):
-        link.request_sync({"op": "load"}, timeout=2.0)
+        # The doorbell page stays as it is: it is the very page the guest writes.
+        devstate.load_state(fn, bytes(st["snapshot"]), restore_doorbells=False)
+    except SnapshotError as e:
+        raise HandoverRefused(f"snapshot refused: {e}") from None
     fn.fatal_reason = st.get("fatal_reason")
     fn.slow.count = int(st.get("slow_count", 0))
     fn.coord.count = int(st.get("quiesces", 0))
@@ -223,6 +213,9 @@ class Giver:
         assert fn is not None and server is not None
         if self.frozen:
             raise HandoverRefused("already frozen")
+        if not fn.mig.engine.running or fn.mig.held or fn.mig.dirty.active:
+            raise HandoverRefused(f"controller {fe.spec.name}: a live migration is in progress "
+                                  f"({fn.mig.engine.state.name}); upgrade after it")
         server.hold_accepting()
         session = server.session
         try:
@@ -240,7 +233,7 @@ class Giver:
             self.session = session
             self.frozen = True
             before = fn.fatal_reason
-            await fn.quiesce()
+            await devstate.stop(fn)
             if fn.fatal_reason != before:     # a worker did not drain in time
                 raise HandoverRefused(f"controller {fe.spec.name}: {fn.fatal_reason}")
             if session is not None:
@@ -270,7 +263,7 @@ class Giver:
             self.frozen = False
             if self.session is not None:
                 self.session.resume_reading()
-            await fe.fn.resume()
+            await devstate.start(fe.fn)
         if self.barrier is not None:
             self.barrier.release()
             self.barrier = None
@@ -325,7 +318,7 @@ class Taker:
             pkg.close_unused()
         fn = fe.fn
         # Every worker's slot paused before it gets a queue: nothing runs until resume().
-        await fn.coord.quiesce(set(fn.links))
+        await devstate.stop(fn)
         if fn.fatal_reason:
             raise HandoverRefused(f"new workers did not answer: {fn.fatal_reason}")
 
@@ -357,8 +350,7 @@ class Taker:
         fn, server = fe.fn, fe.server
         assert fn is not None and server is not None
         self.marks["go"] = time.monotonic_ns()
-        fn.coord.resume()
-        fn.admin_kick.set()
+        await devstate.start(fn)
         if self.session is not None:
             server.adopt_session(self.session)
         for conn, since in self.waiting:      # clients waiting for their turn

@@ -99,10 +99,14 @@ def split(data: bytes | bytearray | memoryview) -> list[Snapshot]:
     return blobs
 
 
-def load_state(fn: "NvmeFunction", data: bytes | Iterable[Snapshot]) -> None:
+def load_state(fn: "NvmeFunction", data: bytes | Iterable[Snapshot], *,
+               restore_doorbells: bool = True) -> None:
     """Restore from a blob (or the blobs of a migration stream; the last full one counts).
 
-    Raises SnapshotError (nothing changed, or the controller was reset to power-on).
+    `restore_doorbells=False` (live upgrade): the doorbell page is left as it is - both
+    processes map the same memfd, and the guest may have rung during the blackout, which
+    the saved page would overwrite.  Raises SnapshotError (nothing changed, or the
+    controller was reset to power-on).
     """
     blobs = split(data) if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
     for b in blobs:
@@ -127,7 +131,7 @@ def load_state(fn: "NvmeFunction", data: bytes | Iterable[Snapshot]) -> None:
             raise RingsNotMapped(f"{what} memory is not mapped here (map guest memory "
                                  f"before loading): {e}") from None
     try:
-        _apply(fn, pci, doorbells, ctrl)
+        _apply(fn, pci, doorbells if restore_doorbells else None, ctrl)
     except Exception as e:
         log.exception("%s: restoring the snapshot failed; resetting the controller", fn.name)
         try:
@@ -140,13 +144,14 @@ def load_state(fn: "NvmeFunction", data: bytes | Iterable[Snapshot]) -> None:
              len(ctrl["queues"]["sqs"]))
 
 
-def _apply(fn: "NvmeFunction", pci: bytes, doorbells: list[tuple[int, int]], ctrl: dict) -> None:
+def _apply(fn: "NvmeFunction", pci: bytes, doorbells: list[tuple[int, int]] | None, ctrl: dict) -> None:
     fn.pci.restore(pci)
     words = fn.db_words
-    for i, _ in nvmeimage.doorbell_words(words):   # single aligned stores, as always here
-        words[i] = 0
-    for i, v in doorbells:
-        words[i] = v
+    if doorbells is not None:
+        for i, _ in nvmeimage.doorbell_words(words):   # single aligned stores, as always here
+            words[i] = 0
+        for i, v in doorbells:
+            words[i] = v
     # Queue creation messages go to the (paused) workers without a round trip each
     # (NvmeFunction.worker_batch).
     with fn.worker_batch():

@@ -136,3 +136,30 @@ def test_vnvmectl_upgrade_request() -> None:
     method, params = request_for(a)
     assert method == "daemon.upgrade" and params["timeout"] == 9 and os.path.isabs(params["exec"])
     assert request_for(build_parser().parse_args(["upgrade"])) == ("daemon.upgrade", {"timeout": 45.0})
+
+
+def test_a_restore_for_a_live_upgrade_keeps_the_doorbell_page() -> None:
+    """Both processes map one BAR0 memfd: a doorbell the guest writes during the blackout
+    must survive the restore (load_state restores the saved page only for migration)."""
+    from backends.null import NullBackend
+    from nvme.config import ControllerConfig
+    from nvme.namespace import Namespace
+    from nvme.state import NamespaceInfo
+    from reactor import devstate
+    from reactor.nvmefn import NvmeFunction
+
+    def function(bar_fd: int | None = None) -> NvmeFunction:
+        info = NamespaceInfo(1, 512, 2048, backend={"kind": "null", "size": 1 << 20})
+        cfg = ControllerConfig(serial="S", model="M", max_io_queues=4, mqes=64, mdts=5, subnqn="nqn.x")
+        return NvmeFunction("c", cfg, {1: Namespace(info, NullBackend(1 << 20))}, cfg.max_transfer,
+                            bar_fd=bar_fd)
+
+    old = function()
+    old.db_words[3] = 7                      # rung before the freeze: in the snapshot
+    blob = devstate.save_state(old)
+    new = function(bar_fd=os.dup(old.bar_fd))
+    old.db_words[3] = 9                      # rung during the blackout
+    devstate.load_state(new, blob, restore_doorbells=False)
+    assert new.db_words[3] == old.db_words[3] == 9
+    devstate.load_state(new, blob)           # migration: the saved page comes back
+    assert old.db_words[3] == 7
