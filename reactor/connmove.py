@@ -381,17 +381,18 @@ class Mover:
 
     def handle(self, msg: dict[str, Any], fds: list[int]) -> None:
         op = msg.get("op")
+        uid = msg.get("uid")        # the upgrade attempt a request belongs to (echoed)
         if op == "pkg":
             pkg = self.assembler.feed(msg, fds)
             if pkg is not None:
                 self.taker.packages.put_nowait(pkg)
         elif op == "handover_static":
             st, sfds = self.giver.static()
-            send_package(self.fe.sup, "static", st, sfds)
+            send_package(self.fe.sup, "static", st, sfds, uid=uid)
         elif op == "handover_freeze":
-            self._task = asyncio.ensure_future(self._freeze())
+            self._task = asyncio.ensure_future(self._freeze(uid))
         elif op == "handover_thaw":
-            asyncio.ensure_future(self.giver.thaw())
+            asyncio.ensure_future(self._thaw())
         elif op == "handover_release":
             self.giver.release()
         elif op == "handover_resume":
@@ -399,11 +400,19 @@ class Mover:
         else:
             raise ValueError(f"unknown handover message {op!r}")
 
-    async def _freeze(self) -> None:
+    async def _freeze(self, uid: Any) -> None:
         try:
             st, fds = await self.giver.freeze()
         except Exception as e:
-            log.error("%s: freeze failed: %s", self.fe.spec.name, e)
-            self.fe.tell({"op": "handover_failed", "reason": str(e)})
+            log.error("%s: freeze failed: %s", self.fe.spec.name, e or type(e).__name__)
+            self.fe.tell({"op": "handover_failed", "name": self.fe.spec.name, "uid": uid,
+                          "reason": f"freeze failed: {e or type(e).__name__}"})
             return
-        send_package(self.fe.sup, "state", st, fds)
+        send_package(self.fe.sup, "state", st, fds, uid=uid)
+
+    async def _thaw(self) -> None:
+        """A thaw that overtakes a freeze still running waits for it (no half freeze)."""
+        t = self._task
+        if t is not None and not t.done():
+            await asyncio.wait([t])
+        await self.giver.thaw()

@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import itertools
 import logging
 import os
 import signal
@@ -64,6 +65,7 @@ log = logging.getLogger("vnvmed.upgrade")
 HANDOVER_ENV = "VNVMED_HANDOVER_FD"
 TIMEOUT = 45.0
 BLACKOUT_LIMIT = 10.0
+_uids = itertools.count(1)
 
 
 class UpgradeFailed(Exception):
@@ -157,6 +159,9 @@ class UpgradeSource:
         self.new_asm = PackageAssembler()
         self.frozen: set[str] = set()
         self.committed = False
+        # Requests to our front-ends carry it and their answers echo it: an answer from
+        # an earlier, rolled-back attempt (a freeze that ended late) is not ours.
+        self.uid = next(_uids)
 
     # -- plumbing ----------------------------------------------------------------
     def argv(self) -> list[str]:
@@ -205,6 +210,10 @@ class UpgradeSource:
 
     def from_front(self, f: "FrontProc", msg: dict[str, Any], fds: list[int]) -> None:
         """A handover message from one of our front-ends (routed by the supervisor)."""
+        if msg.get("uid") != self.uid:
+            ipc.close_fds(fds)
+            log.info("upgrade: dropped %r of an earlier attempt from %s", msg.get("op"), f.spec.name)
+            return
         if msg.get("op") == "pkg":
             try:
                 pkg = self.front_asm.setdefault(f.spec.name, PackageAssembler()).feed(msg, fds)
@@ -320,13 +329,13 @@ class UpgradeSource:
             names = set(fronts)
             for f in fronts.values():
                 f.stopping = True               # no restarts while the handover runs
-                self._tell(f, {"op": "handover_static"})
+                self._tell(f, {"op": "handover_static", "uid": self.uid})
             await self._gather(names, deadline, "pkg", "prepared")
             # The blackout: from the first freeze until the new front-ends resume.
             blackout_deadline = min(deadline, time.monotonic() + self.blackout_limit)
             for f in fronts.values():
                 self.frozen.add(f.spec.name)
-                self._tell(f, {"op": "handover_freeze"})
+                self._tell(f, {"op": "handover_freeze", "uid": self.uid})
             await self._gather(names, blackout_deadline, "pkg", "restored")
             if sup.mgmt is not None:
                 sup.mgmt.stop_accepting()     # from now on the new daemon accepts
