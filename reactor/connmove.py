@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
 import time
 from dataclasses import asdict
@@ -61,6 +62,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vnvmed.handover")
 FREEZE_TIMEOUT = 10.0
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(on: bool) -> None:
+    """A provisional taker must not outlive the process that started it: if the new
+    supervisor dies its forkserver (our parent) goes, and the kernel SIGKILLs us at once
+    instead of letting a half-restored front-end run on (see reactor/upgrade.py)."""
+    import ctypes
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL if on else 0, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG): errno %d", ctypes.get_errno())
+    if on and os.getppid() != parent:      # it died before we asked
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class HandoverRefused(Exception):
@@ -132,7 +147,7 @@ def load_device(fn: "NvmeFunction", st: dict[str, Any], pkg: Package, session: S
         fn.placement.report(wid, int(link.request_sync({"op": "load"}, timeout=2.0)["queues"]))
     try:
         # The doorbell page stays as it is: it is the very page the guest writes.
-        devstate.load_state(fn, bytes(st["snapshot"]), restore_doorbells=False)
+        devstate.load_state(fn, bytes(st["snapshot"]), shared_bar=True)
     except SnapshotError as e:
         raise HandoverRefused(f"snapshot refused: {e}") from None
     fn.fatal_reason = st.get("fatal_reason")

@@ -100,13 +100,16 @@ def split(data: bytes | bytearray | memoryview) -> list[Snapshot]:
 
 
 def load_state(fn: "NvmeFunction", data: bytes | Iterable[Snapshot], *,
-               restore_doorbells: bool = True) -> None:
+               shared_bar: bool = False) -> None:
     """Restore from a blob (or the blobs of a migration stream; the last full one counts).
 
-    `restore_doorbells=False` (live upgrade): the doorbell page is left as it is - both
-    processes map the same memfd, and the guest may have rung during the blackout, which
-    the saved page would overwrite.  Raises SnapshotError (nothing changed, or the
-    controller was reset to power-on).
+    Raises SnapshotError (nothing changed, or the controller was reset to power-on).
+
+    `shared_bar=True` (live upgrade): this function maps the BAR0 memfd of a controller
+    another process still runs (and resumes if we fail), so the doorbell page is never
+    written - the guest may have rung during the blackout, which the saved page would
+    overwrite - and a failed restore is not reset (a reset zeroes that page): the caller
+    discards this function instead.
     """
     blobs = split(data) if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
     for b in blobs:
@@ -131,8 +134,10 @@ def load_state(fn: "NvmeFunction", data: bytes | Iterable[Snapshot], *,
             raise RingsNotMapped(f"{what} memory is not mapped here (map guest memory "
                                  f"before loading): {e}") from None
     try:
-        _apply(fn, pci, doorbells if restore_doorbells else None, ctrl)
+        _apply(fn, pci, None if shared_bar else doorbells, ctrl)
     except Exception as e:
+        if shared_bar:
+            raise SnapshotError(f"restoring the snapshot failed: {e}") from None
         log.exception("%s: restoring the snapshot failed; resetting the controller", fn.name)
         try:
             fn.ctrl.reset()

@@ -23,7 +23,7 @@ from nvme.namespace import Namespace
 from nvme.state import NamespaceInfo
 from reactor import ipc
 from reactor.channel import Channel
-from reactor.connmove import Mover
+from reactor.connmove import Mover, die_with_parent
 from reactor.nvmefn import NvmeFunction
 from ops.proctitle import set_process_name
 from reactor.server import VfioUserServer
@@ -101,6 +101,7 @@ class FrontEnd:
     async def _adopt(self) -> None:
         """Take the controller over from the old front-end, in the supervisor's steps."""
         t = self.mover.taker
+        die_with_parent(True)
         try:
             await t.prepare()
             self.tell({"op": "handover_prepared", "name": self.spec.name})
@@ -108,6 +109,7 @@ class FrontEnd:
             self.tell({"op": "handover_restored", "name": self.spec.name})
             await t.go.wait()
             self.provisional = False
+            die_with_parent(False)
             phases = await t.resume()
         except Exception as e:
             log.error("%s: taking over the controller failed: %s", self.spec.name, e)
@@ -121,6 +123,13 @@ class FrontEnd:
                  os.getpid(), ms, ", ".join(f"{k[:-3]} {v:.1f}" for k, v in phases.items() if k != "blackout_ms"))
         self.tell({"op": "handover_resumed", "name": self.spec.name, "phases": phases})
 
+    def _listen_control(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The supervisor's messages, and SIGTERM (a provisional front-end just leaves)."""
+        self.sup.setblocking(False)
+        loop.add_reader(self.sup.fileno(), self._control)
+        loop.add_signal_handler(signal.SIGTERM,
+                                lambda: self.exit_quietly() if self.provisional else self.stop.set())
+
     def exit_quietly(self) -> None:
         """Leave without touching what another process now runs (or still runs): only our
         own ring names are unlinked; the kernel closes every fd."""
@@ -131,10 +140,8 @@ class FrontEnd:
 
     async def main(self) -> None:
         loop = asyncio.get_running_loop()
-        self.sup.setblocking(False)
-        loop.add_reader(self.sup.fileno(), self._control)
-        loop.add_signal_handler(signal.SIGTERM, self.stop.set)
         if self.provisional:
+            self._listen_control(loop)
             await self._adopt()
         else:
             self.build()
@@ -145,6 +152,7 @@ class FrontEnd:
                 log.warning("%s: socket %s is world-connectable (mode %04o, allow_world_socket): any "
                             "local user can attach to this controller's disks", self.spec.name,
                             self.spec.socket, self.spec.socket_mode)
+            self._listen_control(loop)
             self.tell({"op": "listening", "name": self.spec.name})
         assert self.fn is not None and self.server is not None
         namespaces = self.fn.namespaces

@@ -174,7 +174,8 @@ class UpgradeTarget:
                 started.add(name)
             elif src in names and msg.get("op") == "handover_prepared":
                 prepared.add(src)
-                self._send({"op": "prepared", "name": src})
+                proc = fronts[src].proc
+                self._send({"op": "prepared", "name": src, "pid": proc.pid if proc else None})
                 if prepared == names:
                     _crash_point("prepared")
             else:

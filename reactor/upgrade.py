@@ -162,6 +162,7 @@ class UpgradeSource:
         # Requests to our front-ends carry it and their answers echo it: an answer from
         # an earlier, rolled-back attempt (a freeze that ended late) is not ours.
         self.uid = next(_uids)
+        self.taker_pids: list[int] = []      # the new daemon's front-ends (not our children)
 
     # -- plumbing ----------------------------------------------------------------
     def argv(self) -> list[str]:
@@ -294,6 +295,8 @@ class UpgradeSource:
             name = msg.get("name", "")
             if src == "new" and op == new_op and name in names and name not in news:
                 news.add(name)
+                if isinstance(msg.get("pid"), int):
+                    self.taker_pids.append(msg["pid"])
                 continue
             if isinstance(extra, Package):
                 extra.close()
@@ -407,6 +410,9 @@ class UpgradeSource:
         log.error("upgrade failed: %s; rolling back", reason)
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
+        # The new front-ends map our controllers' BAR pages: none of them may run on
+        # once ours resume (they also die with their forkserver: connmove.die_with_parent).
+        await _kill_and_wait(self.taker_pids, "vnvmed: frontend")
         if self.proc is not None:
             for _ in range(200):
                 if self.proc.poll() is not None:
@@ -432,6 +438,29 @@ class UpgradeSource:
         if self.sup.mgmt is not None:
             await self.sup.mgmt.resume_accepting()
         notify.ready(f"upgrade failed: {reason}")
+
+
+async def _kill_and_wait(pids: list[int], title: str, timeout: float = 5.0) -> None:
+    """SIGKILL the processes (only if still titled `title`) and wait until each is gone or
+    a zombie (a zombie runs nothing)."""
+    def running(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rpartition(")")[2].split()[0]
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            return False
+        return state not in ("Z", "X") and cmd.startswith(title)
+    for pid in pids:
+        if running(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + timeout
+    while any(running(p) for p in pids) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
 
 
 class UpgradeMixin:

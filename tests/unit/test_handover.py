@@ -159,7 +159,7 @@ def test_a_restore_for_a_live_upgrade_keeps_the_doorbell_page() -> None:
     blob = devstate.save_state(old)
     new = function(bar_fd=os.dup(old.bar_fd))
     old.db_words[3] = 9                      # rung during the blackout
-    devstate.load_state(new, blob, restore_doorbells=False)
+    devstate.load_state(new, blob, shared_bar=True)
     assert new.db_words[3] == old.db_words[3] == 9
     devstate.load_state(new, blob)           # migration: the saved page comes back
     assert old.db_words[3] == 7
