@@ -249,6 +249,7 @@ class Giver:
             self.frozen = True
             before = fn.fatal_reason
             await devstate.stop(fn)
+            t_stopped = time.monotonic_ns()
             if fn.fatal_reason != before:     # a worker did not drain in time
                 raise HandoverRefused(f"controller {fe.spec.name}: {fn.fatal_reason}")
             if session is not None:
@@ -264,6 +265,7 @@ class Giver:
                                   "t_freeze": self.t_freeze, "waiting": waiting,
                                   "session": save_session(session, fds) if session is not None else None,
                                   "device": save_device(fn, fds)}
+            st["t_stopped"] = t_stopped
             st["t_frozen"] = time.monotonic_ns()
             return st, fds.fds
         except BaseException:
@@ -346,7 +348,8 @@ class Taker:
         try:
             st = pkg.state
             self.t_freeze = int(st["t_freeze"])
-            self.marks.update(freeze=self.t_freeze, frozen=int(st.get("t_frozen", self.t_freeze)))
+            self.marks.update(freeze=self.t_freeze, frozen=int(st.get("t_frozen", self.t_freeze)),
+                              stopped=int(st.get("t_stopped", self.t_freeze)))
             if st.get("session") is not None:
                 self.session = load_session(st["session"], pkg, fn, server.dma_timeout)
             self.waiting = [(socket.socket(fileno=pkg.take(ref)), float(since))
@@ -358,7 +361,8 @@ class Taker:
 
     async def resume(self) -> dict[str, float]:
         """Committed: run.  Returns the blackout and its phases in ms: freeze (barrier,
-        quiesce, snapshot in the old front-end), transfer (through both supervisors),
+        quiesce, snapshot in the old front-end; quiesce: the part until every worker
+        acknowledged), transfer (through both supervisors),
         restore (here), commit (waiting for every other controller and the commit),
         resume."""
         fe = self.fe
@@ -379,6 +383,7 @@ class Taker:
         m = self.marks
         m["resumed"] = time.monotonic_ns()
         ms = {"blackout_ms": m["resumed"] - m["freeze"], "freeze_ms": m["frozen"] - m["freeze"],
+              "quiesce_ms": m["stopped"] - m["freeze"],
               "transfer_ms": m["received"] - m["frozen"], "restore_ms": m["restored"] - m["received"],
               "commit_ms": m["go"] - m["restored"], "resume_ms": m["resumed"] - m["go"]}
         return {k: round(v / 1e6, 3) for k, v in ms.items()}

@@ -94,7 +94,7 @@ def test_fio_verify_survives_ten_live_upgrades(tmp_path: Path) -> None:
     assert len(rollbacks) == len(ROLLBACKS) and "exited" in rollbacks[0] and "refused" in rollbacks[1], rollbacks
     blackouts = [c["blackout_ms"] for r in results for c in r["controllers"].values()]
     phases = {k: statistics.median(c[k] for r in results for c in r["controllers"].values())
-              for k in ("freeze_ms", "transfer_ms", "restore_ms", "commit_ms", "resume_ms")}
+              for k in ("freeze_ms", "quiesce_ms", "transfer_ms", "restore_ms", "commit_ms", "resume_ms")}
     durations = [r["duration_ms"] for r in results]
     assert len(blackouts) == 2 * UPGRADES
     clat_max_ms = max(job["write"]["clat_ns"]["max"], job["read"]["clat_ns"]["max"]) / 1e6
