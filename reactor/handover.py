@@ -31,7 +31,9 @@ says it is older or newer (see tests/integration/test_upgrade.py).
 """
 from __future__ import annotations
 
+import asyncio
 import itertools
+import logging
 import os
 import select
 import socket
@@ -43,6 +45,7 @@ import msgpack
 
 from reactor import ipc
 
+log = logging.getLogger("vnvmed.handover")
 FORMAT = (1, 0)
 FORMAT_ENV = "VNVMED_SNAPSHOT_FORMAT"
 PART_BYTES = 64 * 1024
@@ -206,3 +209,22 @@ class FdTable:
             i = self._index[fd] = len(self.fds)
             self.fds.append(fd)
         return i
+
+
+def read_all(sock: socket.socket, on_message: Any, on_eof: Any) -> None:
+    """A loop reader for a handover socket: every message waiting now goes to
+    `on_message(msg, fds)` (which owns the fds); end of file (or a broken socket) stops
+    the reader and calls `on_eof()`."""
+    while True:
+        try:
+            msg, fds = ipc.recv(sock)
+        except (BlockingIOError, InterruptedError):
+            return
+        except (OSError, ValueError) as e:
+            log.error("handover socket: %s", e)
+            msg, fds = None, []
+        if msg is None:
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+            on_eof()
+            return
+        on_message(msg, fds)

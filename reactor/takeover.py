@@ -36,7 +36,8 @@ from backends.base import Backend, open_backend
 from ops import notify
 from ops.config import ControllerSpec, NamespaceSpec
 from reactor import ipc
-from reactor.handover import Package, PackageAssembler, PackageError, claimed_format, forward_package, format_problem
+from reactor.handover import (Package, PackageAssembler, PackageError, claimed_format, format_problem,
+                              forward_package, read_all)
 from reactor.upgrade import HANDOVER_ENV, TIMEOUT, file_identity, from_wire
 
 if TYPE_CHECKING:
@@ -77,33 +78,24 @@ class UpgradeTarget:
 
     # -- plumbing ------------------------------------------------------------------
     def _readable(self) -> None:
-        while True:
+        read_all(self.sock, self._message, lambda: self.inbox.put_nowait(("old", {"op": "eof"}, None)))
+
+    def _message(self, msg: dict[str, Any], fds: list[int]) -> None:
+        if msg.get("op") == "pkg":
             try:
-                msg, fds = ipc.recv(self.sock)
-            except (BlockingIOError, InterruptedError):
+                pkg = self.asm.feed(msg, fds)
+            except PackageError as e:
+                self.inbox.put_nowait(("old", {"op": "bad", "reason": str(e)}, None))
                 return
-            except (OSError, ValueError) as e:
-                log.error("takeover: handover socket: %s", e)
-                msg, fds = None, []
-            if msg is None:
-                asyncio.get_running_loop().remove_reader(self.sock.fileno())
-                self.inbox.put_nowait(("old", {"op": "eof"}, None))
-                return
-            if msg.get("op") == "pkg":
-                try:
-                    pkg = self.asm.feed(msg, fds)
-                except PackageError as e:
-                    self.inbox.put_nowait(("old", {"op": "bad", "reason": str(e)}, None))
-                    continue
-                if pkg is not None:
-                    self.inbox.put_nowait(("old", {"op": "pkg"}, pkg))
-                continue
-            if msg.get("op") == "offer" and fds:
-                self.mgmt_fd = fds[0]
-                ipc.close_fds(fds[1:])
-            else:
-                ipc.close_fds(fds)
-            self.inbox.put_nowait(("old", msg, None))
+            if pkg is not None:
+                self.inbox.put_nowait(("old", {"op": "pkg"}, pkg))
+            return
+        if msg.get("op") == "offer" and fds:
+            self.mgmt_fd = fds[0]
+            ipc.close_fds(fds[1:])
+        else:
+            ipc.close_fds(fds)
+        self.inbox.put_nowait(("old", msg, None))
 
     def from_front(self, f: "FrontProc", msg: dict[str, Any], fds: list[int]) -> None:
         ipc.close_fds(fds)

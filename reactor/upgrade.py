@@ -56,7 +56,7 @@ from ops import notify
 from ops.mgmt.jsonrpc import MgmtError
 from reactor import ipc
 from reactor.handover import (Package, PackageAssembler, PackageError, claimed_format,
-                              forward_package)
+                              forward_package, read_all)
 
 if TYPE_CHECKING:
     from reactor.supervisor import FrontProc, Supervisor
@@ -191,23 +191,11 @@ class UpgradeSource:
 
     def _readable(self) -> None:
         assert self.sock is not None
-        while True:
-            try:
-                msg, fds = ipc.recv(self.sock)
-            except (BlockingIOError, InterruptedError):
-                return
-            except (OSError, ValueError) as e:
-                msg, fds = None, []
-                log.error("upgrade: handover socket: %s", e)
-            if msg is None:
-                asyncio.get_running_loop().remove_reader(self.sock.fileno())
-                self.inbox.put("new", {"op": "eof"})
-                return
-            if msg.get("op") == "pkg":          # never sent by the new side today
-                ipc.close_fds(fds)
-                continue
-            ipc.close_fds(fds)
-            self.inbox.put("new", msg)
+        read_all(self.sock, self._message, lambda: self.inbox.put("new", {"op": "eof"}))
+
+    def _message(self, msg: dict[str, Any], fds: list[int]) -> None:
+        ipc.close_fds(fds)            # the new side sends no fds
+        self.inbox.put("new", msg)
 
     def from_front(self, f: "FrontProc", msg: dict[str, Any], fds: list[int]) -> None:
         """A handover message from one of our front-ends (routed by the supervisor)."""

@@ -13,15 +13,14 @@ that sets VNVMED_SNAPSHOT_FORMAT / VNVMED_TEST_TAKEOVER_CRASH for it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import struct
 import subprocess
-import tempfile
 import threading
 import time
 from typing import Any, Iterator
@@ -106,13 +105,24 @@ class VerifiedIo(threading.Thread):
         assert self.ios > 0
 
 
-@pytest.fixture
-def run_dir() -> Iterator[str]:
-    d = tempfile.mkdtemp(prefix="vnupg", dir="/tmp")
+@contextlib.contextmanager
+def vm_doing_io(sock: str, qids: list[int], qd: int = 8) -> Iterator[VerifiedIo]:
+    """A connected 'VM' (8 MiB RAM) with I/O queues `qids`, verified I/O running."""
+    h = conftest.Host(sock, 8 * MiB)
+    io = None
     try:
-        yield d
+        assert h.nvme is not None
+        h.nvme.enable()
+        for q in qids:
+            h.nvme.create_io_queue(q, 32)
+        io = VerifiedIo(h, qids, 4 * MiB // BS, qd=qd)
+        io.start()
+        yield io
     finally:
-        shutil.rmtree(d, ignore_errors=True)
+        if io is not None:
+            io.stop.set()
+            io.join(30)
+        h.close()
 
 
 def start(run_dir: str, *args: str, env: dict[str, str] | None = None) -> Daemon:
@@ -187,11 +197,8 @@ def test_upgrades_under_verified_io_keep_every_connection(run_dir: str) -> None:
             assert d.handed_over_rc == 0 and res["old_pid"] == pids[-1] and res["new_pid"] == d.pid
             assert set(res["controllers"]) == {"a", "b"}
             pids.append(d.pid)
-            deadline = time.monotonic() + 10
-            while any(t.ios <= b for t, b in zip(ios, before)):   # I/O goes on after each
-                assert all(t.error is None for t in ios), [t.error for t in ios]
-                assert time.monotonic() < deadline, "I/O did not resume"
-                time.sleep(0.05)
+            for t, b in zip(ios, before):       # I/O goes on after each
+                wait_for_more_io(t, b, f"after upgrade {i}")
         for t in ios:
             t.finish()
         # the same connections, interrupts still routed, the AER still parked
@@ -223,71 +230,55 @@ def test_upgrades_under_verified_io_keep_every_connection(run_dir: str) -> None:
 
 def test_killed_new_daemon_rolls_back_and_the_old_one_serves(run_dir: str) -> None:
     d = start(run_dir, "--controller", f"a={run_dir}/a.sock", "--namespace", "a=ram:4M")
-    h = conftest.Host(f"{run_dir}/a.sock", 8 * MiB)
-    io = None
     try:
-        assert h.nvme is not None
-        h.nvme.enable()
-        h.nvme.create_io_queue(1, 32)
-        io = VerifiedIo(h, [1], 4 * MiB // BS)
-        io.start()
-        old = d.pid
-        for step in ("accepted", "prepared", "restoring"):
-            n = io.ios
-            r = d.upgrade("--exec", wrapper(run_dir, VNVMED_TEST_TAKEOVER_CRASH=step))
-            assert r.returncode == 1, r.stdout
-            assert "upgrade failed" in r.stderr and "exited" in r.stderr, r.stderr
-            assert d.pid == old and d.alive()
-            deadline = time.monotonic() + 10
-            while io.ios <= n:
-                assert io.error is None, io.error
-                assert time.monotonic() < deadline, f"I/O did not go on after the rollback at {step}"
-                time.sleep(0.05)
-        assert "handover cancelled; serving on" in d.log()
-        # and a real upgrade still works afterwards
-        r = d.upgrade()
-        assert r.returncode == 0, r.stderr
-        time.sleep(0.3)
-        io.finish()
-        assert [c for c in ctl_json(d, "controller", "list") if c["name"] == "a"][0]["client_connected"]
+        with vm_doing_io(f"{run_dir}/a.sock", [1]) as io:
+            old = d.pid
+            for step in ("accepted", "prepared", "restoring"):
+                n = io.ios
+                r = d.upgrade("--exec", wrapper(run_dir, VNVMED_TEST_TAKEOVER_CRASH=step))
+                assert r.returncode == 1, r.stdout
+                assert "upgrade failed" in r.stderr and "exited" in r.stderr, r.stderr
+                assert d.pid == old and d.alive()
+                wait_for_more_io(io, n, f"after the rollback at {step}")
+            assert "handover cancelled; serving on" in d.log()
+            # and a real upgrade still works afterwards
+            r = d.upgrade()
+            assert r.returncode == 0, r.stderr
+            wait_for_more_io(io, io.ios, "after the upgrade")
+            io.finish()
+        assert [c for c in ctl_json(d, "controller", "list") if c["name"] == "a"][0]["namespaces"]
     finally:
-        if io is not None:
-            io.stop.set()
-        h.close()
         finish(d)
+
+
+def wait_for_more_io(io: VerifiedIo, n: int, when: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while io.ios <= n:
+        assert io.error is None, io.error
+        assert time.monotonic() < deadline, f"I/O did not go on {when}"
+        time.sleep(0.05)
 
 
 def test_version_skew(run_dir: str) -> None:
     """A build that reads only an older format refuses (nothing stops); one with a newer
     minor of the same major takes over."""
     d = start(run_dir, "--controller", f"a={run_dir}/a.sock", "--namespace", "a=ram:4M")
-    h = conftest.Host(f"{run_dir}/a.sock", 8 * MiB)
-    io = None
     try:
-        assert h.nvme is not None
-        h.nvme.enable()
-        h.nvme.create_io_queue(1, 16)
-        io = VerifiedIo(h, [1], 4 * MiB // BS, qd=4)
-        io.start()
-        old = d.pid
-        r = d.upgrade("--exec", wrapper(run_dir, VNVMED_SNAPSHOT_FORMAT="0.9"))
-        assert r.returncode == 1
-        assert "refused" in r.stderr and "newer than this build's 0.9" in r.stderr, r.stderr
-        assert d.pid == old and d.alive()
-        n = io.ios
-        time.sleep(0.3)
-        assert io.ios > n and io.error is None
-        # the freeze never happened: no blackout at all
-        assert "handover cancelled" not in d.log()
-        r = d.upgrade("--exec", wrapper(run_dir, VNVMED_SNAPSHOT_FORMAT="1.7"))
-        assert r.returncode == 0, r.stderr
-        assert d.pid != old
-        time.sleep(0.3)
-        io.finish()
+        with vm_doing_io(f"{run_dir}/a.sock", [1], qd=4) as io:
+            old = d.pid
+            r = d.upgrade("--exec", wrapper(run_dir, VNVMED_SNAPSHOT_FORMAT="0.9"))
+            assert r.returncode == 1
+            assert "refused" in r.stderr and "newer than this build's 0.9" in r.stderr, r.stderr
+            assert d.pid == old and d.alive()
+            wait_for_more_io(io, io.ios, "after the refusal")
+            # the freeze never happened: no blackout at all
+            assert "handover cancelled" not in d.log()
+            r = d.upgrade("--exec", wrapper(run_dir, VNVMED_SNAPSHOT_FORMAT="1.7"))
+            assert r.returncode == 0, r.stderr
+            assert d.pid != old
+            wait_for_more_io(io, io.ios, "after the upgrade")
+            io.finish()
     finally:
-        if io is not None:
-            io.stop.set()
-        h.close()
         finish(d)
 
 
