@@ -26,6 +26,8 @@ class NullBackend:
         self.size = size
         self.read_only = read_only
 
+    native_kind = "null"       # the native data path zero-fills reads itself (nvme/native)
+
     def read_into(self, offset: int, bufs: Sequence[memoryview]) -> None:
         # Hot path of every null-backend benchmark: a cached zero view of exactly the
         # buffer's length makes this one memset-like copy with no slicing.

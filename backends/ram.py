@@ -79,6 +79,13 @@ class RamBackend:
         except posix_ipc.ExistentialError:
             raise ValueError(f"ram backend shm {name!r} does not exist (was it destroyed?)") from None
 
+    # The native data path (nvme/native) copies to and from this memory itself.
+    native_kind = "ram"
+
+    @property
+    def direct_memory(self) -> memoryview:
+        return self._mv
+
     def read_into(self, offset: int, bufs: Sequence[memoryview]) -> None:
         mv = self._mv
         for b in bufs:

@@ -207,7 +207,7 @@ def spdk_perf(listen_dir: str, subnqn: str, pattern: str, io_size: int, depth: i
     iops, mib_s, mean_us = float(m.group(1)), float(m.group(2)), float(m.group(3))
     secs = float(max(1, round(seconds)))
     return {"workload": {"pattern": pattern, "io_size": io_size, "depth": depth, "seconds": secs,
-                         "processes": 1, "queues": 1, "client": "spdk_nvme_perf"},
+                         "processes": 1, "queues": 1, "client": "spdk_nvme_perf", "sq_doorbells": "per-cmd"},
             "ios": round(iops * secs), "errors": 0, "elapsed_s": secs, "iops": round(iops),
             "mib_s": mib_s, "lat_us": {"mean": mean_us, "min": float(m.group(4)), "max": float(m.group(5))},
             "target_cpu": [], "command": " ".join(cmd)}

@@ -86,6 +86,11 @@ class ShadowDoorbellView:
         # Dirty-page logging (migration): EventIdx stores are device writes to guest RAM.
         self.dirty: Any = None
 
+    @property
+    def words(self) -> tuple[memoryview, memoryview]:
+        """(shadow doorbell words, EventIdx words) as 'I' views (native data path)."""
+        return self._db, self._ei
+
     def sq_tail(self, qid: int) -> int:
         return self._db[qid << 1]
 

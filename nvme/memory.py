@@ -76,6 +76,11 @@ class FlatMemory:
         self._starts.insert(i, addr)
         self._regions.insert(i, _Region(addr, n, mv, writable))
 
+    def regions(self) -> list[tuple[int, int, memoryview | None, bool, bool]]:
+        """(addr, size, view or None, readable, writable) per region (see
+        MappedGuestMemory.regions): the native data path addresses these directly."""
+        return [(r.start, r.size, r.buf, True, r.writable) for r in self._regions]
+
     def remove(self, addr: int) -> None:
         i = self._starts.index(addr)
         del self._starts[i]

@@ -86,6 +86,11 @@ class DoorbellMode(StrEnum):
     TRAPPED = "trapped"  # no mmap: every doorbell write is a REGION_WRITE that wakes its worker
 
 
+class Datapath(StrEnum):
+    PYTHON = "python"      # nvme.qpair.QueueRunner: the reference
+    NATIVE = "native"      # nvme.native: a C loop for the common commands, Python for the rest
+
+
 class Polling(StrEnum):
     ADAPTIVE = "adaptive"  # busy-poll while busy, back off to blocking waits when idle
     BUSY = "busy"          # never sleep: lowest latency, one full core per worker
@@ -250,6 +255,7 @@ class DaemonConfig:
     run_dir: str = DEFAULT_RUN_DIR
     cores: list[int] | None = None        # None: every core in our affinity mask
     polling: Polling = Polling.ADAPTIVE
+    datapath: Datapath | None = None      # None: native when it is built, else python
     poll_sleep_us: int = 1000             # longest blocking wait once idle (bounds idle latency)
     log_level: str = "info"
     controllers: list[ControllerSpec] = field(default_factory=list)
@@ -346,7 +352,7 @@ def _int_in(where: _Where, key: str, value: int, lo: int, hi: int) -> int:
 
 
 _TOP_SCHEMA: dict[str, tuple[type, ...]] = {
-    "run_dir": (str,), "cores": (str, list), "polling": (str,),
+    "run_dir": (str,), "cores": (str, list), "polling": (str,), "datapath": (str,),
     "poll_idle_us": (int,),   # removed: known only to say so (_build_daemon)
     "poll_sleep_us": (int,), "log_level": (str,), "controllers": (list,),
 }
@@ -653,6 +659,11 @@ def _build_daemon(where: _Where, t: dict[str, Any], environ: dict[str, str] | No
     if "poll_idle_us" in t:
         raise where.error("poll_idle_us", "no longer supported (it was never used: a worker keeps "
                           "polling 200 empty rounds after its last command); remove the line")
+    if "datapath" in t:
+        try:
+            cfg.datapath = Datapath(t["datapath"].lower())
+        except ValueError:
+            raise where.error("datapath", f"{t['datapath']!r}: use 'python' or 'native'") from None
     cfg.poll_sleep_us = _int_in(where, "poll_sleep_us", t.get("poll_sleep_us", cfg.poll_sleep_us), 1, 1_000_000)
     level = t.get("log_level", cfg.log_level).lower()
     if level not in LOG_LEVELS:
@@ -717,6 +728,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", metavar="DIR", help=f"runtime dir (default ${RUN_DIR_ENV} or {DEFAULT_RUN_DIR})")
     p.add_argument("--log-level", choices=LOG_LEVELS, type=str.lower)
     p.add_argument("--polling", choices=[x.value for x in Polling], type=str.lower)
+    p.add_argument("--datapath", choices=[x.value for x in Datapath], type=str.lower,
+                   help="worker data path: native (C loop for common I/O; the default when built) "
+                        "or python")
     p.add_argument("--doorbells", metavar="NAME=MODE", action="append", default=[],
                    help="doorbell mode of controller NAME: mmap (default) or trapped; repeatable")
     p.add_argument("--restore", metavar="NAME=FILE", action="append", default=[],
@@ -757,6 +771,8 @@ def from_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None 
         cfg.log_level = a.log_level
     if a.polling:
         cfg.polling = Polling(a.polling)
+    if a.datapath:
+        cfg.datapath = Datapath(a.datapath)
     cli_ctrls: list[ControllerSpec] = []
     for i, item in enumerate(a.controller):
         name, eq, sock = item.partition("=")

@@ -133,7 +133,7 @@ _CTRL_COLS = (("commands", "COMMANDS"), ("read_commands", "READS"), ("write_comm
               ("bytes_read", "READ"), ("bytes_written", "WRITTEN"), ("slow_commands", "SLOW"),
               ("doorbell_errors", "DBERR"), ("quiesces", "QUIESCES"))
 _QUEUE_COLS = ("worker", "cqid", "depth", "sq_head", "sq_tail", "pending", "cq_head", "cq_tail", "broken")
-_WORKER_COLS = ("id", "core", "pid", "alive", "restarts", "polls", "idle", "sleeps", "queues")
+_WORKER_COLS = ("id", "core", "pid", "alive", "restarts", "datapath", "polls", "idle", "sleeps", "queues")
 
 
 def format_stats(stats: dict[str, Any]) -> str:

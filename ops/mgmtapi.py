@@ -278,7 +278,8 @@ class ManagementApiMixin:
         out = []
         for w in self.wprocs.values():
             row: dict[str, Any] = {"id": w.wid, "core": w.core, "pid": w.proc.pid if w.proc else None,
-                                   "alive": bool(w.proc and w.proc.is_alive()), "restarts": w.restarts}
+                                   "alive": bool(w.proc and w.proc.is_alive()), "restarts": w.restarts,
+                                   "datapath": getattr(self, "datapath", None)}
             try:
                 pong = await self._ping(w, 1.0)
                 row.update({k: pong.get(k) for k in ("polls", "idle", "sleeps", "queues", "slots")})

@@ -246,14 +246,20 @@ def format_table(rep: dict[str, Any]) -> str:
         f"{' dirty-log=on' if 'dirty_log' in rep else ''}"
         f" t={rep['elapsed_s']}s",
         f"{'IOPS':>12} {'MiB/s':>10} {'mean us':>9} {'p50 us':>8} {'p99 us':>8} {'p99.9 us':>9} {'errors':>7}",
-        f"{rep['iops']:>12,} {rep['mib_s']:>10,.1f} {lat['mean']:>9.2f} {lat['p50']:>8.2f}"
-        f" {lat['p99']:>8.2f} {lat['p99.9']:>9.2f} {rep['errors']:>7}",
+        f"{rep['iops']:>12,} {rep['mib_s']:>10,.1f} {lat['mean']:>9.2f} {_us(lat, 'p50'):>8}"
+        f" {_us(lat, 'p99'):>8} {_us(lat, 'p99.9'):>9} {rep['errors']:>7}",
     ]
     if rep["target_cpu"]:
         lines.append(f"  target CPU: {'pid':>7} {'cpu s':>7} {'% core':>7}  process")
         for row in rep["target_cpu"]:
             lines.append(f"              {row['pid']:>7} {row['cpu_s']:>7.2f} {row['cpu_pct']:>7.1f}  {row['name']}")
     return "\n".join(lines)
+
+
+def _us(lat: dict[str, Any], key: str) -> str:
+    """A latency figure, or '-' where the client does not report it (spdk_nvme_perf)."""
+    v = lat.get(key)
+    return "-" if v is None else f"{v:.2f}"
 
 
 def parse_cores(text: str | None) -> list[int]:
@@ -284,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--target-core", type=int, default=None, help="core for a spawned vnvmed")
     p.add_argument("--target-pid", type=int, help="account CPU of this process tree")
     p.add_argument("--polling", choices=("adaptive", "busy"), default="adaptive")
+    p.add_argument("--datapath", choices=("python", "native"),
+                   help="data path of a spawned vnvmed (default: its own default)")
     p.add_argument("--doorbells", choices=("mmap", "trapped"), default="mmap",
                    help="doorbell mode of a spawned vnvmed (trapped: every write is a message)")
     p.add_argument("--sq-doorbells", choices=("batch", "per-cmd"), default="batch",
@@ -304,6 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     wl = Workload(a.pattern, a.io_size, a.depth, a.time, a.mix, a.nsid, parse_size(a.span),
                   doorbells=a.sq_doorbells, queue_entries=a.queue_entries)
     extra = ["--doorbells", f"nvme0={a.doorbells}"] if a.doorbells != "mmap" else []
+    if a.datapath:
+        extra += ["--datapath", a.datapath]
     spawned = spawn_vnvmed(a.spawn, a.target_core, a.polling, extra) if a.spawn else None
     try:
         sock = spawned.sock if spawned else a.socket

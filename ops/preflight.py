@@ -96,6 +96,19 @@ def check_ram(cfg: DaemonConfig, limit: tuple[int, str] | None = None) -> None:
                            f"the limit is {what}")
 
 
+def datapath(cfg: DaemonConfig) -> tuple[str, str]:
+    """(the workers' data path, why): native when built unless python was asked for;
+    StartupError if native was asked for and is not built."""
+    from nvme import native
+    if cfg.datapath is None:
+        if native.available:
+            return "native", "the default (built)"
+        return "python", f"native {native.why_not}"
+    if cfg.datapath.value == "native" and not native.available:
+        raise StartupError(f"--datapath native: the native data path is {native.why_not}")
+    return cfg.datapath.value, "asked for"
+
+
 def check_machine() -> None:
     reason = fence.unsupported_reason()
     if reason is not None:
@@ -105,5 +118,6 @@ def check_machine() -> None:
 def check(cfg: DaemonConfig) -> None:
     """Every check, cheapest first; StartupError on the first failure."""
     check_machine()
+    datapath(cfg)
     check_sockets(cfg)
     check_ram(cfg)

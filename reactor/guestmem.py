@@ -228,6 +228,12 @@ class MappedGuestMemory:
             raise NeedsMessageDma(addr, length, "mapped without fd")
         return base[off:off + length]
 
+    def regions(self) -> list[tuple[int, int, memoryview | None, bool, bool]]:
+        """(iova, size, view of the whole mapping or None without fd, readable, writable)
+        per region, in address order: what the native data path addresses directly."""
+        return [(e.iova, e.size, e.handle.base if e.handle is not None else None,
+                 e.readable, e.writable) for e in self.table]
+
     def read(self, addr: int, length: int) -> bytes:
         with self.view(addr, length) as v:
             return bytes(v)

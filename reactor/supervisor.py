@@ -101,6 +101,7 @@ class Supervisor(ManagementApiMixin, UpgradeMixin):
         self.wprocs: dict[int, WorkerProc] = {}
         self.fronts: dict[str, FrontProc] = {}
         self.prefix = ""
+        self.datapath = "python"     # resolved in run() (ops.preflight.datapath)
         self.stopping = False
         self._ids = itertools.count(1)
         self._calls: dict[int, asyncio.Future] = {}
@@ -117,7 +118,8 @@ class Supervisor(ManagementApiMixin, UpgradeMixin):
         return {"prefix": self.prefix, "log_level": c.log_level, "polling": str(c.polling.value),
                 "spin_polls": 200, "idle_min_us": 50, "idle_max_us": int(c.poll_sleep_us),
                 # The trapped-mode safety-net sleep; tests raise it to prove a wake-up was a kick.
-                "trapped_sleep_us": int(os.environ.get("VNVMED_TRAPPED_SLEEP_US", 1_000_000))}
+                "trapped_sleep_us": int(os.environ.get("VNVMED_TRAPPED_SLEEP_US", 1_000_000)),
+                "datapath": self.datapath}
 
     def _cores(self) -> list[int]:
         allowed = os.sched_getaffinity(0)
@@ -129,6 +131,9 @@ class Supervisor(ManagementApiMixin, UpgradeMixin):
         loop = asyncio.get_running_loop()
         done = self.done = asyncio.Event()
         cores = self._cores()
+        from ops.preflight import datapath
+        self.datapath, why = datapath(self.cfg)
+        log.info("data path: %s (%s)", self.datapath, why)
         make_run_dir(self.cfg.run_dir)
         from reactor.takeover import UpgradeTarget, handover_fd
         hfd = handover_fd()

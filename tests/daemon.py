@@ -46,6 +46,10 @@ from reactor.shm.names import SHM_DIR, instance_prefix
 ROOT = Path(__file__).resolve().parents[1]
 VNVMED = str(ROOT / "bin" / "vnvmed")
 READY_MARK = "vnvmed ready"     # reactor/supervisor.py logs it once all sockets listen
+# The data path every daemon started here runs ("python"/"native"; None: the daemon's
+# default), unless its arguments name one: tests/integration/conftest.py runs each
+# integration module once per data path.
+DATAPATH: str | None = None
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 
@@ -108,7 +112,10 @@ class Daemon:
         env.update(VNVMED_RUN_DIR=self.run_dir, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
         env.update(self.env)
         with open(self.log_path, "wb") as log:   # the child keeps its own copy of the fd
-            self.proc = subprocess.Popen([sys.executable, VNVMED, *self.args], env=env,
+            args = list(self.args)
+            if DATAPATH is not None and "--datapath" not in args:
+                args += ["--datapath", DATAPATH]
+            self.proc = subprocess.Popen([sys.executable, VNVMED, *args], env=env,
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          cwd=self.cwd, start_new_session=self.new_session)
         self.pids = [self.proc.pid]

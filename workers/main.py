@@ -64,6 +64,7 @@ class Worker:
         self.ctl = ctl
         self.slots: list[Slot] = []
         self.busy = opts.get("polling", "adaptive") == "busy"
+        self.datapath = str(opts.get("datapath", "python"))   # nvme.native or nvme.qpair
         self.spin_polls = int(opts.get("spin_polls", 200))
         self.idle_min = int(opts.get("idle_min_us", 50)) / 1e6
         self.idle_max = int(opts.get("idle_max_us", 1000)) / 1e6
@@ -135,7 +136,7 @@ class Worker:
             if chan is None:
                 still.append((name, sock))
             else:
-                self.slots.append(Slot(name, chan, self._queues))
+                self.slots.append(Slot(name, chan, self._queues, datapath=self.datapath))
         self.pending = still
         self._ep_dirty = True
 

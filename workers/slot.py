@@ -40,8 +40,9 @@ DB_OFFSET = 0x1000  # doorbells start at BAR0 + 0x1000 (DSTRD 0)
 
 class Slot:
     def __init__(self, name: str, chan: Channel,
-                 load: Callable[[], int] = lambda: 0) -> None:
+                 load: Callable[[], int] = lambda: 0, datapath: str = "python") -> None:
         self.name = name
+        self.datapath = datapath   # "native": nvme.native.NativeQueueRunner (C loop + Python)
         self._load = load          # queues this worker runs for all controllers
         self.chan = chan
         self.mem = MappedGuestMemory()
@@ -90,10 +91,15 @@ class Slot:
         for nsid, ns in self.namespaces.items():
             self._aio_attach(nsid, ns)
         self.trapped = bool(msg.get("trapped", False))
-        self.runner = QueueRunner(doorbells=Doorbells(memoryview(self.db_map)[DB_OFFSET:]), mem=self.mem,
+        kw: dict[str, Any] = dict(doorbells=Doorbells(memoryview(self.db_map)[DB_OFFSET:]), mem=self.mem,
                                   execute=self._execute, irq=self._irq,
                                   doorbell_error=self._doorbell_error, lazy_eventidx=self.trapped,
                                   table=QueueTable(self.qt_map, msg["nqueues"]))
+        if self.datapath == "native":
+            from nvme.native import NativeQueueRunner
+            self.runner = NativeQueueRunner(executor=self.executor, **kw)
+        else:
+            self.runner = QueueRunner(**kw)
 
     def _ns_add(self, info: dict[str, Any]) -> None:
         ni = NamespaceInfo(**info)
@@ -202,6 +208,12 @@ class Slot:
         if fn is None:
             log.error("%s: unknown message %r from front-end", self.name, op)
             return
+        # The native data path describes memory, namespaces, queues and dirty maps to its
+        # C loop and holds the buffers behind them: any message may change or close them,
+        # so it lets go first (and describes them afresh at its next poll).
+        invalidate = getattr(self.runner, "invalidate", None)
+        if invalidate is not None:
+            invalidate()
         fn(msg)
 
     def _ack(self, msg: dict[str, Any], **extra: Any) -> None:
@@ -348,11 +360,17 @@ class Slot:
 
     def _op_stats(self, msg: dict[str, Any]) -> None:
         r, w, br, bw = self.executor.io if self.executor is not None else (0, 0, 0, 0)
+        native_io = getattr(self.runner, "native_io", None)
+        nr = nw = 0
+        if native_io is not None:           # what the C loop completed is counted there
+            nr, nw, nbr, nbw = native_io()
+            r, w, br, bw = r + nr, w + nw, br + nbr, bw + nbw
         err = self.runner.errors if self.runner is not None else 0
         self._ack(msg, stats=dict(self.stats, nqueues=self.nqueues,
                                   read_commands=r, write_commands=w, bytes_read=br,
                                   bytes_written=bw, io_errors=err, lat_log2_ns=list(self.lat),
-                                  backends=self.aio.stats() if self.aio is not None else {}))
+                                  backends=self.aio.stats() if self.aio is not None else {},
+                                  datapath=self.datapath, native_commands=nr + nw))
 
     def _op_dirty_add(self, msg: dict[str, Any]) -> None:
         (fd,) = self.chan.take_fds(msg["tok"])

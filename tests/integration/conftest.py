@@ -24,6 +24,9 @@ test did, each one it started is gone (SIGKILL by PID) after the test.
 
 `host` is a connected, negotiated `VfioUserClient` with 64 MiB of memfd guest RAM
 DMA-mapped at iova 0 and a `benchmarks.hostnvme.HostNvme` on top (not enabled yet).
+
+Every module runs once per data path (`datapath`, autouse, module scope): the daemons
+it starts get `--datapath python` or `--datapath native` (tests/daemon.DATAPATH).
 """
 from __future__ import annotations
 
@@ -36,8 +39,10 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import pytest
 
+import tests.daemon
 from benchmarks.hostnvme import GuestRam, HostNvme
 from tests.daemon import Daemon
+from tests.unit.datapaths import PARAMS as DATAPATHS
 from vfio_user.client import VfioUserClient
 
 IMG_SIZE = 16 << 20
@@ -55,6 +60,16 @@ DEFAULT_ARGS = ["--cores", "0", "--controller", "nvme0={run}/nvme0.sock",
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "daemon_args(args): command line for the daemon fixture")
     config.addinivalue_line("markers", "daemon_config(text): TOML config for the daemon fixture")
+
+
+@pytest.fixture(scope="module", autouse=True, params=DATAPATHS)
+def datapath(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The data path of every daemon this module starts (see the module doc)."""
+    tests.daemon.DATAPATH = request.param
+    try:
+        yield request.param
+    finally:
+        tests.daemon.DATAPATH = None
 
 
 def _expand(args: Sequence[str], run: str, img: str) -> list[str]:

@@ -18,7 +18,7 @@ from nvme.io.opcodes import NAMESPACE_WRITE_PROTECTED
 from nvme.memory import FlatMemory
 from nvme.namespace import Namespace
 from nvme.prp import prp_pages
-from nvme.qpair import QueueRunner
+from tests.unit.datapaths import runner
 from nvme.state import CqState, ShadowDoorbells, SqState
 from nvme.status import Status
 
@@ -135,7 +135,7 @@ def test_prp_chained_list_pages():
 
 
 class Rig:
-    def __init__(self, results, sq_size=8, cq_size=8, shadow=False):
+    def __init__(self, results, sq_size=8, cq_size=8, shadow=False, datapath="python"):
         self.ram = bytearray(8 * P)
         self.mem = FlatMemory()
         self.mem.add(RAM, self.ram)
@@ -143,9 +143,9 @@ class Rig:
         self.db = Doorbells(memoryview(self.dbarea))
         self.results = list(results)
         sh = ShadowDoorbells(RAM + 4 * P, RAM + 5 * P) if shadow else None
-        self.runner = QueueRunner(doorbells=self.db, mem=self.mem,
-                                  execute=lambda s, q: self.results.pop(0),
-                                  irq=lambda v: None, doorbell_error=lambda i, q: None, shadow=sh)
+        self.runner = runner(datapath, doorbells=self.db, mem=self.mem,
+                             execute=lambda s, q: self.results.pop(0),
+                             irq=lambda v: None, doorbell_error=lambda i, q: None, shadow=sh)
         self.runner.add_cq(CqState(cqid=1, base=RAM + P, size=cq_size, iv=1, ien=True))
         self.runner.add_sq(SqState(sqid=1, cqid=1, base=RAM, size=sq_size))
         self.w = memoryview(self.ram).cast("I")
@@ -159,8 +159,8 @@ class Rig:
         return tuple(self.w[b:b + 4])
 
 
-def test_inline_cqe_fields_status_dnr_and_phase():
-    r = Rig([(0, 0x1234), (Status.LBA_OUT_OF_RANGE, 0), None, (0, 0)])
+def test_inline_cqe_fields_status_dnr_and_phase(datapath):
+    r = Rig([(0, 0x1234), (Status.LBA_OUT_OF_RANGE, 0), None, (0, 0)], datapath=datapath)
     r.submit([5, 6, 7, 8])
     r.db.set_sq_tail(1, 4)
     assert r.runner.poll() == 3                       # CID 7 parked
@@ -173,8 +173,8 @@ def test_inline_cqe_fields_status_dnr_and_phase():
     assert r.cqe(3)[0] == 9 and r.cqe(3)[3] & 0xFFFF == 7
 
 
-def test_shadow_eventidx_written_even_when_the_cq_is_full():
-    r = Rig([(0, 0)] * 3, sq_size=8, cq_size=4, shadow=True)
+def test_shadow_eventidx_written_even_when_the_cq_is_full(datapath):
+    r = Rig([(0, 0)] * 3, sq_size=8, cq_size=4, shadow=True, datapath=datapath)
     r.submit([1, 2, 3, 4, 5])
     dbbuf = memoryview(r.ram)[4 * P:5 * P].cast("I")
     evidx = memoryview(r.ram)[5 * P:6 * P].cast("I")
@@ -230,7 +230,7 @@ def test_prp_list_near_2_pow_64_is_not_taken_as_contiguous():
     assert all(a + n <= 1 << 64 for a, n in runs)
 
 
-def test_executor_and_runner_counters(ram_ns):
+def test_executor_and_runner_counters(ram_ns, datapath):
     ram, ex = make(ram_ns)
     ex.execute(sqe(0x01, prp1=RAM, nlb=8))                  # fast path write
     ex.execute(sqe(0x02, prp1=RAM, nlb=1))                  # fast path read
@@ -239,7 +239,7 @@ def test_executor_and_runner_counters(ram_ns):
     ex.execute(sqe(0x02, prp1=RAM + P, prp2=lst, nlb=24))   # general path (PRP list)
     ex.execute(sqe(0x02, nsid=5, prp1=RAM))                 # error: not counted as a read
     assert ex.io == [2, 1, 512 + 3 * P, P]
-    r = Rig([(0, 0), (Status.LBA_OUT_OF_RANGE, 0), None])
+    r = Rig([(0, 0), (Status.LBA_OUT_OF_RANGE, 0), None], datapath=datapath)
     r.submit([1, 2, 3])
     r.db.set_sq_tail(1, 3)
     r.runner.poll()

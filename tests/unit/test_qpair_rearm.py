@@ -7,7 +7,7 @@ import pytest
 from nvme.state import ShadowDoorbells
 from tests.unit.test_qpair import CQ1, DBBUF, EVIDX, P, RAM, SQ1, Host
 
-pytestmark = pytest.mark.timeout(20)
+pytestmark = [pytest.mark.timeout(20), pytest.mark.usefixtures("qpair_datapath")]
 
 
 def _pages(h: Host) -> tuple[memoryview, memoryview]:

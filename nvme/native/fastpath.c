@@ -1,0 +1,384 @@
+/* vnvmed native data path: one poll of a worker's queues for the common case.
+ *
+ * Theory of operation
+ * -------------------
+ * nvme/qpair.py (QueueRunner) is the reference; this file does the same for the
+ * commands that dominate a benchmark or a busy guest and nothing else:
+ *
+ *   CQ head doorbells -> SQ tail doorbell -> SQE -> Read/Write with PRPs (or one SGL
+ *   data block) -> copy between guest memory and a ram (or null) namespace -> CQE,
+ *   DW3 last -> which vectors to signal.
+ *
+ * Everything else is handed back to Python, which runs the same command (or the same
+ * poll) on the Python path: vn_poll() returns VN_NEED_SQE with the SQE still unfetched
+ * at the head of sq[stop_sq] (an error status, an unknown opcode, an SGL segment, a
+ * chained PRP list, memory without fd, a message-write window, a namespace served by
+ * another backend, a CID with parked commands on its SQ), or VN_NEED_POLL before doing
+ * anything (a doorbell value that must be reported, a broken queue).  So this file
+ * only ever completes commands with status 0, and every error answer comes from the
+ * Python code that the tests pin.  After Python ran that SQE it calls vn_poll() again
+ * with `resume` set, and the round goes on where it stopped, exactly as one poll of
+ * QueueRunner would have gone (same SQ order, same tails, same room): the two paths
+ * leave the same bytes in guest memory (tests/unit/test_native_differential.py).
+ *
+ * State: queue progress lives in the queue-table records (SEAMS S1); they are read at
+ * the start of each queue's turn and written back (one aligned 32-bit store per word)
+ * before we return, so Python sees them exactly as its own code would have left them.
+ *
+ * Guest input: each SQE and each PRP list is copied once and decoded from the copy (a
+ * guest rewriting it meanwhile cannot change what we checked); every address range is
+ * checked with overflow-checked 64-bit arithmetic against the region table before any
+ * byte is touched (a range ending at 2^64 does not wrap into one that fits).
+ *
+ * Shared words (DESIGN 4): doorbells and shadow doorbells are read with one aligned
+ * 32-bit acquire load, SQEs only after the tail covering them; CQE DW0..DW2 are
+ * written first and DW3 (CID, status, phase) last with one release store; EventIdx is
+ * stored, then a full fence, then the shadow tail is read again.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#include "fastpath.h"
+
+#define PAGE 4096u
+#define MAXPRP 512u                     /* one PRP list page, no chaining */
+#define BROKEN 2u
+/* queue-table record words (nvme/qtable.py) */
+#define SQ_FLAGS 0
+#define SQ_HEAD 3
+#define SQ_TAIL 4
+#define CQ_FLAGS 0
+#define CQ_TAIL 3
+#define CQ_PHASE 4
+#define CQ_HEAD 5
+/* vn_poll() result bits above the count of completed commands */
+#define VN_NEED_SQE (1 << 20)
+#define VN_NEED_POLL (1 << 21)
+#define VN_SIGNAL (1 << 22)
+#define VN_MORE (1 << 23)
+#define VN_STALE (1 << 24)
+
+#ifndef VN_SOURCE_ID
+#define VN_SOURCE_ID "unknown"
+#endif
+
+const char *vn_source_id(void) { return VN_SOURCE_ID; }
+
+static inline uint32_t ld(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline void st(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+
+/* ---------------------------------------------------------------- guest memory */
+
+/* Host address of [addr, addr+len) if it lies inside one fd-mapped region with the
+ * needed permission; NULL otherwise (Python decides: error, slow path, split). */
+static uint8_t *xlate(const struct vn_ctx *c, uint64_t addr, uint64_t len, int write)
+{
+    uint64_t end;
+    if (len == 0 || __builtin_add_overflow(addr, len, &end))
+        return NULL;
+    for (uint32_t i = 0; i < c->nreg; i++) {
+        const struct vn_region *r = &c->reg[i];
+        if (addr < r->iova || addr - r->iova >= r->size)
+            continue;
+        if (end - r->iova > r->size || r->host == NULL || !(write ? r->w : r->r))
+            return NULL;
+        return r->host + (addr - r->iova);
+    }
+    return NULL;
+}
+
+static int in_window(const struct vn_ctx *c, uint64_t addr, uint64_t len)
+{
+    uint64_t end = addr + len;          /* xlate() proved this does not wrap */
+    for (uint32_t i = 0; i < c->nwin; i++)
+        if (c->win[2 * i] < end && addr < c->win[2 * i + 1])
+            return 1;
+    return 0;
+}
+
+/* The device wrote [addr, addr+len): mark its pages in every byte map covering them
+ * (after the write completed, SEAMS S3). */
+static void mark(const struct vn_ctx *c, uint64_t addr, uint64_t len)
+{
+    uint64_t end = addr + len;
+    for (uint32_t i = 0; i < c->ndirty; i++) {
+        const struct vn_dirty *d = &c->dirty[i];
+        uint64_t lo = addr > d->iova ? addr : d->iova;
+        uint64_t hi = end < d->iova + d->size ? end : d->iova + d->size;
+        if (lo >= hi)
+            continue;
+        uint64_t a = (lo >> 12) - d->first, b = ((hi - 1) >> 12) - d->first + 1;
+        memset(d->bm + a, 1, b - a);
+    }
+}
+
+/* ---------------------------------------------------------------- one command */
+
+struct seg { uint64_t addr, len; };
+
+/* The data segments of a PRP-described transfer, coalesced; 0 if anything is unusual. */
+static uint32_t prp_segs(const struct vn_ctx *c, uint64_t prp1, uint64_t prp2, uint64_t len,
+                         struct seg *out)
+{
+    uint64_t first = PAGE - (prp1 & (PAGE - 1));
+    if (prp1 & 3)
+        return 0;
+    if (first >= len) {
+        out[0] = (struct seg){prp1, len};
+        return 1;
+    }
+    uint64_t rest = len - first;
+    out[0] = (struct seg){prp1, first};
+    if (rest <= PAGE) {
+        if (prp2 & (PAGE - 1))
+            return 0;
+        if (prp2 == prp1 + first) {
+            out[0].len += rest;
+            return 1;
+        }
+        out[1] = (struct seg){prp2, rest};
+        return 2;
+    }
+    uint64_t npages = (rest + PAGE - 1) / PAGE;
+    if (prp2 & 7 || npages > (PAGE - (prp2 & (PAGE - 1))) / 8)
+        return 0;                       /* misaligned or chained list: Python */
+    const uint8_t *lst = xlate(c, prp2, npages * 8, 0);
+    if (lst == NULL)
+        return 0;
+    uint64_t ent[MAXPRP];
+    memcpy(ent, lst, npages * 8);       /* read the guest's list once */
+    uint32_t n = 1;
+    for (uint64_t i = 0; i < npages; i++) {
+        uint64_t e = ent[i], l = rest > PAGE ? PAGE : rest;
+        if (e & (PAGE - 1))
+            return 0;
+        if (out[n - 1].addr + out[n - 1].len == e)
+            out[n - 1].len += l;
+        else
+            out[n++] = (struct seg){e, l};
+        rest -= l;
+    }
+    return n;
+}
+
+/* Execute one SQE (a private copy) if it is a plain Read/Write this file serves:
+ * 0 done (status 0), 1 hand it to Python. */
+static int exec_rw(struct vn_ctx *c, const uint32_t *d)
+{
+    uint32_t dw0 = d[0], opc = dw0 & 0xFF, psdt = (dw0 >> 14) & 3;
+    int read = opc == 2;
+    if ((opc != 1 && opc != 2) || dw0 & 0x300 || psdt == 3)
+        return 1;
+    uint32_t nsid = d[1];
+    if (nsid == 0 || nsid >= c->nns || c->ns[nsid].kind == 0)
+        return 1;
+    const struct vn_ns *ns = &c->ns[nsid];
+    uint64_t slba = d[10] | ((uint64_t)d[11] << 32), nlb = (d[12] & 0xFFFF) + 1, end;
+    uint64_t len = nlb << ns->shift;
+    if ((c->mdts && len > c->mdts) || __builtin_add_overflow(slba, nlb, &end) ||
+        end > ns->blocks || (!read && ns->ro))
+        return 1;                       /* errors: Python answers them */
+    struct seg segs[MAXPRP + 1];
+    uint32_t nseg;
+    if (psdt == 0) {
+        nseg = prp_segs(c, d[6] | ((uint64_t)d[7] << 32), d[8] | ((uint64_t)d[9] << 32), len, segs);
+    } else {                            /* SGL: one Data Block descriptor of exactly len */
+        if ((d[9] >> 24) != 0 || d[8] != len)
+            return 1;
+        segs[0] = (struct seg){d[6] | ((uint64_t)d[7] << 32), len};
+        nseg = 1;
+    }
+    if (nseg == 0)
+        return 1;
+    uint8_t *host[MAXPRP + 1];
+    for (uint32_t i = 0; i < nseg; i++) {
+        host[i] = xlate(c, segs[i].addr, segs[i].len, read);
+        if (host[i] == NULL || (read && c->nwin && in_window(c, segs[i].addr, segs[i].len)))
+            return 1;
+    }
+    uint64_t off = slba << ns->shift;
+    for (uint32_t i = 0; i < nseg; i++) {
+        if (ns->kind == 1) {
+            if (read)
+                memcpy(host[i], ns->data + off, segs[i].len);
+            else
+                memcpy(ns->data + off, host[i], segs[i].len);
+        } else if (read) {
+            memset(host[i], 0, segs[i].len);
+        }
+        off += segs[i].len;
+    }
+    if (read) {
+        if (c->ndirty)
+            for (uint32_t i = 0; i < nseg; i++)
+                mark(c, segs[i].addr, segs[i].len);
+        c->io[0]++;
+        c->io[2] += len;
+    } else {
+        c->io[1]++;
+        c->io[3] += len;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- the poll */
+
+static int cq_head_ok(uint32_t old, uint32_t tail, uint32_t size, uint32_t head)
+{
+    return head < size && (head + size - old) % size <= (tail + size - old) % size;
+}
+
+/* One SQ's turn (QueueRunner._run_sq + _fetch).  Returns commands completed; sets
+ * *flags (VN_NEED_*, VN_MORE, VN_STALE). */
+static int run_sq(struct vn_ctx *c, uint32_t si, int budget, int *flags)
+{
+    struct vn_sq *sq = &c->sq[si];
+    struct vn_cq *cq = &c->cq[sq->cq];
+    uint32_t *rec = sq->rec, *crec = cq->rec;
+    int use_sh = c->sh_db != NULL && sq->qid != 0;
+    uint32_t tail = c->tails[si];       /* read (and checked) when the round began */
+    uint32_t size = sq->size, csize = cq->size;
+    if (tail != rec[SQ_TAIL]) {
+        st(&rec[SQ_TAIL], tail);
+        *flags |= VN_STALE;
+    }
+    uint32_t head = rec[SQ_HEAD], ctail = crec[CQ_TAIL], phase = crec[CQ_PHASE];
+    int64_t room = (int64_t)csize - 1 - (ctail + csize - crec[CQ_HEAD]) % csize - cq->inflight;
+    int64_t n = (tail + size - head) % size;
+    if (n > room)
+        n = room > 0 ? room : 0;
+    if (n > budget) {
+        n = budget;
+        *flags |= VN_MORE;
+    }
+    uint32_t *ring = cq->ring, hi = sq->qid << 16, posted = 0;
+    int done = 0;
+    for (int64_t k = 0; k < n; k++) {
+        uint32_t sqe[16];
+        memcpy(sqe, sq->ring + head * 16, 64);      /* after the tail load (acquire) */
+        if (sq->parked || exec_rw(c, sqe)) {
+            c->stop_sq = si;
+            *flags |= VN_NEED_SQE;
+            break;
+        }
+        if (++head == size)
+            head = 0;
+        uint32_t *e = ring + ctail * 4;
+        e[0] = 0;
+        e[1] = 0;
+        e[2] = head | hi;
+        __atomic_store_n(&e[3], (sqe[0] >> 16) | (phase << 16), __ATOMIC_RELEASE);
+        if (posted++ == 0)
+            cq->first = cq->posted ? cq->first : ctail;
+        if (++ctail == csize) {
+            ctail = 0;
+            phase ^= 1;
+        }
+        done++;
+    }
+    if (done) {
+        st(&rec[SQ_HEAD], head);
+        st(&crec[CQ_TAIL], ctail);
+        st(&crec[CQ_PHASE], phase);
+        cq->posted += posted;
+        *flags |= VN_STALE;
+    }
+    if (*flags & VN_NEED_SQE)
+        return done;                    /* Python takes the SQE; EventIdx after that */
+    if (use_sh && !c->lazy) {
+        st(&c->sh_ei[sq->dbi], tail);
+        if (c->ndirty)
+            mark(c, c->ei_iova + 4 * sq->dbi, 4);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (ld(&c->sh_db[sq->dbi]) != tail)
+            *flags |= VN_MORE;          /* the host may not have rung: poll again */
+    }
+    if (head != tail && !(*flags & VN_MORE)) {
+        room = (int64_t)csize - 1 - (ctail + csize - crec[CQ_HEAD]) % csize - cq->inflight;
+        if (room > 0)
+            *flags |= VN_MORE;
+    }
+    return done;
+}
+
+/* Start of a round: every doorbell is read and checked before anything is done, so a
+ * value Python must report sends the whole poll to Python (VN_NEED_POLL) untouched. */
+static int begin_round(struct vn_ctx *c, int *flags)
+{
+    uint32_t heads[64];
+    for (uint32_t i = 0; i < c->ncq; i++) {
+        struct vn_cq *cq = &c->cq[i];
+        uint32_t *rec = cq->rec;
+        uint32_t h = (c->sh_db != NULL && cq->qid) ? ld(&c->sh_db[cq->dbi]) : ld(&c->db[cq->dbi]);
+        if (rec[CQ_FLAGS] & BROKEN ||
+            (h != rec[CQ_HEAD] && !cq_head_ok(rec[CQ_HEAD], rec[CQ_TAIL], cq->size, h)))
+            return 0;                   /* Python reports it (once) and marks it broken */
+        heads[i] = h;
+    }
+    for (uint32_t i = 0; i < c->nsq; i++) {
+        struct vn_sq *sq = &c->sq[i];
+        uint32_t t = (c->sh_db != NULL && sq->qid) ? ld(&c->sh_db[sq->dbi]) : ld(&c->db[sq->dbi]);
+        if (sq->rec[SQ_FLAGS] & BROKEN || t >= sq->size)
+            return 0;
+        c->tails[i] = t;
+    }
+    for (uint32_t i = 0; i < c->ncq; i++) {
+        if (heads[i] != c->cq[i].rec[CQ_HEAD]) {
+            st(&c->cq[i].rec[CQ_HEAD], heads[i]);
+            *flags |= VN_STALE;
+        }
+    }
+    return 1;
+}
+
+int vn_poll(struct vn_ctx *c, int budget)
+{
+    int flags = 0, done = 0;
+    uint32_t n = c->nsq, start = 0, k = 0;
+    c->nirq = 0;
+    for (uint32_t i = 0; i < c->ncq; i++)
+        c->cq[i].posted = 0;
+    if (c->resume) {                    /* after Python ran the SQE we stopped at */
+        c->resume = 0;
+        start = c->rstart;
+        k = c->rk;
+    } else {
+        if (!begin_round(c, &flags))
+            return VN_NEED_POLL;
+        if (n > 1)
+            start = c->rr++ % n;
+    }
+    for (; k < n; k++) {
+        if (done >= budget) {
+            flags |= VN_MORE;
+            break;
+        }
+        done += run_sq(c, (start + k) % n, budget - done, &flags);
+        if (flags & VN_NEED_SQE) {
+            c->rstart = start;
+            c->rk = k;
+            break;
+        }
+    }
+    /* Interrupt decision: one per CQ that got entries, if IEN; with coalescing set
+     * Python decides (it keeps the timers). */
+    for (uint32_t i = 0; i < c->ncq; i++) {
+        struct vn_cq *cq = &c->cq[i];
+        if (!cq->posted)
+            continue;
+        if (c->ndirty) {                /* the CQEs written, possibly wrapping */
+            uint32_t a = cq->first, cnt = cq->posted;
+            uint32_t run = cnt < cq->size - a ? cnt : cq->size - a;
+            mark(c, cq->base + 16 * (uint64_t)a, 16 * (uint64_t)run);
+            if (run < cnt)
+                mark(c, cq->base, 16 * (uint64_t)(cnt - run));
+        }
+        if (c->coalesce)
+            flags |= VN_SIGNAL;
+        else if (cq->ien) {
+            c->irq[c->nirq++] = cq->iv;
+            flags |= VN_SIGNAL;
+        }
+    }
+    return done | flags;
+}

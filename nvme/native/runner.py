@@ -1,0 +1,342 @@
+"""NativeQueueRunner: QueueRunner whose poll runs in C (fastpath.c) when it can.
+
+Theory of operation
+-------------------
+The Python QueueRunner stays the reference and does everything unusual; this subclass
+only replaces `poll()`:
+
+* A context (struct vn_ctx) describes the runner's queues (their queue-table records,
+  ring pointers), the doorbell and shadow pages, the guest memory regions (host
+  pointers of the fd mappings), the namespaces served natively (ram: the backend's
+  memory; null), message-write windows, MDTS and the dirty-page maps.  It is built
+  lazily and dropped by `invalidate()` whenever any of that may have changed: the
+  worker's slot calls it after every control message, and the runner's own
+  configuration methods call it.  While it exists, Python holds the buffers behind
+  every pointer in it (`_keep`), so no pointer outlives its mapping (MappedGuestMemory
+  parks an mmap that is still exported instead of closing it).
+* `vn_poll()` works on the records directly.  The Python-side copies of head/tail/
+  phase in _Sq/_Cq go stale (`_stale`); every Python entry point that reads them
+  calls `_sync()` (QueueRunner.reload) first.  Parked-command counts go the other way
+  (`_push_inflight`) before the next native poll.
+* When vn_poll() stops before an SQE it cannot serve (VN_NEED_SQE) Python runs exactly
+  that SQE with QueueRunner._fetch (execute, park, error status...), then the native
+  poll continues; for VN_NEED_POLL (a doorbell value to report, a broken queue) the
+  whole poll is Python's.  Shapes the C side does not take at all (faulted queues,
+  stale doorbell values after shadow mode, more than 64 queues/regions/namespaces,
+  a page size other than 4 KiB) run on the Python path until they go away.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..qpair import QueueRunner
+
+VN_NEED_SQE = 1 << 20
+VN_NEED_POLL = 1 << 21
+VN_SIGNAL = 1 << 22
+VN_MORE = 1 << 23
+VN_STALE = 1 << 24
+MAX = 64                     # array sizes of struct vn_ctx
+KIND = {"ram": 1, "null": 2}
+
+
+class _NoExecutor:
+    """No namespace served natively: every SQE goes to the runner's `execute` (tests)."""
+    namespaces: dict[int, Any] = {}
+    aio_ns: dict[int, Any] = {}
+    mdts_bytes = 0
+    page_size = 4096
+    dirty = None
+    mem = None
+
+
+class NativeQueueRunner(QueueRunner):
+    """`executor`: the IoExecutor whose namespaces, MDTS, windows and dirty log the C loop
+    serves like IoExecutor.execute would; None serves none natively."""
+
+    def __init__(self, *, executor: Any = None, **kw: Any) -> None:
+        from . import ffi, lib, why_not
+        if lib is None:
+            raise RuntimeError(f"native data path unavailable: {why_not}")
+        self._ffi, self._lib = ffi, lib
+        self._ex = executor if executor is not None else _NoExecutor()
+        self._ctx: Any = None
+        self._keep: list[Any] = []
+        self._stale = False
+        self._inflight_dirty = True
+        self._hold = False
+        self.native_polls = 0        # polls the C loop ran (diagnostics, tests)
+        self.python_polls = 0
+        self.io_native = [0, 0, 0, 0]   # reads, writes, bytes read, bytes written (C side)
+        super().__init__(**kw)
+
+    # -- the poll ---------------------------------------------------------------
+    def poll(self, budget: int = 256) -> int:
+        ctx = self._ctx
+        if ctx is None:
+            ctx = self._build()
+            if ctx is None or self._paused:
+                return self._py_poll(budget)
+        elif self._paused:
+            return self._py_poll(budget)
+        if self._inflight_dirty:
+            self._push_inflight(ctx)
+        vn_poll = self._lib.vn_poll
+        r = vn_poll(ctx, budget)
+        self.native_polls += 1
+        if r < VN_NEED_SQE:              # nothing happened
+            self._more = False
+            if self._dirty:              # coalesced interrupts whose time has come
+                self._signal()
+            return 0
+        self._stale = True
+        if not r & (VN_NEED_SQE | VN_NEED_POLL):
+            if r & VN_SIGNAL:
+                self._signal_native(ctx)
+            elif self._dirty:
+                self._signal()
+            self._more = bool(r & VN_MORE)
+            return r & 0xFFFFF
+        # Mixed batch: the C loop stopped before an SQE (or a doorbell) that Python runs.
+        # Interrupts are decided once at the end (at most one per CQ per batch).
+        done = 0
+        vecs: set[int] = set()
+        while True:
+            done += r & 0xFFFFF
+            if r & VN_SIGNAL:
+                self._collect_native(ctx, vecs)
+            if r & VN_NEED_POLL:
+                done += self._py_poll(budget - done, signal=False)
+                break
+            if not r & VN_NEED_SQE:
+                self._more = bool(r & VN_MORE)
+                break
+            self._sync()
+            done += self._fetch(self._order[ctx.stop_sq], 1)
+            self._push_inflight(ctx)
+            ctx.resume = 1               # the round goes on where it stopped
+            r = vn_poll(ctx, budget - done)
+            self.native_polls += 1
+            self._stale = True
+        for c in self._dirty:
+            vecs.discard(c.iv)
+        if self._dirty:
+            self._signal()
+        irq = self._irq
+        for v in vecs:
+            irq(v)
+        return done
+
+    def _py_poll(self, budget: int, signal: bool = True) -> int:
+        self._sync()
+        self.python_polls += 1
+        self._hold = not signal      # the caller signals once for the whole batch
+        ctx = self._ctx
+        if ctx is not None:
+            self._rr = ctx.rr        # one round-robin position for both loops
+        try:
+            n = super().poll(budget)
+        finally:
+            self._hold = False
+            if ctx is not None:
+                ctx.rr = self._rr
+        self._inflight_dirty = True
+        return n
+
+    def _signal(self) -> None:
+        if not self._hold:
+            super()._signal()
+
+    def _signal_native(self, ctx: Any) -> None:
+        """Interrupts for what the C loop posted: its decisions, or with coalescing
+        configured Python's (it keeps the timers)."""
+        if ctx.coalesce:
+            self._collect_native(ctx, set())
+            self._signal()
+            return
+        irq = self._irq
+        for i in range(ctx.nirq):
+            irq(ctx.irq[i])
+
+    def _collect_native(self, ctx: Any, vecs: set[int]) -> None:
+        """Add what the C loop posted: to `vecs` (no coalescing), or as pending entries
+        of Python's coalescing state."""
+        if not ctx.coalesce:
+            vecs.update(ctx.irq[i] for i in range(ctx.nirq))
+            return
+        for i, c in enumerate(self._cqlist):
+            posted = ctx.cq[i].posted
+            if posted:
+                if c.pending == 0:
+                    c.first_ns = 0
+                    self._dirty.append(c)
+                c.pending += posted
+
+    # -- keeping Python's view right -----------------------------------------------
+    def _sync(self) -> None:
+        if self._stale:
+            self._stale = False
+            self.reload()
+
+    def _push_inflight(self, ctx: Any) -> None:
+        for i, c in enumerate(self._cqlist):
+            ctx.cq[i].inflight = c.inflight
+        for i, s in enumerate(self._order):
+            ctx.sq[i].parked = len(s.parked)
+        self._inflight_dirty = False
+
+    def invalidate(self) -> None:
+        """Something the context describes may have changed: rebuild before the next poll."""
+        if self._ctx is not None:
+            io = self._ctx.io
+            for i in range(4):
+                self.io_native[i] += io[i]
+            self._rr = self._ctx.rr
+        self._ctx = None
+        self._keep = []
+
+    def native_io(self) -> list[int]:
+        """Reads, writes, bytes read, bytes written completed by the C loop so far."""
+        out = list(self.io_native)
+        if self._ctx is not None:
+            for i in range(4):
+                out[i] += self._ctx.io[i]
+        return out
+
+    # Every QueueRunner entry point that reads the cached words syncs first; those that
+    # change what the context describes drop it.
+    def complete(self, sqid: int, cid: int, status: int, dw0: int) -> None:
+        self._sync()
+        super().complete(sqid, cid, status, dw0)
+        self._inflight_dirty = True
+
+    def park(self, sqid: int, cid: int) -> None:
+        self._sync()
+        super().park(sqid, cid)
+        self._inflight_dirty = True
+
+    def prepare_sleep(self) -> bool:
+        self._sync()
+        return super().prepare_sleep()
+
+    def reload(self) -> None:
+        self._stale = False
+        super().reload()
+
+    def attach_cq(self, cqid: int) -> None:
+        self._sync()
+        super().attach_cq(cqid)
+        self.invalidate()
+
+    def attach_sq(self, sqid: int) -> None:
+        self._sync()
+        super().attach_sq(sqid)
+        self.invalidate()
+
+    def remove_sq(self, sqid: int) -> Any:
+        self._sync()
+        self.invalidate()
+        return super().remove_sq(sqid)
+
+    def remove_cq(self, cqid: int) -> Any:
+        self._sync()
+        self.invalidate()
+        return super().remove_cq(cqid)
+
+    def set_memory(self, mem: Any) -> None:
+        self._sync()
+        self.invalidate()
+        super().set_memory(mem)
+
+    def set_shadow(self, shadow: Any) -> None:
+        self._sync()
+        self.invalidate()
+        super().set_shadow(shadow)
+
+    def set_coalescing(self, threshold: int, time_100us: int, exempt_vectors: set[int]) -> None:
+        self.invalidate()
+        super().set_coalescing(threshold, time_100us, exempt_vectors)
+
+    def set_lazy_eventidx(self, lazy: bool) -> None:
+        self.invalidate()
+        super().set_lazy_eventidx(lazy)
+
+    # -- the context --------------------------------------------------------------
+    def _ptr(self, ctype: str, buf: Any) -> Any:
+        p = self._ffi.from_buffer(ctype, buf)
+        self._keep.append(p)
+        return p
+
+    def _build(self) -> Any:
+        """A fresh context, or None if this configuration runs on the Python path."""
+        self._sync()
+        ex = self._ex
+        sqs, cqs = self._order, self._cqlist
+        queues: list[Any] = [*sqs, *cqs]
+        if (len(sqs) > MAX or len(cqs) > MAX or ex.page_size != 4096
+                or any(q.faulted or q.stale is not None or q.words is None for q in queues)):
+            return None
+        regions = self._mem.regions() if hasattr(self._mem, "regions") else None
+        dirty = ex.dirty.regions() if ex.dirty is not None else []
+        windows = getattr(ex.mem, "windows", ())
+        if regions is None or len(regions) > MAX or len(dirty) > MAX or len(windows) > 16:
+            return None
+        self._keep = []
+        ffi = self._ffi
+        c = ffi.new("struct vn_ctx *")
+        self._keep.append(c)
+        c.db = self._ptr("uint32_t[]", self._dbw)
+        sh = self._shadow
+        if sh is not None:
+            sdb, sei = sh.words
+            c.sh_db = self._ptr("uint32_t[]", sdb)
+            c.sh_ei = self._ptr("uint32_t[]", sei)
+            c.ei_iova = sh.cfg.eventidx
+        c.lazy = int(self._lazy)
+        c.rr = self._rr
+        c.coalesce = int(bool(self._thr or self._time_ns))
+        c.mdts = ex.mdts_bytes or 0
+        index = {}
+        for i, q in enumerate(cqs):
+            v = c.cq[i]
+            v.rec = self._ptr("uint32_t[]", q.r)
+            v.ring = self._ptr("uint32_t[]", q.words)
+            v.base, v.qid, v.size, v.dbi = q.base, q.qid, q.size, q.dbi
+            v.ien, v.iv, v.inflight = int(q.ien), q.iv, q.inflight
+            index[q.qid] = i
+        c.ncq = len(cqs)
+        for i, s in enumerate(sqs):
+            v = c.sq[i]
+            v.rec = self._ptr("uint32_t[]", s.r)
+            v.ring = self._ptr("uint32_t[]", s.words)
+            v.qid, v.size, v.dbi, v.cq, v.parked = s.qid, s.size, s.dbi, index[s.cq.qid], len(s.parked)
+        c.nsq = len(sqs)
+        for i, (iova, size, view, r, w) in enumerate(regions):
+            g = c.reg[i]
+            g.iova, g.size, g.r, g.w = iova, size, int(r), int(w)
+            if view is not None:
+                g.host = self._ptr("uint8_t[]", view)
+        c.nreg = len(regions)
+        for i, (start, end) in enumerate(windows):
+            c.win[2 * i], c.win[2 * i + 1] = start, end
+        c.nwin = len(windows)
+        for i, m in enumerate(dirty):
+            d = c.dirty[i]
+            d.iova, d.size, d.first = m.iova, m.size, m.first
+            d.bm = self._ptr("uint8_t[]", m.bm)
+        c.ndirty = len(dirty)
+        nns = 0
+        aio = ex.aio_ns
+        for nsid, ns in ex.namespaces.items():
+            kind = KIND.get(getattr(ns.backend, "native_kind", ""), 0)
+            if not 0 < nsid < MAX or not kind or nsid in aio:
+                continue
+            v = c.ns[nsid]
+            v.kind, v.blocks, v.shift, v.ro = kind, ns.blocks, ns.lba_shift, int(ns.read_only)
+            if kind == 1:
+                v.data = self._ptr("uint8_t[]", ns.backend.direct_memory)
+            nns = max(nns, nsid + 1)
+        c.nns = nns
+        self._ctx = c
+        self._inflight_dirty = False
+        return c
