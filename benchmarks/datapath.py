@@ -1,6 +1,7 @@
 """Per-I/O CPU budget of the worker data path, in one process (no sockets, no daemon).
 
     python -m benchmarks.datapath [-n 200000] [-q 32] [-o 4096] [--backend null|ram|file|file-async] [--profile]
+                                  [--datapath python|native]
 
 Drives `nvme.qpair.QueueRunner` + `nvme.io.IoExecutor` exactly as a worker does
 (doorbell words in a shared buffer, SQ/CQ/data in a FlatMemory "guest RAM"), with
@@ -42,7 +43,7 @@ BASE = 0x1000_0000
 
 
 def setup(depth: int, io_size: int, backend: str, flat: bool = False, windows: bool = False,
-          dirty: bool = False):
+          dirty: bool = False, datapath: str = "python"):
     size = depth + 1
     npages = (io_size + PAGE - 1) // PAGE
     nbytes = PAGE * (8 + depth * (npages + 1)) + size * 80
@@ -82,9 +83,14 @@ def setup(depth: int, io_size: int, backend: str, flat: bool = False, windows: b
     ns = {1: Namespace.for_backend(1, be)}
     # --windows: the executor's memory wrapped as in a worker (default window [0, 1 MiB)).
     ex = IoExecutor(ns, MessageWriteWindows(mem) if windows else mem, 1 << 20)
-    runner = QueueRunner(doorbells=Doorbells(memoryview(db)), mem=mem,
-                         execute=lambda sqe, sqid: ex.execute(sqe, sqid),
-                         irq=lambda v: None, doorbell_error=lambda i, q: None)
+    kw: dict[str, Any] = dict(doorbells=Doorbells(memoryview(db)), mem=mem,
+                              execute=lambda sqe, sqid: ex.execute(sqe, sqid),
+                              irq=lambda v: None, doorbell_error=lambda i, q: None)
+    if datapath == "native":     # nvme/native: the C loop for what it serves, Python for the rest
+        from nvme.native import NativeQueueRunner
+        runner: QueueRunner = NativeQueueRunner(executor=ex, **kw)
+    else:
+        runner = QueueRunner(**kw)
     if backend == "file-async":
         from workers.aio import BackendIo
         bio = BackendIo(runner.complete)
@@ -115,9 +121,10 @@ def setup(depth: int, io_size: int, backend: str, flat: bool = False, windows: b
 
 
 def bench(n: int, depth: int, io_size: int, backend: str, profile: bool,
-          flat: bool = False, windows: bool = False, dirty: bool = False) -> dict[str, float]:
+          flat: bool = False, windows: bool = False, dirty: bool = False,
+          datapath: str = "python") -> dict[str, float]:
     ram, dbw, runner, sqes, sqo, cqo, size, (be, bio) = setup(depth, io_size, backend, flat, windows,
-                                                               dirty)
+                                                               dirty, datapath)
     mv = memoryview(ram)
     cqw = mv[cqo:cqo + size * 16].cast("I")
     tail = head = 0
@@ -162,6 +169,9 @@ def bench(n: int, depth: int, io_size: int, backend: str, profile: bool,
     mv.release()
     if bio is not None:
         bio.close()
+    invalidate = getattr(runner, "invalidate", None)
+    if invalidate is not None:
+        invalidate()            # the native runner lets go of the backend's memory
     be.close()
     if hasattr(be, "destroy"):
         be.destroy()
@@ -184,9 +194,10 @@ def main() -> int:
                    help="wrap the executor's memory in the default message-write window, as workers do")
     p.add_argument("--dirty", action="store_true",
                    help="dirty-page logging on (every read and CQ batch marks its pages)")
+    p.add_argument("--datapath", choices=("python", "native"), default="python")
     a = p.parse_args()
-    r = bench(a.n, a.q, a.o, a.backend, a.profile, a.flat, a.windows, a.dirty)
-    print(f"{a.backend} {a.o}B qd={a.q}{' windows' if a.windows else ''}{' dirty' if a.dirty else ''}: poll() {r['ns_per_io_poll']:.0f} ns/IO CPU "
+    r = bench(a.n, a.q, a.o, a.backend, a.profile, a.flat, a.windows, a.dirty, a.datapath)
+    print(f"{a.datapath} {a.backend} {a.o}B qd={a.q}{' windows' if a.windows else ''}{' dirty' if a.dirty else ''}: poll() {r['ns_per_io_poll']:.0f} ns/IO CPU "
           f"(ceiling {r['poll_iops_ceiling']:,.0f} IOPS/core); whole loop {r['ns_per_io_total']:.0f} ns/IO")
     return 0
 

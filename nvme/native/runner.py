@@ -257,6 +257,10 @@ class NativeQueueRunner(QueueRunner):
         self.invalidate()
         super().set_coalescing(threshold, time_100us, exempt_vectors)
 
+    def set_dirty(self, log: Any) -> None:
+        self.invalidate()
+        super().set_dirty(log)
+
     def set_lazy_eventidx(self, lazy: bool) -> None:
         self.invalidate()
         super().set_lazy_eventidx(lazy)
@@ -277,7 +281,8 @@ class NativeQueueRunner(QueueRunner):
                 or any(q.faulted or q.stale is not None or q.words is None for q in queues)):
             return None
         regions = self._mem.regions() if hasattr(self._mem, "regions") else None
-        dirty = ex.dirty.regions() if ex.dirty is not None else []
+        log = self.dirty if self.dirty is not None else ex.dirty
+        dirty = log.regions() if log is not None else []
         windows = getattr(ex.mem, "windows", ())
         if regions is None or len(regions) > MAX or len(dirty) > MAX or len(windows) > 16:
             return None
