@@ -39,6 +39,7 @@ it during the blackout.  A migration in progress refuses the handover.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -69,7 +70,6 @@ def die_with_parent(on: bool) -> None:
     """A provisional taker must not outlive the process that started it: if the new
     supervisor dies its forkserver (our parent) goes, and the kernel SIGKILLs us at once
     instead of letting a half-restored front-end run on (see reactor/upgrade.py)."""
-    import ctypes
     parent = os.getppid()
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL if on else 0, 0, 0, 0) != 0:

@@ -54,7 +54,9 @@ from typing import TYPE_CHECKING, Any
 
 from ops import notify
 from ops.mgmt.jsonrpc import MgmtError
+from ops.mgmt.server import MgmtServer
 from reactor import ipc
+from reactor.shm.names import instance_prefix
 from reactor.handover import (Package, PackageAssembler, PackageError, claimed_format,
                               forward_package, read_all)
 
@@ -454,6 +456,9 @@ async def _kill_and_wait(pids: list[int], title: str, timeout: float = 5.0) -> N
 class UpgradeMixin:
     """The supervisor's live-upgrade entry points (both sides); see the module doc.
 
+    Everything the old side runs is imported when the daemon starts: by the time of an
+    upgrade the files on disk are the new build's, and a lazy import would mix versions.
+
     Uses the supervisor's plumbing: `fronts`, `mgmt`, `cfg`, `handover`, `handed_over`,
     `stopping`, `_start_front`, `_stop_workers`, `_sweep_shm`.
     """
@@ -489,14 +494,12 @@ class UpgradeMixin:
         asyncio.ensure_future(getattr(self, "_start_front")(f))
 
     async def adopt_mgmt(self, sock: socket.socket) -> None:
-        from ops.mgmt.server import MgmtServer
         s: Any = self
         s.mgmt = MgmtServer(s, s.cfg.rpc_socket)
         await s.mgmt.adopt(sock)
 
     def sweep_instance(self, pid: int) -> None:
         """Unlink what a process tree with supervisor `pid` left (a failed takeover)."""
-        from reactor.shm.names import instance_prefix
         s: Any = self
         s._sweep_shm(prefix=instance_prefix(s.cfg.run_dir, pid))
 
