@@ -293,3 +293,27 @@ def test_dirty_pages_bad_requests(dev, v1):
     assert len(v1.dirty_bitmap(0, RAM)) == 512
     v1.dirty(2)
     dev.serves()
+
+
+def test_a_disabled_controller_migrates_too(mdaemon):
+    """No admin queue, no I/O queues: the snapshot still round-trips (CC.EN=0 stays 0)."""
+    ram = GuestRam(RAM)
+    c = connect(mdaemon.socket, ram)
+    try:
+        drv = V2Driver(c)
+        data = drv.stop_copy()
+        drv.set_state(RUNNING)
+        drv.resume_begin()
+        drv.write(data)
+        drv.resume_end()
+        assert drv.get_state() == RUNNING
+        nvme = HostNvme(c, ram)
+        assert nvme.reg_read(0x14) & 1 == 0
+        nvme.enable()                                 # and it still enables normally
+        nvme.create_io_queue(1, 8)
+        buf = ram.alloc(4096)
+        assert nvme.rw(1, False, 2, 0, 8, buf) == 0
+        nvme.close()
+    finally:
+        c.close()
+        ram.close()
