@@ -111,6 +111,7 @@ class Stress:
         self.shm_end = 0
         self.injected: dict[str, int] = {}
         self.fault_errors: list[str] = []
+        self.client_deaths: list[str] = []
         self.seconds = 0.0
         self._lock = threading.Lock()
         self._client_seq = 0
@@ -187,7 +188,8 @@ class Stress:
     def kill_client(self) -> None:
         name = self.rng.choice(self.names)
         p = self.clients[name]
-        os.kill(p.pid, signal.SIGKILL)
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
         p.wait()
         self.readers[name].join(5)
         self.start_client(name)          # at once: the previous session may still tear down
@@ -253,6 +255,14 @@ class Stress:
             if now >= next_sample:
                 self.sample()
                 next_sample = now + SAMPLE_EVERY
+            for cname, p in list(self.clients.items()):
+                if p.poll() is not None:
+                    # A client that died on its own is a finding (its traceback is in its
+                    # error log, reported by _client_errors); start another so the run
+                    # keeps its load.
+                    self.client_deaths.append(f"client {cname} exited with {p.returncode}")
+                    self.readers[cname].join(5)
+                    self.start_client(cname)
             for name, when in list(due.items()):
                 if now >= when:
                     fn, every = self.faults[name]
@@ -328,15 +338,18 @@ class Stress:
                     ln for ln in log.splitlines() if "Traceback" in ln or "internal error" in ln][:20],
                 "worker_restarts": len(re.findall(r"worker \d+ \(core \d+, pid \d+\) died", log)),
                 "frontend_restarts": len(re.findall(r"front-end of \S+ .* died", log)),
-                "client_errors": self._client_errors()}
+                "client_errors": self._client_errors(), "client_deaths": list(self.client_deaths)}
 
     def _client_errors(self) -> list[str]:
         out = []
         for path in self.errlogs:
             try:
                 for line in open(path):
-                    if line.startswith(("MISMATCH", "DOUBLED", "LOST", "ERROR", "Traceback")):
+                    if line.startswith(("MISMATCH", "DOUBLED", "LOST", "ERROR")):
                         out.append(f"{os.path.basename(path)}: {line.strip()}")
+                text = open(path).read()
+                if "Traceback" in text:             # the whole story: the last frames
+                    out.append(f"{os.path.basename(path)}: {text[text.index('Traceback'):][-1500:]}")
             except FileNotFoundError:
                 pass
         return out[:40]
@@ -349,6 +362,7 @@ class Stress:
                 out.append(f"{k}: {c[k]}")
         if self.cfg.worker_kill_transparent and c.get("cfs_resets"):
             out.append(f"cfs_resets: {c['cfs_resets']} (worker kills must be transparent)")
+        out += [f"client died: {x}" for x in s["client_deaths"]]
         out += [f"leak: {x}" for x in s["leaks"]]
         out += [f"fault: {x}" for x in s["fault_errors"]]
         out += [f"daemon: {x}" for x in s["daemon_bug_lines"]]
