@@ -97,7 +97,10 @@ class Slot:
                                   table=QueueTable(self.qt_map, msg["nqueues"]))
         if self.datapath == "native":
             from nvme.native import NativeQueueRunner
-            self.runner = NativeQueueRunner(executor=self.executor, **kw)
+            # The C loop writes the vectors' eventfds itself (rebuilt after every message,
+            # so an `irqs` change is seen before the next poll).
+            self.runner = NativeQueueRunner(executor=self.executor,
+                                            irq_fd=lambda v: self.vectors.get(v), **kw)
         else:
             self.runner = QueueRunner(**kw)
 

@@ -37,6 +37,7 @@
  */
 #include <stdint.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "fastpath.h"
 
@@ -331,37 +332,12 @@ static int begin_round(struct vn_ctx *c, int *flags)
     return 1;
 }
 
-int vn_poll(struct vn_ctx *c, int budget)
+/* After a round: dirty marks for the CQEs it wrote, and its interrupts - one eventfd
+ * write per CQ that got entries (IEN), or the vector handed to Python when it has no
+ * fd here or interrupt coalescing is on (Python keeps the coalescing timers). */
+static int end_round(struct vn_ctx *c)
 {
-    int flags = 0, done = 0;
-    uint32_t n = c->nsq, start = 0, k = 0;
-    c->nirq = 0;
-    for (uint32_t i = 0; i < c->ncq; i++)
-        c->cq[i].posted = 0;
-    if (c->resume) {                    /* after Python ran the SQE we stopped at */
-        c->resume = 0;
-        start = c->rstart;
-        k = c->rk;
-    } else {
-        if (!begin_round(c, &flags))
-            return VN_NEED_POLL;
-        if (n > 1)
-            start = c->rr++ % n;
-    }
-    for (; k < n; k++) {
-        if (done >= budget) {
-            flags |= VN_MORE;
-            break;
-        }
-        done += run_sq(c, (start + k) % n, budget - done, &flags);
-        if (flags & VN_NEED_SQE) {
-            c->rstart = start;
-            c->rk = k;
-            break;
-        }
-    }
-    /* Interrupt decision: one per CQ that got entries, if IEN; with coalescing set
-     * Python decides (it keeps the timers). */
+    int flags = 0;
     for (uint32_t i = 0; i < c->ncq; i++) {
         struct vn_cq *cq = &c->cq[i];
         if (!cq->posted)
@@ -373,12 +349,78 @@ int vn_poll(struct vn_ctx *c, int budget)
             if (run < cnt)
                 mark(c, cq->base, 16 * (uint64_t)(cnt - run));
         }
-        if (c->coalesce)
+        if (c->coalesce) {
             flags |= VN_SIGNAL;
-        else if (cq->ien) {
-            c->irq[c->nirq++] = cq->iv;
+        } else if (cq->ien) {
+            uint64_t one = 1;
+            if (cq->irqfd >= 0) {
+                if (write(cq->irqfd, &one, sizeof(one)) < 0) {
+                    /* a full counter or a closed fd: the guest reads the CQ anyway */
+                }
+                continue;
+            }
+            uint32_t j = 0;
+            while (j < c->nirq && c->irq[j] != cq->iv)
+                j++;
+            if (j == c->nirq && c->nirq < 64)
+                c->irq[c->nirq++] = cq->iv;
             flags |= VN_SIGNAL;
         }
+    }
+    return flags;
+}
+
+/* One poll: rounds over every SQ (QueueRunner.poll) while they find work, then up to
+ * `spin` empty rounds more (a QD1 host's next command is found in nanoseconds, not a
+ * trip through the Python worker loop), within `budget` commands.  With coalescing one
+ * round only: Python accounts what it posted. */
+int vn_poll(struct vn_ctx *c, int budget)
+{
+    int flags = 0, done = 0, extra = 0;
+    uint32_t n = c->nsq, start = 0, k = 0, spins = c->coalesce ? 0 : c->spin, rr = 0;
+    c->nirq = 0;
+    if (c->resume) {                    /* after Python ran the SQE we stopped at */
+        c->resume = 0;
+        start = c->rstart;
+        k = c->rk;
+    } else {
+        if (!begin_round(c, &flags))
+            return VN_NEED_POLL;
+        if (n > 1)
+            start = c->rr++ % n;
+    }
+    for (;;) {
+        int before = done;
+        for (uint32_t i = 0; i < c->ncq; i++)
+            c->cq[i].posted = 0;
+        for (; k < n; k++) {
+            if (done >= budget) {
+                flags |= VN_MORE;
+                break;
+            }
+            done += run_sq(c, (start + k) % n, budget - done, &flags);
+            if (flags & VN_NEED_SQE) {
+                c->rstart = start;
+                c->rk = k;
+                break;
+            }
+        }
+        flags |= end_round(c);
+        if (extra && done == before)
+            c->rr = rr;                 /* an empty extra round leaves the order as it was */
+        if (flags & (VN_NEED_SQE | VN_NEED_POLL) || done >= budget || c->coalesce)
+            break;
+        if (done == before && spins-- == 0)
+            break;
+        extra = 1;                      /* another round */
+        rr = c->rr;
+        flags &= ~VN_MORE;
+        if (!begin_round(c, &flags)) {
+            flags |= VN_NEED_POLL;      /* Python's poll reports it */
+            break;
+        }
+        k = 0;
+        start = n > 1 ? c->rr++ % n : 0;
     }
     return done | flags;
 }

@@ -37,6 +37,7 @@ VN_SIGNAL = 1 << 22
 VN_MORE = 1 << 23
 VN_STALE = 1 << 24
 MAX = 64                     # array sizes of struct vn_ctx
+SPIN = 64                    # empty rounds the C loop adds before returning (~2-4 us here)
 KIND = {"ram": 1, "null": 2}
 
 
@@ -54,12 +55,15 @@ class NativeQueueRunner(QueueRunner):
     """`executor`: the IoExecutor whose namespaces, MDTS, windows and dirty log the C loop
     serves like IoExecutor.execute would; None serves none natively."""
 
-    def __init__(self, *, executor: Any = None, **kw: Any) -> None:
+    def __init__(self, *, executor: Any = None, irq_fd: Any = None, spin: int = SPIN,
+                 **kw: Any) -> None:
         from . import ffi, lib, why_not
         if lib is None:
             raise RuntimeError(f"native data path unavailable: {why_not}")
         self._ffi, self._lib = ffi, lib
         self._ex = executor if executor is not None else _NoExecutor()
+        self._irq_fd = irq_fd        # vector -> eventfd (or None): the C loop signals it itself
+        self._spin = spin
         self._ctx: Any = None
         self._keep: list[Any] = []
         self._stale = False
@@ -298,6 +302,7 @@ class NativeQueueRunner(QueueRunner):
             c.sh_ei = self._ptr("uint32_t[]", sei)
             c.ei_iova = sh.cfg.eventidx
         c.lazy = int(self._lazy)
+        c.spin = self._spin
         c.rr = self._rr
         c.coalesce = int(bool(self._thr or self._time_ns))
         c.mdts = ex.mdts_bytes or 0
@@ -308,6 +313,8 @@ class NativeQueueRunner(QueueRunner):
             v.ring = self._ptr("uint32_t[]", q.words)
             v.base, v.qid, v.size, v.dbi = q.base, q.qid, q.size, q.dbi
             v.ien, v.iv, v.inflight = int(q.ien), q.iv, q.inflight
+            fd = self._irq_fd(q.iv) if self._irq_fd is not None else None
+            v.irqfd = fd if fd is not None else -1
             index[q.qid] = i
         c.ncq = len(cqs)
         for i, s in enumerate(sqs):

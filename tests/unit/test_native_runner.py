@@ -158,3 +158,32 @@ def test_preflight_chooses_the_data_path(monkeypatch):
     assert preflight.datapath(cfg) == ("native", "asked for")
     cfg.datapath = None
     assert preflight.datapath(cfg)[0] == "native"
+
+
+@needs_native
+def test_c_loop_writes_the_vectors_eventfd_once_per_round(be):
+    """With an fd for the CQ's vector the C loop signals it itself (no Python call);
+    a vector without an fd is handed to Python's irq callback."""
+    import os
+    g = Rig("native", be)
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        calls: list[int] = []
+        g.r = runner("native", executor=g.ex, doorbells=g.db, mem=g.mem, execute=g.execute,
+                     irq=calls.append, doorbell_error=lambda i, q: None,
+                     irq_fd=lambda v: efd if v == 2 else None)
+        g.r.add_cq(CqState(cqid=1, base=RAM + P, size=16, iv=2, ien=True))
+        g.r.add_sq(SqState(sqid=1, cqid=1, base=RAM, size=16))
+        for cid in (1, 2, 3):
+            g.submit(0x02, cid, prp1=RAM + 8 * P, nlb=8)
+        assert g.r.poll() == 3
+        assert os.eventfd_read(efd) == 1 and calls == []       # one write for the batch
+        g.r.invalidate()
+        g.r._irq_fd = None                                      # no fd: Python signals
+        g.submit(0x02, 4, prp1=RAM + 8 * P, nlb=8)
+        assert g.r.poll() == 1 and calls == [2]
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(efd)
+    finally:
+        g.close()
+        os.close(efd)
