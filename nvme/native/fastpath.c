@@ -370,14 +370,16 @@ static int end_round(struct vn_ctx *c)
     return flags;
 }
 
-/* One poll: rounds over every SQ (QueueRunner.poll) while they find work, then up to
- * `spin` empty rounds more (a QD1 host's next command is found in nanoseconds, not a
- * trip through the Python worker loop), within `budget` commands.  With coalescing one
- * round only: Python accounts what it posted. */
+/* One poll: rounds over every SQ (QueueRunner.poll) while they find work, then - if this
+ * poll or the one before found work - up to `spin` empty rounds more (a QD1 host's next
+ * command is found in nanoseconds, not a trip through the Python worker loop; an idle
+ * worker's wake-up stays one round per queue set), within `budget` commands.  With
+ * coalescing one round only: Python accounts what it posted. */
 int vn_poll(struct vn_ctx *c, int budget)
 {
     int flags = 0, done = 0, extra = 0;
     uint32_t n = c->nsq, start = 0, k = 0, spins = c->coalesce ? 0 : c->spin, rr = 0;
+    uint32_t hot = c->hot;
     c->nirq = 0;
     if (c->resume) {                    /* after Python ran the SQE we stopped at */
         c->resume = 0;
@@ -410,7 +412,7 @@ int vn_poll(struct vn_ctx *c, int budget)
             c->rr = rr;                 /* an empty extra round leaves the order as it was */
         if (flags & (VN_NEED_SQE | VN_NEED_POLL) || done >= budget || c->coalesce)
             break;
-        if (done == before && spins-- == 0)
+        if (done == before && (!(hot || done) || spins-- == 0))
             break;
         extra = 1;                      /* another round */
         rr = c->rr;
@@ -422,5 +424,6 @@ int vn_poll(struct vn_ctx *c, int budget)
         k = 0;
         start = n > 1 ? c->rr++ % n : 0;
     }
+    c->hot = done != 0;
     return done | flags;
 }

@@ -43,7 +43,7 @@ struct vn_ctx {
     uint32_t nsq, ncq, nreg, nns, nwin, ndirty, lazy, coalesce;
     uint32_t rr, stop_sq, nirq, resume;  /* resume: go on with the round stop_sq was in */
     uint32_t rstart, rk;        /* that round's first SQ and position (vn_poll's own) */
-    uint32_t spin, pad2;        /* empty rounds vn_poll may add before it returns */
+    uint32_t spin, hot;         /* empty rounds vn_poll may add; did the last poll work */
     uint64_t io[4];             /* reads, writes, bytes read, bytes written */
     uint32_t irq[64];           /* vectors to signal after this poll */
     uint32_t tails[64];         /* SQ tails read at the start of the round (vn_poll's own) */
