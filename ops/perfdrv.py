@@ -34,6 +34,7 @@ import array
 import mmap
 import os
 import random
+import select
 import struct
 import time
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ class IoQueue:
     tail: int = 0               # ring state survives between runs on the same queue
     head: int = 0
     phase: int = 1
+    efd: int = -1               # eventfd of the CQ's vector (create_queue(irq=True))
 
 
 class Controller:
@@ -201,14 +203,21 @@ class Controller:
             raise RuntimeError(f"set features number of queues: status {st:#x}")
         return min((dw0 & 0xFFFF) + 1, (dw0 >> 16) + 1)
 
-    def create_queue(self, qid: int, depth: int, entries: int = 0) -> IoQueue:
+    def create_queue(self, qid: int, depth: int, entries: int = 0, irq: bool = False) -> IoQueue:
         """Queue pair `qid` for `depth` commands in flight: depth + 1 entries, or
-        `entries` (capped at MQES) when that is more - a driver's spare CQ room."""
+        `entries` (capped at MQES) when that is more - a driver's spare CQ room.  With
+        `irq` the CQ has interrupts on vector qid, whose eventfd is `IoQueue.efd`."""
         size = max(depth + 1, min(entries, self.mqes))
         if size > self.mqes:
             raise ValueError(f"queue depth {depth} exceeds the controller's MQES {self.mqes - 1}")
         q = IoQueue(qid, size, self.ram.alloc(size * 64), self.ram.alloc(size * 16))
-        st, _ = self.admin(0x05, 0, q.cq, ((size - 1) << 16) | qid, 1)        # PC, no IEN
+        cdw11 = 1                                                            # PC, no IEN
+        if irq:
+            q.efd = eventfd()
+            self.c.set_irqs(Irq.MSIX, IrqSetFlag.DATA_EVENTFD | IrqSetFlag.ACTION_TRIGGER, qid, 1,
+                            [q.efd])
+            cdw11 = (qid << 16) | 2 | 1                                      # IV = qid, IEN, PC
+        st, _ = self.admin(0x05, 0, q.cq, ((size - 1) << 16) | qid, cdw11)
         if st:
             raise RuntimeError(f"create CQ {qid}: status {st:#x}")
         st, _ = self.admin(0x01, 0, q.sq, ((size - 1) << 16) | qid, (qid << 16) | 1)
@@ -228,6 +237,9 @@ class Controller:
         except BufferError:     # a result view is still alive: the mapping goes with the process
             pass
         os.close(self.irq_fd)
+        for q in self.queues:
+            if q.efd >= 0:
+                os.close(q.efd)
 
 
 # ------------------------------------------------------------------------------ workload
@@ -250,6 +262,9 @@ class Workload:
     # driver that rings the SQ tail before it has written the CQ head needs CQ room
     # beyond the commands in flight (SPDK's target logs "CQ full" and stalls without).
     queue_entries: int = 0
+    # "poll": spin on the CQ (SPDK perf); "irq": sleep on the CQ's MSI-X eventfd when it
+    # is empty, as a guest kernel does (the queue must be made with create_queue(irq=True)).
+    wait: str = "poll"
 
     def entries(self) -> int:
         if self.queue_entries:
@@ -411,6 +426,9 @@ class QueueJob:
         outstanding = depth
         stop = False
         idle = 0
+        efd = q.efd if self.wl.wait == "irq" else -1
+        if self.wl.wait == "irq" and efd < 0:
+            raise ValueError("wait='irq' needs a queue made with create_queue(irq=True)")
         # With per-command doorbells the target can complete what we resubmit while we are
         # still reaping, so a batch could go on forever without a CQ head write: bound it
         # so that reaped-but-unacknowledged plus in-flight entries fit the CQ (SPDK's
@@ -418,6 +436,12 @@ class QueueJob:
         limit = max(1, size - 1 - depth) if per_cmd else size
         while outstanding:
             if (cqw[(head << 2) + 3] >> 16) & 1 != phase:
+                if efd >= 0:         # sleep until the device signals the CQ (then look again)
+                    if select.select([efd], [], [], 1.0)[0]:
+                        os.eventfd_read(efd)
+                    elif clock() > deadline_ns + STALL_NS:
+                        raise TimeoutError(f"queue {q.qid}: no interrupt for {STALL_NS // 10**9} s")
+                    continue
                 idle += 1
                 if idle & 0xFFFFF == 0 and clock() > deadline_ns + STALL_NS:
                     raise TimeoutError(f"queue {q.qid}: {outstanding} commands without a completion"

@@ -143,3 +143,26 @@ def test_installed_vnvmed_perf_spawns_the_installed_daemon(tmp_path):
     rep = json.loads(res.stdout)
     assert rep["errors"] == 0 and rep["ios"] > 0, rep
     assert importlib.util.find_spec("ops.perf") is not None
+
+
+def test_interrupt_driven_client_sleeps_on_the_cq_vector(daemon):
+    """wait='irq': the client blocks on its CQ's MSI-X eventfd (as a guest does) and
+    every completion still arrives - the daemon signals the vector."""
+    ctl = Controller(daemon.sock, 16 << 20)
+    try:
+        ctl.enable()
+        nblocks, bs = ctl.namespace(1)
+        ctl.set_queue_count(1)
+        wl = Workload("randread", 4096, 4, 0.0, span=16 << 20, doorbells="per-cmd", wait="irq")
+        q = ctl.create_queue(1, 4, wl.entries(), irq=True)
+        res = QueueJob(ctl, q, wl, bs, nblocks, 0).run(time.perf_counter_ns() + 300_000_000)
+        assert res.errors == 0 and res.ios > 8
+        saved, q.efd = q.efd, -1             # as if the queue had no interrupt vector
+        try:
+            with pytest.raises(ValueError, match="irq"):
+                QueueJob(ctl, q, wl, bs, nblocks, 0).run(0)
+        finally:
+            q.efd = saved
+        ctl.disable()
+    finally:
+        ctl.close()
