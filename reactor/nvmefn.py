@@ -63,6 +63,9 @@ _RL_SHUT, _RL_EN, _RL_DIS = ({"ratelimit": k} for k in ("shutdown complete", "co
 
 BAR0_SIZE = 0x4000
 DB_OFFSET = 0x1000
+# Deep idle with a worker watching the admin doorbells: our own timer is a safety net
+# only (tests raise it to prove that a wake-up came from the worker's kick).
+ADMIN_WATCH_SAFETY_S = float(os.environ.get("VNVMED_ADMIN_WATCH_SAFETY_S", 5.0))
 NUM_REGIONS = 10          # BAR0-5, ROM, CONFIG, VGA, migration (v1, index 9)
 NUM_IRQS = 5
 
@@ -213,6 +216,8 @@ class NvmeFunction:
             self._fatal(f"worker {wid}: {msg.get('reason')}")
         elif op == "ioerr":
             self._io_errors(msg)
+        elif op == "admin_kick":        # the worker watching our admin doorbells saw a write
+            self.admin_kick.set()
         else:
             log.error("%s: unexpected message %r from worker %d", self.name, op, wid)
 
@@ -701,6 +706,13 @@ class NvmeFunction:
                 # Trapped doorbells: every admin doorbell write and CC write kicks us, so
                 # the timeout is only a safety net.
                 wait = interval = 1.0
+            elif now - last > deep_after and self._watch_admin():
+                # Deep idle: a worker watches the admin doorbells for us (it wakes anyway
+                # to poll the I/O queues) and kicks us; our own timer is only a safety
+                # net (and the cadence of the scan for writes to doorbells of queues that
+                # do not exist).  64 idle guests' front-ends woke 4x a second each: 5.8 %
+                # of a core.
+                wait = interval = ADMIN_WATCH_SAFETY_S
             else:
                 wait = interval = min(interval * 2, deep_interval if now - last > deep_after else max_interval)
             self.admin_kick.clear()
@@ -714,6 +726,17 @@ class NvmeFunction:
             finally:
                 if timer is not None:
                     timer.cancel()
+
+    def _watch_admin(self) -> bool:
+        """Ask one worker to kick us when the admin SQ tail or CQ head doorbell differs
+        from what the admin queue has taken; False if there is no worker to ask."""
+        if not self.links:
+            return False
+        sq, cq = self.qtable.get_sq(0), self.qtable.get_cq(0)
+        if sq is None or cq is None:
+            return False
+        self._send(min(self.links), {"op": "admin_watch", "sq": sq.tail, "cq": cq.head})
+        return True
 
     def close(self) -> None:
         self.mig.close()

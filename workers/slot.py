@@ -47,6 +47,8 @@ class Slot:
         self.chan = chan
         self.mem = MappedGuestMemory()
         self.db_map: mmap.mmap | None = None
+        self.dbw: memoryview | None = None        # doorbell words (the admin watch reads 0, 1)
+        self.admin_watch: tuple[int, int] | None = None   # (admin SQ tail, CQ head) the front-end took
         self.qt_map: mmap.mmap | None = None      # the controller's queue table (nvme.qtable)
         self.namespaces: dict[int, Namespace] = {}
         self.executor: IoExecutor | None = None
@@ -91,7 +93,9 @@ class Slot:
         for nsid, ns in self.namespaces.items():
             self._aio_attach(nsid, ns)
         self.trapped = bool(msg.get("trapped", False))
-        kw: dict[str, Any] = dict(doorbells=Doorbells(memoryview(self.db_map)[DB_OFFSET:]), mem=self.mem,
+        doorbells = Doorbells(memoryview(self.db_map)[DB_OFFSET:])
+        self.dbw = doorbells.words
+        kw: dict[str, Any] = dict(doorbells=doorbells, mem=self.mem,
                                   execute=self._execute, irq=self._irq,
                                   doorbell_error=self._doorbell_error, lazy_eventidx=self.trapped,
                                   table=QueueTable(self.qt_map, msg["nqueues"]))
@@ -149,6 +153,8 @@ class Slot:
 
     # --- the loop's entry points ----------------------------------------------------
     def poll(self) -> int:
+        if self.admin_watch is not None:
+            self._check_admin_watch()
         r = self.runner
         done = 0
         aio = self.aio
@@ -183,6 +189,18 @@ class Slot:
         errs = r.take_failures()
         dropped, r.failed_dropped = r.failed_dropped, 0
         self.chan.send({"op": "ioerr", "errs": errs, "dropped": dropped})
+
+    def _check_admin_watch(self) -> None:
+        """The front-end sleeps in deep idle and left its admin doorbells to us: a host
+        write to either wakes it (one message; the watch is re-armed by the front-end)."""
+        sq, cq = self.admin_watch  # type: ignore[misc]
+        w = self.dbw
+        if w is not None and (w[0] != sq or w[1] != cq):
+            self.admin_watch = None
+            self.chan.send({"op": "admin_kick"})
+
+    def _op_admin_watch(self, msg: dict[str, Any]) -> None:
+        self.admin_watch = (int(msg["sq"]), int(msg["cq"]))
 
     def prepare_sleep(self) -> bool:
         """Trapped mode, about to sleep with no timeout worth the name: arm EventIdx.
@@ -438,6 +456,8 @@ class Slot:
         for ns in self.namespaces.values():
             ns.backend.close()
         self.namespaces = {}
+        self.dbw = None
+        self.admin_watch = None
         for name in ("db_map", "qt_map"):
             m = getattr(self, name)
             if m is not None:

@@ -68,3 +68,34 @@ def test_front_end_without_guest_does_not_wake_and_serves_the_next_client(tmp_pa
             ram.close()
     finally:
         assert d.stop() == 0
+
+
+def test_deep_idle_front_end_is_woken_by_its_worker_for_admin_commands(tmp_path, vnvmed, monkeypatch):
+    """An enabled controller with nothing to do: after a second its front-end stops
+    polling the admin queue and a worker watches the admin doorbells instead.  The
+    front-end's own timer is raised to 10 minutes here, so an admin command answered
+    within seconds was noticed by the worker and kicked to the front-end."""
+    monkeypatch.setenv("VNVMED_ADMIN_WATCH_SAFETY_S", "600")
+    sock = f"{tmp_path}/c0.sock"
+    d = vnvmed(tmp_path / "run", "--cores", "0", "--controller", f"c0={sock}",
+               "--namespace", "c0=null:16M")
+    try:
+        (fe,) = d.pids_named("frontend")
+        c, ram, h = _host(sock)
+        try:
+            ident = h.identify(1)
+            time.sleep(2.5)                           # deep idle: the watch is armed
+            before = _switches(fe)
+            time.sleep(2.0)
+            assert _switches(fe) - before <= 1        # no 250 ms admin polling any more
+            for _ in range(3):                        # each command after a quiet spell
+                t0 = time.monotonic()
+                assert h.identify(1) == ident
+                assert time.monotonic() - t0 < 30     # not the 600 s safety timer
+                time.sleep(1.5)
+        finally:
+            h.close()
+            c.close()
+            ram.close()
+    finally:
+        assert d.stop() == 0
