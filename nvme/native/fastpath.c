@@ -243,7 +243,11 @@ static int run_sq(struct vn_ctx *c, uint32_t si, int budget, int *flags)
         st(&rec[SQ_TAIL], tail);
         *flags |= VN_STALE;
     }
-    uint32_t head = rec[SQ_HEAD], ctail = crec[CQ_TAIL], phase = crec[CQ_PHASE];
+    uint32_t head = rec[SQ_HEAD], ctail = crec[CQ_TAIL], phase = crec[CQ_PHASE] & 1;
+    if (head >= size || ctail >= csize || crec[CQ_HEAD] >= csize) {
+        *flags |= VN_NEED_POLL;         /* a record we did not write (a bad restore):  */
+        return 0;                       /* never index a ring with it - Python's call */
+    }
     int64_t room = (int64_t)csize - 1 - (ctail + csize - crec[CQ_HEAD]) % csize - cq->inflight;
     int64_t n = (tail + size - head) % size;
     if (n > room)
