@@ -31,6 +31,12 @@ it pauses and stays paused: it fetches nothing for this controller again.  What 
 cannot undo is the one command it was stuck in when the deadline passed; its own
 mapping keeps the client's memfd alive (no SIGBUS), so at worst that command's data
 lands in memory the client has unmapped.
+A worker that *died* (its request fails with ConnectionError: reactor/workerlink.py sees
+the hang-up at once) is not late: a dead process fetches nothing, so it counts as
+paused.  Its replacement joins while we are quiesced: `joined()` asks it to quiesce
+before it gets any queue (its ring is FIFO) and puts it with the paused ones, so
+`resume()` resumes it like the others (issue 12: a DMA map racing a worker's death
+made the controller fatal).
 A cancelled wait (the pipeline task cancelled because the client disconnected) leaves
 no half-paused controller: every asked worker gets RESUME (after its QUIESCE, FIFO) and
 the barrier is RUNNING again, so the teardown that follows can quiesce once more.
@@ -102,9 +108,13 @@ class Coordinator:
                 f.cancel()
             self._resume_all()
             raise
-        late = [w for w, f in pending.items() if f in not_done or f.exception() is not None]
+        late = [w for w, f in pending.items()
+                if f in not_done or (f.exception() is not None and not isinstance(f.exception(), ConnectionError))]
+        gone = [w for w, f in pending.items() if f in done and isinstance(f.exception(), ConnectionError)]
         for f in not_done:
             f.cancel()
+        if gone:
+            log.info("quiesce: workers %s died meanwhile (paused: their replacements join paused)", gone)
         if late:
             log.error("quiesce: workers %s did not ack within %.1fs: controller fatal, its "
                       "workers stay paused until the host resets it", late, self.timeout)
@@ -112,6 +122,15 @@ class Coordinator:
             self._on_timeout(late)
             return
         self._apply(Phase.PAUSED)
+
+    def joined(self, worker: int) -> bool:
+        """A (replacement) worker joins: True if it must be asked to quiesce first
+        (we are quiesced); it is then resumed with the others."""
+        if not self.quiesced:
+            return False
+        if worker not in self._paused:
+            self._paused.append(worker)
+        return True
 
     def resume(self, recovered: bool = False) -> None:
         """After the change.  In FAULTED only `recovered` (the reset cleared CSTS.CFS) resumes."""

@@ -21,6 +21,13 @@ worker has its hello, memory map, interrupt routes, shadow doorbells and coalesc
 4. every recovered CQ with interrupts enabled gets one interrupt (the dead worker may
    have posted entries without signalling them).
 
+A replacement that dies too before it took the journaled commands (step 3) would
+lose them: the walk cleared the journal.  So the front-end keeps what it asked a worker
+to adopt until the ack (`fn.recovery_carry`) and adds it to the next plan; commands
+whose CQE the dying replacement did post are found by the CQ scan as usual.  (A
+replacement that posted such a CQE, published the CQ tail and died before its ack
+would get that command completed twice: a window of a few instructions.)
+
 Bounds: the sync requests use the normal worker timeout (a new worker that does not
 answer makes the controller fatal, as before); a journal that overflowed (more than
 127 commands of one SQ parked at once) or ring memory the front-end cannot map makes
@@ -69,11 +76,12 @@ def orphans(fn: "NvmeFunction", wid: int) -> tuple[list[int], list[int]]:
 def recover(fn: "NvmeFunction", link: "WorkerLink") -> None:
     """Re-attach the queues placed on link.wid (its previous process died) to `link`."""
     cqids, sqids = orphans(fn, link.wid)
+    carried = fn.recovery_carry.pop(link.wid, {})
     if not cqids:
         return
     st = fn.recovery
     try:
-        plan = plan_recovery(fn.qtable, fn.mem, cqids, sqids, fn.slow.cids)
+        plan = plan_recovery(fn.qtable, fn.mem, cqids, sqids, fn.slow.cids, carried)
     except Unrecoverable as e:
         st.fallbacks += 1
         fn.placement.drop_worker(link.wid)
@@ -85,9 +93,17 @@ def recover(fn: "NvmeFunction", link: "WorkerLink") -> None:
     for sqid in sqids:
         fn._sync(link.wid, {"op": "add_sq", "sqid": sqid}, timeout=10.0)
     for sqid, (park, retry) in plan.items():
-        if park or retry:
-            fn._sync(link.wid, {"op": "adopt", "sqid": sqid, "park": park, "retry": retry,
-                                "status": COMMAND_INTERRUPTED | RETRY}, timeout=10.0)
+        if not (park or retry):
+            continue
+        try:
+            link.request_sync({"op": "adopt", "sqid": sqid, "park": park, "retry": retry,
+                               "status": COMMAND_INTERRUPTED | RETRY}, timeout=10.0)
+        except ConnectionError:     # died too: the next replacement adopts them
+            fn.recovery_carry.setdefault(link.wid, {}).setdefault(sqid, []).extend(park + retry)
+            continue
+        except TimeoutError as e:
+            fn._fatal(f"worker {link.wid}: {e}")
+            return
         st.retried += len(retry)
         st.reparked += len(park)
     for cqid in cqids:
@@ -103,9 +119,11 @@ def recover(fn: "NvmeFunction", link: "WorkerLink") -> None:
 
 
 def plan_recovery(qt: QueueTable, mem: GuestMemory, cqids: list[int], sqids: list[int],
-                  slow_cids: Callable[[int], set[int]]) -> dict[int, tuple[list[int], list[int]]]:
+                  slow_cids: Callable[[int], set[int]],
+                  carried: dict[int, list[int]] | None = None) -> dict[int, tuple[list[int], list[int]]]:
     """Steps 1 and 2 of the module doc: fix the records in `qt`, return per SQ the
-    journaled commands to re-park (`slow_cids(sqid)` still runs them) and to retry."""
+    journaled commands (plus `carried`: those a dead replacement did not adopt) to
+    re-park (`slow_cids(sqid)` still runs them) and to retry."""
     done: dict[int, set[int]] = {}
     for cqid in cqids:
         cq = qt.get_cq(cqid)
@@ -128,6 +146,7 @@ def plan_recovery(qt: QueueTable, mem: GuestMemory, cqids: list[int], sqids: lis
         cids, overflow = journaled(qt.journal(sqid))
         if overflow:
             raise Unrecoverable(f"SQ {sqid}: more commands were parked than the journal holds")
+        cids += [c for c in (carried or {}).get(sqid, ()) if c not in cids]
         finished = done.get(sqid, set())
         try:
             ring = mem.view(sq.base, sq.size * SQE_SIZE).cast("I")

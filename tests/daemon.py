@@ -31,6 +31,7 @@ tests/qemu/harness.py (`start_vnvmed`).
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import json
 import os
@@ -75,6 +76,31 @@ def other_build(directory: str | os.PathLike[str], **env: str) -> str:
         f.write(f"#!/bin/sh\n{exports}exec {sys.executable} {VNVMED} \"$@\"\n")
     os.chmod(path, 0o755)
     return path
+
+
+def fd_table(pid: int) -> collections.Counter[str] | None:
+    """What the open fds of `pid` are, counted by kind (None: the process is gone).
+
+    The kind is readlink() of /proc/PID/fd/N with the per-object part dropped where it
+    only numbers the object (``socket:[123]`` -> ``socket``, ``pipe:[4]`` -> ``pipe``,
+    ``/memfd:guest-ram (deleted)`` -> ``memfd:guest-ram``); files and shm names stay
+    whole.  The leak checks compare two tables: what grew says what leaked."""
+    out: collections.Counter[str] = collections.Counter()
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    for n in names:
+        try:
+            t = os.readlink(f"/proc/{pid}/fd/{n}")
+        except OSError:
+            continue            # closed meanwhile
+        if t.startswith(("socket:", "pipe:")):
+            t = t.split(":")[0]
+        elif t.startswith("/memfd:"):
+            t = "memfd:" + t[len("/memfd:"):].split(" ")[0]
+        out[t] += 1
+    return out
 
 
 class DaemonNotReady(RuntimeError):

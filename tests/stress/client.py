@@ -88,19 +88,36 @@ class Client:
 
     # -- session ---------------------------------------------------------------
     def connect(self) -> None:
+        """Connect, map, enable; the whole sequence again if the connection drops on
+        the way (a front-end killed while we set up: its replacement serves us)."""
         deadline = time.monotonic() + 60
         while True:
             try:
                 self.cl = VfioUserClient(self.a.socket, timeout=10.0)
                 self.cl.negotiate()
-                break
-            except (OSError, ConnectionError, ProtocolError, TimeoutError):
-                if self.cl is not None:
-                    self.cl.close()
+                self.c["sessions"] += 1
+                self._setup()
+                return
+            except (OSError, ConnectionError, ProtocolError, TimeoutError) as e:
+                if isinstance(e, TimeoutError) and self.connection_alive():
+                    raise           # the daemon answers but did not do its part: a finding
+                self.close_session()
                 if time.monotonic() > deadline or self.stop:
                     raise
                 time.sleep(0.05)
-        self.c["sessions"] += 1
+
+    def connection_alive(self) -> bool:
+        """False if the server closed our connection (a dead front-end)."""
+        if self.cl is None:
+            return False
+        try:
+            self.cl.region_read(0, 0x1C, 4)
+            return True
+        except (OSError, ConnectionError, TimeoutError):
+            return False
+
+    def _setup(self) -> None:
+        assert self.cl is not None
         self.ram = GuestRam(RING_RAM)
         self.data = GuestRam(self.a.queues * self.a.depth * 8 * BS * 2 + (1 << 20), base=DATA_BASE)
         self.cl.dma_map(0, RING_RAM, self.ram.fd, 0)
@@ -307,9 +324,13 @@ class Client:
                     stalled_since = None
                 if now - self.last_report > REPORT_EVERY:
                     self.report()
-            except (ConnectionError, BrokenPipeError, ConnectionResetError) as e:
+            except (ConnectionError, BrokenPipeError, ConnectionResetError, TimeoutError) as e:
                 if self.stop:
                     break
+                # An admin command waits for its CQE in our memory: with the front-end
+                # dead that is a timeout, not an EOF.  On a live connection it is a finding.
+                if isinstance(e, TimeoutError) and self.connection_alive():
+                    raise
                 print(f"connection lost ({e}): reconnecting", file=sys.stderr, flush=True)
                 self.abort_inflight("aborted")
                 self.close_session()

@@ -39,12 +39,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from reactor.shm.names import cleanup_stale
-from tests.daemon import Daemon
+from tests.daemon import Daemon, fd_table
 
 ROOT = Path(__file__).resolve().parents[2]
 VNVMECTL = str(ROOT / "bin" / "vnvmectl")
@@ -76,6 +77,12 @@ class Series:
     role: str
     pid: int
     samples: list[tuple[float, int, int, int]] = field(default_factory=list)  # t, fds, rss KiB, threads
+    first_fds: Counter[str] | None = None     # fd kinds at the first and the last sample:
+    last_fds: Counter[str] | None = None      # a leak report says what grew
+
+    def fd_growth(self) -> dict[str, int]:
+        a, b = self.first_fds or Counter(), self.last_fds or Counter()
+        return {k: b[k] - a[k] for k in sorted(set(a) | set(b)) if b[k] > a[k]}
 
 
 def _proc_sample(pid: int) -> tuple[int, int, int] | None:
@@ -244,6 +251,11 @@ class Stress:
                 continue
             ser = self.series.setdefault((role, pid), Series(role, pid))
             ser.samples.append((now, *s))
+            kinds = fd_table(pid)
+            if kinds is not None:
+                if ser.first_fds is None:
+                    ser.first_fds = kinds
+                ser.last_fds = kinds
 
     # -- the run -------------------------------------------------------------------------
     def run(self, seconds: float) -> None:
@@ -316,7 +328,7 @@ class Stress:
             rss0, rss1 = min(x[2] for x in first), min(x[2] for x in last)
             th0, th1 = min(x[3] for x in first), min(x[3] for x in last)
             if fds1 > fds0 + 16:
-                out.append(f"{ser.role} (pid {ser.pid}): fds {fds0} -> {fds1}")
+                out.append(f"{ser.role} (pid {ser.pid}): fds {fds0} -> {fds1} (grew: {ser.fd_growth()})")
             if th1 > th0 + 4:
                 out.append(f"{ser.role} (pid {ser.pid}): threads {th0} -> {th1}")
             if rss1 > rss0 * 1.25 + 32 * 1024:

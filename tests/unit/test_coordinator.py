@@ -15,7 +15,7 @@ from reactor.coordinator import EDGES, Coordinator, Phase
 
 class Workers:
     def __init__(self, behaviour: dict[int, str]) -> None:
-        self.behaviour = behaviour          # wid -> "ack" | "late" | "dead"
+        self.behaviour = behaviour          # wid -> "ack" | "late" | "dead" | "error"
         self.sent: list[tuple[int, dict]] = []
         self.asked: list[int] = []
         self.timeouts: list[list[int]] = []
@@ -28,6 +28,8 @@ class Workers:
             await asyncio.Event().wait()
         if how == "dead":
             raise ConnectionError(f"worker {wid} gone")
+        if how == "error":
+            raise RuntimeError(f"worker {wid} refused")
         return {"op": "ack"}
 
     def send(self, wid: int, msg: dict) -> None:
@@ -68,8 +70,8 @@ def test_no_workers_pauses_at_once() -> None:
     assert c.phase is Phase.RUNNING and w.sent == []
 
 
-@pytest.mark.parametrize("how", ["late", "dead"])
-def test_late_or_dead_worker_faults_and_nobody_resumes_until_reset(how: str) -> None:
+@pytest.mark.parametrize("how", ["late", "error"])
+def test_late_or_refusing_worker_faults_and_nobody_resumes_until_reset(how: str) -> None:
     w = Workers({1: "ack", 2: how})
     c = w.coordinator()
 
@@ -86,6 +88,41 @@ def test_late_or_dead_worker_faults_and_nobody_resumes_until_reset(how: str) -> 
 
     run(go())
     assert c.phase is Phase.RUNNING and resumes(w) == [1, 2]
+
+
+def test_dead_worker_counts_as_paused_and_its_replacement_joins_paused() -> None:
+    """A worker that died (ConnectionError: workerlink saw the hang-up) fetches nothing:
+    not late, no fault.  Its replacement joining while quiesced must be paused first and
+    resumed with the others; one joining while running is not touched."""
+    w = Workers({1: "ack", 2: "dead"})
+    c = w.coordinator()
+
+    async def go() -> None:
+        await c.quiesce([1, 2])
+        assert c.phase is Phase.PAUSED and w.timeouts == []
+        assert c.joined(2) is True            # the replacement of 2, during the change
+        assert c.joined(3) is True            # a worker that had no queue of ours
+        c.resume()
+        assert c.joined(2) is False           # running: nothing to do
+
+    run(go())
+    assert c.phase is Phase.RUNNING and resumes(w) == [1, 2, 3]
+
+
+def test_replacement_joining_a_faulted_controller_stays_paused() -> None:
+    w = Workers({1: "late"})
+    c = w.coordinator()
+
+    async def go() -> None:
+        await c.quiesce([1])
+        assert c.phase is Phase.FAULTED
+        assert c.joined(1) is True
+        c.resume()
+        assert w.sent == []
+        c.resume(recovered=True)
+
+    run(go())
+    assert resumes(w) == [1]
 
 
 def test_cancelled_quiesce_resumes_everyone_and_leaves_running() -> None:

@@ -118,8 +118,9 @@ class Env:
         self.db[3] = self.cqhead
 
 
-@pytest.mark.parametrize("seed", range(40))
-def test_death_mid_batch_completes_every_command_exactly_once(seed: int) -> None:
+def _die_mid_batch(seed: int):
+    """A runner on Env's queue pair dies at a random execute(): (env, rng, cids,
+    submitted, slow-path CIDs, CIDs parked on the backend) at the moment of death."""
     rng = random.Random(seed)
     e = Env()
     parked_by_backend: set[int] = set()
@@ -171,9 +172,35 @@ def test_death_mid_batch_completes_every_command_exactly_once(seed: int) -> None
             r1.poll()
             e.reap()
             break
+    return e, rng, cids, submitted, slow, parked_by_backend
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_death_mid_batch_completes_every_command_exactly_once(seed: int) -> None:
+    e, rng, cids, submitted, slow, parked_by_backend = _die_mid_batch(seed)
     # --- the worker is dead: plan from shared state, a new runner takes over ---------
     plan = plan_recovery(e.qt, e.mem, [1], [1], lambda sqid: set(slow))
     park, retry = plan[1]
+    _take_over(e, cids, submitted, slow, parked_by_backend, park, retry)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_replacement_dying_before_it_adopted_loses_nothing(seed: int) -> None:
+    """The replacement attached the queues (the walk cleared the journal) and died
+    before the adopt: the front-end's carried lists make the next plan whole."""
+    e, rng, cids, submitted, slow, parked_by_backend = _die_mid_batch(seed)
+    park1, retry1 = plan_recovery(e.qt, e.mem, [1], [1], lambda sqid: set(slow))[1]
+    r2 = e.runner(lambda sqe, sqid: (0, 0))
+    r2.attach_cq(1)
+    r2.attach_sq(1)                    # ... and dies here, before the adopt message
+    assert plan_recovery(e.qt, e.mem, [1], [1], lambda sqid: set(slow))[1] == ([], [])
+    park, retry = plan_recovery(e.qt, e.mem, [1], [1], lambda sqid: set(slow),
+                                carried={1: park1 + retry1})[1]
+    assert (sorted(park), sorted(retry)) == (sorted(park1), sorted(retry1))
+    _take_over(e, cids, submitted, slow, parked_by_backend, park, retry)
+
+
+def _take_over(e, cids, submitted, slow, parked_by_backend, park, retry) -> None:
     assert set(park) == slow and set(retry) == parked_by_backend
     r2 = e.runner(lambda sqe, sqid: (0, 0))
     r2.attach_cq(1)
