@@ -157,7 +157,8 @@ class WorkerLink:
                     raise ConnectionError(f"worker {self.wid} is gone")
                 raise TimeoutError(f"worker {self.wid} did not answer {msg.get('op')}")
             if self.chan.rx.prepare_sleep():
-                r, _, _ = select.select([self.chan.rx, self.chan.sock], [], [], min(left, 0.05))
+                waitables: list[Any] = [self.chan.rx, self.chan.sock]
+                r, _, _ = select.select(waitables, [], [], min(left, 0.05))
                 if self.chan.sock in r and peer_hung_up(self.chan.sock):
                     self.drain()          # whatever it answered before it died
                     if seq in self._acks:
