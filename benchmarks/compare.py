@@ -46,6 +46,7 @@ if __package__ in (None, ""):
 
 from ops.perf import cpu_delta, format_table, process_tree, run, spawn_vnvmed  # noqa: E402
 from ops.perfdrv import Workload  # noqa: E402
+from ops import subproc  # noqa: E402
 from benchmarks.spdkpeer import SUBNQN, SpdkTarget, spdk_dir, spdk_perf, spdk_perf_available  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -92,13 +93,7 @@ class QemuPeer:
             time.sleep(0.02)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        subproc.stop(self.proc, 10)
         if self.img:
             os.unlink(self.img)
             self.img = None

@@ -41,6 +41,7 @@ if __package__ in (None, ""):
 
 from ops.perf import VNVMED, process_tree  # noqa: E402
 from ops.perfdrv import Controller, QueueJob, Workload  # noqa: E402
+from ops import subproc  # noqa: E402
 
 MiB = 1024.0
 
@@ -89,13 +90,7 @@ class Daemon:
         self.startup_s = time.monotonic() - t0
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        subproc.stop(self.proc, 30)
         self.tmp.cleanup()
 
 

@@ -29,6 +29,8 @@ import subprocess
 import time
 from typing import Any
 
+from ops import subproc
+
 NS_BYTES = 1 << 30
 BLOCK = 512
 SUBNQN = "nqn.2019-07.io.spdk:cnode0"
@@ -155,13 +157,7 @@ class SpdkTarget:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:      # freeing 1.4 GB can take a while
-                self.proc.kill()
-                self.proc.wait()
+        subproc.stop(self.proc, 15)        # freeing 1.4 GB can take a while
         _sweep_huge(self.mount, self.proc.pid)
 
 

@@ -27,6 +27,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ops.perfdrv import Controller, QueueJob, Result, Workload  # noqa: E402
+from ops import subproc  # noqa: E402
 
 # The daemon this interpreter has: the installed one, or this checkout's when run from it
 # (never a path into a checkout: an installed vnvmed-perf has none).
@@ -92,13 +93,7 @@ class Spawned:
     tmp: tempfile.TemporaryDirectory[str]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        subproc.stop(self.proc, 10)
         self.tmp.cleanup()
 
 

@@ -22,6 +22,8 @@ import tempfile
 import time
 import uuid
 
+from ops import subproc
+
 BINARIES = ("ceph-mon", "ceph-osd", "ceph-authtool", "monmaptool", "ceph", "rbd")
 PACKAGES = "ceph-mon ceph-osd ceph-common python3-rados python3-rbd"
 POOL = "rbd"
@@ -156,12 +158,8 @@ mon data avail warn = 1
     def stop(self) -> None:
         for p in reversed(self.procs):
             if p.poll() is None:
-                p.terminate()
+                p.terminate()            # all at once: the daemons exit in parallel
         for p in reversed(self.procs):
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+            subproc.stop(p, 10)
         self.procs = []
         shutil.rmtree(self.dir, ignore_errors=True)

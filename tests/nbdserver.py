@@ -13,6 +13,8 @@ import socket
 import subprocess
 import time
 
+from ops import subproc
+
 PACKAGES = "nbdkit qemu-utils python3-libnbd"
 
 
@@ -101,13 +103,9 @@ class NbdServer:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            os.kill(self.proc.pid, signal.SIGCONT)      # a stopped server cannot exit
+        if self.proc is not None:
+            subproc.stop(self.proc, 5)
         self.proc = None
         if self.sock is not None and os.path.exists(self.sock):
             os.unlink(self.sock)
