@@ -31,7 +31,7 @@ import sys
 import tomllib
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from nvme.msgwindow import LOW_MEMORY, Window, normalize as normalize_windows
 from ops.cores import expand_cores
@@ -804,33 +804,22 @@ def from_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None 
             raise where.error(f"{key}.kind", str(e)) from None
         target.namespaces.append(check_namespace(ns, where, key))
         assign_nsids(target, where, name)
-    for i, item in enumerate(a.doorbells):
-        key = f"--doorbells[{i}]"
-        name, eq, mode = item.partition("=")
-        if not eq:
-            raise where.error(key, f"{item!r} must be NAME=MODE")
-        target = cfg.controller(name)
-        if target is None:
-            raise where.error(key, f"no controller named {name!r}; add it with --controller {name}=SOCKET")
-        target.doorbells = _doorbell_mode(where, key, mode)
-    for i, item in enumerate(a.restore):
-        key = f"--restore[{i}]"
-        name, eq, path = item.partition("=")
-        if not eq:
-            raise where.error(key, f"{item!r} must be NAME=FILE")
-        target = cfg.controller(name)
-        if target is None:
-            raise where.error(key, f"no controller named {name!r}; add it with --controller {name}=SOCKET")
-        target.restore = _snapshot_file(where, key, path, os.getcwd())
-    for i, item in enumerate(a.message_write_windows):
-        key = f"--message-write-windows[{i}]"
-        name, eq, ranges = item.partition("=")
-        if not eq:
-            raise where.error(key, f"{item!r} must be NAME=RANGES")
-        target = cfg.controller(name)
-        if target is None:
-            raise where.error(key, f"no controller named {name!r}; add it with --controller {name}=SOCKET")
-        target.message_write_windows = _windows(where, key, ranges)
+    # The per-controller options NAME=VALUE: (argparse dest, what VALUE is, its parser).
+    per_controller: tuple[tuple[str, str, Callable[[_Where, str, str], Any]], ...] = (
+        ("doorbells", "MODE", _doorbell_mode),
+        ("restore", "FILE", lambda w, k, v: _snapshot_file(w, k, v, os.getcwd())),
+        ("message_write_windows", "RANGES", _windows),
+    )
+    for dest, what, parse in per_controller:
+        for i, item in enumerate(getattr(a, dest)):
+            key = f"--{dest.replace('_', '-')}[{i}]"
+            name, eq, value = item.partition("=")
+            if not eq:
+                raise where.error(key, f"{item!r} must be NAME={what}")
+            target = cfg.controller(name)
+            if target is None:
+                raise where.error(key, f"no controller named {name!r}; add it with --controller {name}=SOCKET")
+            setattr(target, dest, parse(where, key, value))
     for c in cli_ctrls:
         if not c.namespaces:
             c.namespaces.append(check_namespace(NamespaceSpec.parse(DEFAULT_NAMESPACE, nsid=1), where))
