@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import struct
 from dataclasses import dataclass
+from typing import ClassVar, TypeVar
 
 from .errors import ProtocolError
 from .wire import IrqSetFlag, RegionCap, RegionFlag
@@ -37,6 +38,31 @@ def _need(payload: bytes | memoryview, n: int, what: str) -> None:
 def _argsz(argsz: int, n: int, what: str) -> None:
     if argsz < n:
         raise ProtocolError(errno.EINVAL, f"{what}: argsz {argsz} < {n}")
+
+
+_F = TypeVar("_F", bound="_Fixed")
+
+
+class _Fixed:
+    """A message that is one struct, argsz first, its fields the dataclass's in order:
+    encode packs them, decode checks the length and argsz against the struct."""
+
+    __slots__ = ()
+    STRUCT: ClassVar[struct.Struct]
+    NAME: ClassVar[str]
+    argsz: int
+
+    def encode(self) -> bytes:
+        names: tuple[str, ...] = self.__slots__    # the subclass's: its fields in order
+        return self.STRUCT.pack(*[getattr(self, name) for name in names])
+
+    @classmethod
+    def decode(cls: type[_F], payload: bytes | memoryview) -> _F:
+        n = cls.STRUCT.size
+        _need(payload, n, cls.NAME)
+        m = cls(*cls.STRUCT.unpack_from(payload, 0))
+        _argsz(m.argsz, n, cls.NAME)
+        return m
 
 
 # --------------------------------------------------------------------- VERSION
@@ -83,7 +109,7 @@ _DMA_UNMAP = struct.Struct("<IIQQ")
 
 
 @dataclass(frozen=True, slots=True)
-class DmaMap:
+class DmaMap(_Fixed):
     argsz: int
     flags: int
     offset: int
@@ -91,36 +117,20 @@ class DmaMap:
     size: int
 
     SIZE = _DMA_MAP.size  # 32
-
-    def encode(self) -> bytes:
-        return _DMA_MAP.pack(self.argsz, self.flags, self.offset, self.address, self.size)
-
-    @classmethod
-    def decode(cls, payload: bytes | memoryview) -> "DmaMap":
-        _need(payload, cls.SIZE, "DMA_MAP")
-        m = cls(*_DMA_MAP.unpack_from(payload, 0))
-        _argsz(m.argsz, cls.SIZE, "DMA_MAP")
-        return m
+    STRUCT = _DMA_MAP
+    NAME = "DMA_MAP"
 
 
 @dataclass(frozen=True, slots=True)
-class DmaUnmap:
+class DmaUnmap(_Fixed):
     argsz: int
     flags: int
     address: int
     size: int
 
     SIZE = _DMA_UNMAP.size  # 24
-
-    def encode(self) -> bytes:
-        return _DMA_UNMAP.pack(self.argsz, self.flags, self.address, self.size)
-
-    @classmethod
-    def decode(cls, payload: bytes | memoryview) -> "DmaUnmap":
-        _need(payload, cls.SIZE, "DMA_UNMAP")
-        m = cls(*_DMA_UNMAP.unpack_from(payload, 0))
-        _argsz(m.argsz, cls.SIZE, "DMA_UNMAP")
-        return m
+    STRUCT = _DMA_UNMAP
+    NAME = "DMA_UNMAP"
 
 
 # ------------------------------------------------------------- DEVICE_GET_INFO
@@ -129,7 +139,7 @@ _DEV_INFO = struct.Struct("<IIII")
 
 
 @dataclass(frozen=True, slots=True)
-class DeviceInfoMsg:
+class DeviceInfoMsg(_Fixed):
     """DEVICE_GET_INFO request and reply (same 16-byte struct)."""
 
     argsz: int
@@ -138,16 +148,8 @@ class DeviceInfoMsg:
     num_irqs: int = 0
 
     SIZE = _DEV_INFO.size  # 16
-
-    def encode(self) -> bytes:
-        return _DEV_INFO.pack(self.argsz, self.flags, self.num_regions, self.num_irqs)
-
-    @classmethod
-    def decode(cls, payload: bytes | memoryview) -> "DeviceInfoMsg":
-        _need(payload, cls.SIZE, "DEVICE_GET_INFO")
-        m = cls(*_DEV_INFO.unpack_from(payload, 0))
-        _argsz(m.argsz, cls.SIZE, "DEVICE_GET_INFO")
-        return m
+    STRUCT = _DEV_INFO
+    NAME = "DEVICE_GET_INFO"
 
 
 # ------------------------------------------------------ DEVICE_GET_REGION_INFO
@@ -259,7 +261,7 @@ _IRQ_INFO = struct.Struct("<IIII")
 
 
 @dataclass(frozen=True, slots=True)
-class IrqInfoMsg:
+class IrqInfoMsg(_Fixed):
     """DEVICE_GET_IRQ_INFO request and reply (same 16-byte struct)."""
 
     argsz: int
@@ -268,16 +270,8 @@ class IrqInfoMsg:
     count: int = 0
 
     SIZE = _IRQ_INFO.size
-
-    def encode(self) -> bytes:
-        return _IRQ_INFO.pack(self.argsz, self.flags, self.index, self.count)
-
-    @classmethod
-    def decode(cls, payload: bytes | memoryview) -> "IrqInfoMsg":
-        _need(payload, cls.SIZE, "DEVICE_GET_IRQ_INFO")
-        m = cls(*_IRQ_INFO.unpack_from(payload, 0))
-        _argsz(m.argsz, cls.SIZE, "DEVICE_GET_IRQ_INFO")
-        return m
+    STRUCT = _IRQ_INFO
+    NAME = "DEVICE_GET_IRQ_INFO"
 
 
 # ------------------------------------------------------------ DEVICE_SET_IRQS
