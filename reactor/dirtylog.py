@@ -12,7 +12,8 @@ Markers: workers (read data in the executor; CQEs and EventIdx in the runner), a
 the front-end itself: admin CQEs (its QueueRunner) and admin data (the controller's
 memory is wrapped in a `MarkingMemory` while logging: the front-end is one thread, so
 a mark made when the admin handler takes its view is in place before any REPORT can
-run).
+run), and the slow path (reactor/slowpath.py) for read data it sent by DMA_WRITE, once
+the client answered.
 REPORT reads-and-clears the front-end's view of the same maps.
 """
 from __future__ import annotations

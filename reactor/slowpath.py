@@ -154,5 +154,11 @@ class SlowPath:
             if status == Status.SUCCESS:
                 for addr, buf in mem.writeback:
                     await self.session.dma_write(addr, bytes(buf))
+                    # Marked after the client answered (the bytes are in guest memory), as
+                    # every writer marks (SEAMS S3); a page with no map (fd-less memory)
+                    # is the client's to track, and mark() ignores it.
+                    dirty = self.fn.mig.dirty
+                    if dirty.active:
+                        dirty.log.mark(addr, len(buf))
             return status, dw0
         return Status.DATA_TRANSFER_ERROR, 0

@@ -206,3 +206,19 @@ def test_windows_off_reads_land_through_the_mapping(tmp_path, vnvmed):
     finally:
         close_guest(c, ram, h)
     assert d.stop() == 0
+
+
+def test_dma_write_pages_are_in_the_dirty_log(setup):
+    """Read data that travels by DMA_WRITE (a message-write window) is written by the
+    device too: with logging on, its pages are reported like any other read's."""
+    from vfio_user.migdriver import V2Driver
+    d, c, ram, h = setup
+    drv = V2Driver(c)
+    drv.log_start(PAGE)
+    drv.log_report(0, 16 * MB)                       # clear what the set-up wrote
+    _, nbytes = _low_read(c, h, ram)
+    assert nbytes >= 2 * PAGE
+    bm = int.from_bytes(drv.log_report(0, MB), "little")
+    got = {i for i in range(MB // PAGE) if bm >> i & 1}
+    assert {LOW // PAGE, LOW // PAGE + 1} <= got, sorted(got)
+    drv.log_stop()
