@@ -76,6 +76,7 @@ class VfioDevice(Protocol):
     def mig_data_read(self, size: int) -> bytes: ...
     def mig_data_write(self, data: bytes) -> None: ...
     def dirty_pages(self, msg: Any, caps: Any) -> bytes: ...
+    def unmap_dirty_bitmap(self, iova: int, size: int, pgsize: int, bitmap_size: int) -> bytes: ...
 
 
 class DeviceBase:
@@ -115,6 +116,9 @@ class DeviceBase:
 
     def dirty_pages(self, msg: Any, caps: Any) -> bytes:
         raise ProtocolError(errno.ENOTSUP, "no dirty page tracking")
+
+    def unmap_dirty_bitmap(self, iova: int, size: int, pgsize: int, bitmap_size: int) -> bytes:
+        raise ProtocolError(errno.EINVAL, "no dirty page tracking")
 
     def mig_data_read(self, size: int) -> bytes:
         raise ProtocolError(errno.EINVAL, "no migration")

@@ -28,6 +28,7 @@ import mmap
 import os
 from typing import TYPE_CHECKING, Any
 
+from migration.dirty import bitmap_size as bitmap_size_for, check_pgsize
 from migration.engine import MigrationEngine
 from migration.snapshot import Snapshot, SnapshotError
 from migration.states import MigState
@@ -161,16 +162,20 @@ class MigrationController:
             raise ProtocolError(errno.EINVAL, f"DIRTY_PAGES flags {m.flags:#x}")
         if m.argsz > SERVER_MAX_XFER:
             raise ProtocolError(errno.EINVAL, f"DIRTY_PAGES argsz {m.argsz} too large")
-        from migration.dirty import bitmap_size, check_pgsize
-        check_pgsize(m.pgsize)
-        if m.size < m.pgsize or m.bitmap_size != bitmap_size(m.size, m.pgsize):
-            raise ProtocolError(errno.EINVAL, f"DIRTY_PAGES bitmap size {m.bitmap_size} does not fit "
-                                f"{m.size:#x} bytes of {m.pgsize}-byte pages")
+        _check_bitmap("DIRTY_PAGES", m.size, m.pgsize, m.bitmap_size)
         need = DirtyPages.SIZE + DirtyPages.RANGE_SIZE + m.bitmap_size
         if m.argsz < need:      # libvfio-user: header only, with the argsz it needs
             return DirtyPages(need, m.flags).encode(with_range=False)
         bm = self.dirty.report(m.iova, m.size, m.pgsize)
         return DirtyPages(need, m.flags, m.iova, m.size, m.pgsize, m.bitmap_size, bm).encode()
+
+    def unmap_dirty_bitmap(self, iova: int, size: int, pgsize: int, bitmap_size: int) -> bytes:
+        """DMA_UNMAP with GET_DIRTY_BITMAP (v1 era): the region's marks, read and cleared,
+        before it goes (logging must be on: DIRTY_PAGES START or DMA_LOGGING_START)."""
+        _check_bitmap("DMA_UNMAP", size, pgsize, bitmap_size)
+        if bitmap_size > SERVER_MAX_XFER:
+            raise ProtocolError(errno.EINVAL, f"DMA_UNMAP bitmap of {bitmap_size} bytes too large")
+        return self.dirty.report(iova, size, pgsize)
 
     # -- life cycle ------------------------------------------------------------------------
     def reset(self, resume: bool) -> None:
@@ -281,3 +286,11 @@ class MigrationController:
         except BufferError:
             pass
         os.close(self.area_fd)
+
+
+def _check_bitmap(what: str, size: int, pgsize: int, bitmap_size: int) -> None:
+    """A client's bitmap request: a page size we can fold into, the exact bitmap size."""
+    check_pgsize(pgsize)
+    if size < pgsize or bitmap_size != bitmap_size_for(size, pgsize):
+        raise ProtocolError(errno.EINVAL, f"{what} bitmap size {bitmap_size} does not fit "
+                            f"{size:#x} bytes of {pgsize}-byte pages")

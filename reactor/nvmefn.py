@@ -557,6 +557,9 @@ class NvmeFunction:
     def dirty_pages(self, msg: Any, caps: Any) -> bytes:
         return self.mig.dirty_pages(msg, caps)
 
+    def unmap_dirty_bitmap(self, iova: int, size: int, pgsize: int, bitmap_size: int) -> bytes:
+        return self.mig.unmap_dirty_bitmap(iova, size, pgsize, bitmap_size)
+
     def save_state(self) -> bytes:
         """SEAMS S4: the controller as one snapshot blob (stopped: see reactor/devstate.py)."""
         return devstate.save_state(self)

@@ -26,7 +26,7 @@ from vfio_user.irqs import validate_set_irqs
 from vfio_user.migmsg import DirtyPages
 from vfio_user.messages import (DeviceFeature, DeviceInfoMsg, DmaMap, DmaUnmap, IrqInfoMsg,
                                 MigData, RegionAccess, RegionInfoReply, RegionInfoRequest,
-                                RegionWriteMulti, SetIrqs)
+                                RegionWriteMulti, SetIrqs, UnmapBitmap)
 from vfio_user.negotiate import (SERVER_MAX_MSG_FDS, SERVER_MAX_XFER, build_server_version,
                                  parse_client_version)
 from vfio_user.wire import (HEADER_SIZE, Command, DmaMapFlag, DmaUnmapFlag, FeatureFlag, Header,
@@ -103,22 +103,32 @@ def handle_dma_map(p: "Pipeline", m: DmaMap, frame: Frame) -> Reply:
 
 
 def handle_dma_unmap(p: "Pipeline", m: DmaUnmap, frame: Frame) -> Reply:
-    if m.flags & ~int(DmaUnmapFlag.ALL):
-        # GET_DIRTY_BITMAP belongs to migration v1, which we do not offer.
+    if m.flags & ~int(DmaUnmapFlag.ALL | DmaUnmapFlag.GET_DIRTY_BITMAP) or \
+            m.flags == DmaUnmapFlag.ALL | DmaUnmapFlag.GET_DIRTY_BITMAP:
         raise ProtocolError(errno.EINVAL, f"DMA_UNMAP flags {m.flags:#x}")
     s = p.session
+    tail = b""
     if m.flags & DmaUnmapFlag.ALL:
         if m.address or m.size:
             raise ProtocolError(errno.EINVAL, "DMA_UNMAP ALL needs address 0 and size 0")
         s.unmap_everything()
     else:
         s.memory.table.lookup_exact(m.address, m.size)   # ENOENT/EINVAL before telling the device
+        if m.flags & DmaUnmapFlag.GET_DIRTY_BITMAP:
+            # v1 era: the region's marks go back with the reply; taken before the unmap
+            # drops its map (quiesced: every mark of the workers is in place).
+            want = UnmapBitmap.decode(frame.payload)
+            if m.argsz < DmaUnmap.SIZE + UnmapBitmap.SIZE + want.size:
+                raise ProtocolError(errno.EINVAL, f"DMA_UNMAP argsz {m.argsz} has no room for "
+                                    f"a {want.size}-byte bitmap")
+            bm = p.device.unmap_dirty_bitmap(m.address, m.size, want.pgsize, want.size)
+            tail = UnmapBitmap(want.pgsize, want.size, bm).encode()
         p.device.dma_unmapped(m.address, m.size)
         s.memory.unmap(m.address, m.size)
         fd = s.dma_fds.pop(m.address, None)
         if fd is not None:
             close_fds([fd])
-    return Reply(DmaUnmap(m.argsz, m.flags, m.address, m.size).encode())
+    return Reply(DmaUnmap(m.argsz, m.flags, m.address, m.size).encode() + tail)
 
 
 def handle_device_info(p: "Pipeline", m: DeviceInfoMsg, frame: Frame) -> Reply:
@@ -267,7 +277,7 @@ def _reply_limit(hdr: Header, msg: Any) -> int:
         return HEADER_SIZE + msg.argsz
     if cmd == Command.REGION_READ:
         return HEADER_SIZE + RegionAccess.SIZE + msg.count
-    if cmd in (Command.DEVICE_FEATURE, Command.MIG_DATA_READ, Command.DIRTY_PAGES):
+    if cmd in (Command.DEVICE_FEATURE, Command.MIG_DATA_READ, Command.DIRTY_PAGES, Command.DMA_UNMAP):
         return max(hdr.size, HEADER_SIZE + msg.argsz)
     return hdr.size
 

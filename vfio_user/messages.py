@@ -133,6 +133,32 @@ class DmaUnmap(_Fixed):
     NAME = "DMA_UNMAP"
 
 
+_UNMAP_BITMAP = struct.Struct("<QQ")
+
+
+@dataclass(frozen=True, slots=True)
+class UnmapBitmap:
+    """DMA_UNMAP with GET_DIRTY_BITMAP (v1 era, reference §4.6): the request appends
+    {pgsize, size} after the 24-byte unmap struct; the reply appends the same descriptor
+    and then `size` bytes of bitmap (bit i = page i of the unmapped region)."""
+
+    pgsize: int
+    size: int
+    bitmap: bytes = b""
+
+    SIZE = _UNMAP_BITMAP.size   # 16
+
+    def encode(self) -> bytes:
+        return _UNMAP_BITMAP.pack(self.pgsize, self.size) + self.bitmap
+
+    @classmethod
+    def decode(cls, payload: bytes | memoryview) -> "UnmapBitmap":
+        """From a whole DMA_UNMAP payload (the descriptor sits after the unmap struct)."""
+        _need(payload, DmaUnmap.SIZE + cls.SIZE, "DMA_UNMAP GET_DIRTY_BITMAP descriptor")
+        pgsize, size = _UNMAP_BITMAP.unpack_from(payload, DmaUnmap.SIZE)
+        return cls(pgsize, size, bytes(payload[DmaUnmap.SIZE + cls.SIZE:]))
+
+
 # ------------------------------------------------------------- DEVICE_GET_INFO
 
 _DEV_INFO = struct.Struct("<IIII")

@@ -33,12 +33,12 @@ import os
 from typing import TYPE_CHECKING
 
 from .errors import ProtocolError
-from .messages import DeviceFeature
+from .messages import DeviceFeature, DmaUnmap, UnmapBitmap
 from .migmsg import (MIG_REGION_SUBTYPE, MIG_REGION_TYPE, REG_DATA_OFFSET, REG_DATA_SIZE,
                      REG_DEVICE_STATE, REG_PENDING_BYTES, DirtyPages, DirtyPagesFlag,
                      DmaLoggingReport, DmaLoggingStart, Feature, MigDeviceState,
                      decode_migration_flags)
-from .wire import Command, FeatureFlag, RegionFlag
+from .wire import Command, DmaUnmapFlag, FeatureFlag, RegionFlag
 
 if TYPE_CHECKING:
     from .client import VfioUserClient
@@ -269,6 +269,18 @@ class V1Driver:
     # DIRTY_PAGES (14) ---------------------------------------------------------------
     def dirty(self, flags: int) -> None:
         self.c.request(Command.DIRTY_PAGES, DirtyPages(8, flags).encode()).close()
+
+    def unmap_dirty(self, iova: int, size: int, pgsize: int = 4096) -> bytes:
+        """DMA_UNMAP with GET_DIRTY_BITMAP: unmap the region, get its dirty bitmap."""
+        bms = bitmap_bytes(size, pgsize)
+        req = DmaUnmap(DmaUnmap.SIZE + UnmapBitmap.SIZE + bms, DmaUnmapFlag.GET_DIRTY_BITMAP,
+                       iova, size).encode() + UnmapBitmap(pgsize, bms).encode()
+        frame = self.c.request(Command.DMA_UNMAP, req)
+        r = UnmapBitmap.decode(frame.payload)
+        frame.close()
+        if r.pgsize != pgsize or r.size != bms or len(r.bitmap) != bms:
+            raise ProtocolError(errno.EPROTO, "DMA_UNMAP reply bitmap size")
+        return r.bitmap
 
     def dirty_bitmap(self, iova: int, size: int, pgsize: int = 4096) -> bytes:
         bms = bitmap_bytes(size, pgsize)

@@ -121,7 +121,7 @@ class DmaMapFlag(enum.IntFlag):
 
 
 class DmaUnmapFlag(enum.IntFlag):
-    GET_DIRTY_BITMAP = 1      # v1 era; refused
+    GET_DIRTY_BITMAP = 1      # v1 era: {pgsize, size} after the struct, bitmap in the reply
     ALL = 2
 
 

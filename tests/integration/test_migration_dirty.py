@@ -14,7 +14,9 @@ from benchmarks.hostnvme import HostNvme
 from tests.migrig import connect
 from vfio_user.client import GuestRam
 from vfio_user.errors import ProtocolError
+from vfio_user.messages import DmaUnmap, UnmapBitmap
 from vfio_user.migdriver import V1Driver, V2Driver
+from vfio_user.wire import Command, DmaUnmapFlag
 
 RAM = 16 << 20
 PAGE = 4096
@@ -111,3 +113,45 @@ def test_region_mapped_while_logging_is_logged(guest):
     assert pages(drv.log_report(RAM, 1 << 20)) == {(buf - RAM) // PAGE}
     assert pages(drv.log_report(0, RAM)) == cq_pages(q, 0, 1)
     drv.log_stop()
+
+
+def test_v1_unmap_returns_the_regions_dirty_bitmap(guest):
+    """DMA_UNMAP with GET_DIRTY_BITMAP (v1 era, reference §4.6): the region's marks come
+    back with the unmap; bad requests are refused and leave the region mapped."""
+    import errno
+    c, nvme, ram = guest
+    nvme.create_io_queue(1, 64)
+    drv = V1Driver(c)
+    extra = nvme.add_region(RAM, 1 << 20)
+    try:
+        bufs = [extra.alloc(PAGE) for _ in range(3)]
+        with pytest.raises(ProtocolError) as e:               # logging is off
+            drv.unmap_dirty(RAM, 1 << 20)
+        assert e.value.errno == errno.EINVAL
+        drv.dirty(1)                                           # START
+        for b in bufs[:2]:
+            assert nvme.rw(1, False, 2, 0, 8, b) == 0
+        for bad in (dict(pgsize=3000), dict(pgsize=4096, size=1 << 19)):
+            with pytest.raises(ProtocolError) as e:            # not a power of two / wrong size
+                req = DmaUnmap(24 + 16 + 32, DmaUnmapFlag.GET_DIRTY_BITMAP, RAM,
+                               bad.get("size", 1 << 20)).encode() + UnmapBitmap(bad["pgsize"], 32).encode()
+                c.request(Command.DMA_UNMAP, req).close()
+            assert e.value.errno == errno.EINVAL
+        with pytest.raises(ProtocolError) as e:                # no room for the bitmap
+            req = DmaUnmap(40, DmaUnmapFlag.GET_DIRTY_BITMAP, RAM, 1 << 20).encode() + \
+                UnmapBitmap(4096, 32).encode()
+            c.request(Command.DMA_UNMAP, req).close()
+        assert e.value.errno == errno.EINVAL
+        with pytest.raises(ProtocolError):                     # with ALL: refused
+            c.dma_unmap(0, 0, DmaUnmapFlag.ALL | DmaUnmapFlag.GET_DIRTY_BITMAP)
+        # still mapped, still logged
+        assert nvme.rw(1, False, 2, 0, 8, bufs[2]) == 0
+        got = pages(drv.unmap_dirty(RAM, 1 << 20))
+        assert got == {(b - RAM) // PAGE for b in bufs}, sorted(got)
+        with pytest.raises(ProtocolError) as e:                # gone now
+            c.dma_unmap(RAM, 1 << 20)
+        assert e.value.errno in (errno.ENOENT, errno.EINVAL)
+        drv.dirty(2)                                           # STOP
+    finally:
+        drv.close()
+        extra.close()

@@ -47,7 +47,7 @@ def test_unmap_all_needs_zero_range(client):
     assert e.value.errno == errno.EINVAL
 
 
-def test_dirty_bitmap_flag_refused(client):
+def test_dirty_bitmap_flag_without_its_descriptor_refused(client):
     with GuestRam(4096) as ram:
         client.dma_map(0, 4096, ram.fd)
         with pytest.raises(ProtocolError) as e:
