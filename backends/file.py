@@ -172,7 +172,8 @@ class FileBackend:
                 return UringEngine(self._fd, self._dfd)
             except OSError:
                 pass
-        return ThreadPoolEngine(self)
+        from .aio import DEFAULT_DEPTH
+        return ThreadPoolEngine(self, threads=self.depth or DEFAULT_DEPTH)
 
     # -- lifecycle ------------------------------------------------------------
     def spec(self) -> dict[str, Any]:

@@ -147,11 +147,11 @@ def bench(n: int, depth: int, io_size: int, backend: str, profile: bool,
         if bio is not None:         # parked on the backend: submit, then reap until all are back
             bio.push()
             while got < depth:
-                n = bio.service()
-                if not n:
+                k = bio.service()         # (not `n`: that is the run's length)
+                if not k:
                     select.select([bio.fileno()], [], [], 0.01)
-                    n = bio.service(woke=True)
-                got += n
+                    k = bio.service(woke=True)
+                got += k
         if prof:
             prof.disable()
         poll_ns += clock() - p0

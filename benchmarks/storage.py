@@ -17,6 +17,22 @@ stall  two controllers on ONE worker: nvme0 on ram, nvme1 on an NBD export.  nvm
        (SIGSTOP) while nvme1 has 32 reads outstanding on it.  Ratio stalled/unstalled;
        the target is >= 0.8 (a blocking backend call would make it ~0).
 
+Run it with the interpreter vnvmed runs under (scripts/setup's .venv/bin/python): the
+daemon is started with this interpreter, and one without the `liburing` binding serves
+file: on the thread pool, one without python3-libnbd/python3-rbd cannot serve nbd/rbd.
+Every row names the engine the worker chose (`vnvmed_engine`).
+
+The host driver (ops/perfdrv.py) stores one SQ doorbell per command by default, as Linux
+and SPDK do (--sq-doorbells batch: one per reaped batch), and spins on the CQ (--wait irq:
+sleeps on the CQ's MSI-X eventfd like a guest kernel; fio sleeps in io_uring_enter too).
+
+Each row also says where the time went besides our code: `*_cpu_pressure_pct` is the
+share of the run in which some runnable task on the machine waited for a CPU
+(/proc/pressure/cpu), `vnvmed_client_wait_pct` / `vnvmed_worker_wait_pct` the share the
+host driver / the worker spent runnable but not running (/proc/PID/schedstat), and
+`*_cpu_us_per_io` the CPU each side spent per I/O (fio: usr+sys; vnvmed: every process of
+the daemon, worker included, not the host driver).
+
 Placement: vnvmed's worker on core 0 (--target-core), the benchmark's host driver and
 fio on core 1; servers (nbdkit, ceph) unpinned.  fio does its I/O in one process on one
 core; vnvmed's path costs a host-driver process plus the worker, as a VM's would.
@@ -28,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,30 +63,84 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET_CORE, CLIENT_CORE = 0, 1
 
 
+def cpu_pressure_us() -> int:
+    """/proc/pressure/cpu 'some' total: microseconds in which a runnable task waited for a CPU."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return int(f.readline().split("total=")[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def schedstat(pid: int) -> tuple[int, int]:
+    """(ns on a CPU, ns runnable but waiting for one) of a process's main thread."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            run, wait = f.read().split()[:2]
+        return int(run), int(wait)
+    except (OSError, ValueError):
+        return 0, 0
+
+
 def fio(args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run fio pinned to the client core; {'iops', 'lat_us'} of the read side."""
+    """Run fio pinned to the client core; {'iops', 'lat_us', ...} of the read side."""
     cmd = ["taskset", "-c", str(CLIENT_CORE), "fio", "--output-format=json", "--name=b",
            "--time_based", "--group_reporting", *args]
+    p0, t0 = cpu_pressure_us(), time.monotonic()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    wall = time.monotonic() - t0
     if r.returncode:
         raise RuntimeError(f"fio failed: {r.stderr.strip()[-500:]}")
-    job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]["read"]
+    jj = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
+    job = jj["read"]
     pct = job.get("clat_ns", {}).get("percentile", {})
-    return {"iops": round(job["iops"]), "lat_us": round(job["lat_ns"]["mean"] / 1000, 1),
-            "p50_us": round(pct.get("50.000000", 0) / 1000, 1), "p99_us": round(pct.get("99.000000", 0) / 1000, 1)}
+    iops = job["iops"]
+    cpu = (jj.get("usr_cpu", 0.0) + jj.get("sys_cpu", 0.0)) / 100.0   # cores, over the run
+    return {"iops": round(iops), "lat_us": round(job["lat_ns"]["mean"] / 1000, 1),
+            "p50_us": round(pct.get("50.000000", 0) / 1000, 1), "p99_us": round(pct.get("99.000000", 0) / 1000, 1),
+            "cpu_us_per_io": round(cpu / iops * 1e6, 1) if iops else None,
+            "cpu_pressure_pct": round((cpu_pressure_us() - p0) / 1e4 / wall, 1),
+            "load1": os.getloadavg()[0]}
 
 
-def vnvmed(spec: str, depth: int, seconds: float, span: int, extra: tuple[str, ...] = ()) -> dict[str, Any]:
-    sp = spawn_vnvmed(spec, TARGET_CORE, extra=extra)
+def _worker_pid(root: int) -> int | None:
+    from ops.perf import process_tree
+    for pid, (_, name) in process_tree(root).items():
+        if "worker" in name:
+            return pid
+    return None
+
+
+def vnvmed(spec: str, depth: int, seconds: float, span: int, extra: tuple[str, ...] = (),
+           a: argparse.Namespace | None = None) -> dict[str, Any]:
+    # info level: the worker logs the engine it chose per namespace ("asynchronous backend X")
+    sp = spawn_vnvmed(spec, TARGET_CORE, extra=("--log-level", "info", *extra))
+    wl = Workload("randread", 4096, depth, seconds, span=span,
+                  doorbells=getattr(a, "sq_doorbells", "batch"), wait=getattr(a, "wait", "poll"))
     try:
-        rep = perf_run(sp.sock, Workload("randread", 4096, depth, seconds, span=span),
-                       client_cores=[CLIENT_CORE], target_pid=sp.proc.pid)
+        wpid = _worker_pid(sp.proc.pid)
+        w0, c0, p0 = schedstat(wpid or 0), schedstat(os.getpid()), cpu_pressure_us()
+        t0 = time.monotonic()
+        rep = perf_run(sp.sock, wl, client_cores=[CLIENT_CORE], target_pid=sp.proc.pid)
+        wall = time.monotonic() - t0
+        w1, c1, p1 = schedstat(wpid or 0), schedstat(os.getpid()), cpu_pressure_us()
+        with open(os.path.join(sp.tmp.name, "vnvmed.log")) as f:
+            engines = sorted(set(re.findall(r"asynchronous backend (\w+)", f.read())))
     finally:
         sp.stop()
     if rep["errors"]:
         raise RuntimeError(f"vnvmed {spec}: {rep['errors']} I/O errors")
+    cpu = sum(r["cpu_pct"] for r in rep["target_cpu"]) / 100.0
     return {"iops": rep["iops"], "lat_us": rep["lat_us"]["mean"], "p50_us": rep["lat_us"]["p50"],
-            "p99_us": rep["lat_us"]["p99"], "cpu_pct": round(sum(r["cpu_pct"] for r in rep["target_cpu"]), 1)}
+            "p99_us": rep["lat_us"]["p99"], "cpu_pct": round(cpu * 100, 1),
+            "cpu_us_per_io": round(cpu / rep["iops"] * 1e6, 1) if rep["iops"] else None,
+            "engine": ",".join(engines) or "none",
+            # Share of the run each side spent runnable but waiting for its core: on this
+            # shared machine a busy neighbour shows up here, not in our code.
+            "client_wait_pct": round((c1[1] - c0[1]) / 1e7 / wall, 1),
+            "worker_wait_pct": round((w1[1] - w0[1]) / 1e7 / wall, 1) if wpid else None,
+            "cpu_pressure_pct": round((p1 - p0) / 1e4 / wall, 1),
+            "load1": os.getloadavg()[0]}
 
 
 def best(repeat: int, *runs: Callable[[], dict[str, Any]]) -> list[dict[str, Any]]:
@@ -87,7 +158,12 @@ def row(name: str, qd: int, f: dict[str, Any], v: dict[str, Any]) -> dict[str, A
     return {"case": name, "qd": qd, "fio_iops": f["iops"], "vnvmed_iops": v["iops"],
             "ratio": round(v["iops"] / max(f["iops"], 1), 3), "fio_lat_us": f["lat_us"],
             "vnvmed_lat_us": v["lat_us"], "fio_p50_us": f.get("p50_us"), "vnvmed_p50_us": v.get("p50_us"),
-            "fio_p99_us": f.get("p99_us"), "vnvmed_p99_us": v.get("p99_us"), "vnvmed_cpu_pct": v.get("cpu_pct")}
+            "fio_p99_us": f.get("p99_us"), "vnvmed_p99_us": v.get("p99_us"), "vnvmed_cpu_pct": v.get("cpu_pct"),
+            "fio_cpu_us_per_io": f.get("cpu_us_per_io"), "vnvmed_cpu_us_per_io": v.get("cpu_us_per_io"),
+            "vnvmed_engine": v.get("engine"), "vnvmed_client_wait_pct": v.get("client_wait_pct"),
+            "vnvmed_worker_wait_pct": v.get("worker_wait_pct"),
+            "fio_cpu_pressure_pct": f.get("cpu_pressure_pct"), "vnvmed_cpu_pressure_pct": v.get("cpu_pressure_pct"),
+            "fio_load1": f.get("load1"), "vnvmed_load1": v.get("load1")}
 
 
 # ------------------------------------------------------------------------ cases
@@ -102,7 +178,7 @@ def case_file(a: argparse.Namespace) -> list[dict[str, Any]]:
     span = size
     f_run = lambda: fio([f"--filename={path}", "--ioengine=io_uring", "--direct=1", "--rw=randread",  # noqa: E731
                          "--bs=4k", f"--iodepth={a.qd}", f"--runtime={a.time}", f"--size={size}"])
-    v_run = lambda: vnvmed(f"file:{path},direct", a.qd, a.time, span)  # noqa: E731
+    v_run = lambda: vnvmed(f"file:{path},direct", a.qd, a.time, span, a=a)  # noqa: E731
     f, v = best(a.repeat, f_run, v_run)
     return [row("file O_DIRECT", a.qd, f, v)]
 
@@ -116,7 +192,7 @@ def case_nbd(a: argparse.Namespace) -> list[dict[str, Any]]:
         for qd in (1, a.qd):
             f_run = lambda: fio(["--ioengine=nbd", f"--uri={srv.uri}", "--rw=randread", "--bs=4k",  # noqa: E731
                                  f"--iodepth={qd}", f"--runtime={a.time}", "--size=1G"])
-            v_run = lambda: vnvmed(f"nbd:{srv.uri}", qd, a.time, 1 << 30)  # noqa: E731
+            v_run = lambda: vnvmed(f"nbd:{srv.uri}", qd, a.time, 1 << 30, a=a)  # noqa: E731
             f, v = best(a.repeat, f_run, v_run)
             out.append(row("nbd (nbdkit memory)", qd, f, v))
     finally:
@@ -139,7 +215,7 @@ def case_rbd(a: argparse.Namespace) -> list[dict[str, Any]]:
         for qd in (1, a.qd):
             f_run = lambda: fio([*common, "--rw=randread", f"--iodepth={qd}", f"--runtime={a.time}"],  # noqa: E731
                                 env)
-            v_run = lambda: vnvmed(f"rbd:{c.target('bench')}", qd, a.time, span)  # noqa: E731
+            v_run = lambda: vnvmed(f"rbd:{c.target('bench')}", qd, a.time, span, a=a)  # noqa: E731
             f, v = best(a.repeat, f_run, v_run)
             out.append(row("rbd (1 memstore OSD)", qd, f, v))
     return out
@@ -156,7 +232,7 @@ def case_stall(a: argparse.Namespace) -> list[dict[str, Any]]:
     sp = spawn_vnvmed("ram:1G", TARGET_CORE, extra=("--controller", f"nvme1={sock1}",
                                                      "--namespace", f"nvme1=nbd:{srv.uri}"))
     try:
-        wl = Workload("randread", 4096, a.qd, a.time, span=1 << 30)
+        wl = Workload("randread", 4096, a.qd, a.time, span=1 << 30, doorbells=a.sq_doorbells, wait=a.wait)
         deadline = time.monotonic() + 30
         while True:               # nvme1's socket may exist a moment before it listens
             try:
@@ -213,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=2, help="runs per figure (best kept)")
     p.add_argument("--file", default="/var/tmp/vnvmed-bench.img", help="file for the O_DIRECT case (real disk)")
     p.add_argument("--file-size", type=int, default=1 << 30)
+    p.add_argument("--sq-doorbells", choices=("batch", "per-cmd"), default="per-cmd",
+                   help="host driver: one SQ tail store per command (Linux, SPDK) or per reaped batch")
+    p.add_argument("--wait", choices=("poll", "irq"), default="poll",
+                   help="host driver: spin on the CQ (SPDK) or sleep on its MSI-X eventfd (a guest kernel)")
     p.add_argument("--json-out")
     a = p.parse_args(argv)
     rows: list[dict[str, Any]] = []

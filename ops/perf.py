@@ -140,7 +140,8 @@ def run(sock: str, wl: Workload, *, processes: int = 1, queues: int | None = Non
             raise RuntimeError(f"controller grants only {got} I/O queues")
         if processes > 1 and ctl.trapped:
             raise RuntimeError("several client processes need mmapped doorbells")
-        jobs = [QueueJob(ctl, ctl.create_queue(i + 1, wl.depth, wl.entries()), wl, bsize, nblocks, i)
+        irq = wl.wait == "irq"     # the CQ signals its MSI-X eventfd; the client sleeps on it
+        jobs = [QueueJob(ctl, ctl.create_queue(i + 1, wl.depth, wl.entries(), irq=irq), wl, bsize, nblocks, i)
                 for i in range(nq)]
         mig = None
         if dirty_log:

@@ -103,6 +103,23 @@ def test_depth_bound_and_fifo(disk):
         eng.close()
 
 
+def test_thread_pool_grows_to_the_depth_bound(disk):
+    """One blocking call per thread is one request at the device: the pool must be able to
+    have as many threads as the namespace lets requests out (a fixed 4 capped QD32 at 4),
+    and a shallow stream must not start more than it uses."""
+    disk.write_from(0, [memoryview(bytes(range(256)) * (16 * P // 256))])
+    for n, bound, want in ((2, 8, 2), (16, 8, 8), (40, 32, 32)):
+        eng = ThreadPoolEngine(disk, threads=bound)
+        q = AioQueue(eng, depth=bound)
+        buf = bytearray(P * n)
+        got = run(q, [Req(Op.READ, (k % 16) * P, P, [memoryview(buf)[k * P:(k + 1) * P]]) for k in range(n)])
+        assert [r.err for r in got] == [0] * n
+        assert len(eng._threads) == want
+        assert bytes(buf[:P]) == bytes(range(256)) * (P // 256)
+        eng.close()
+        assert not any(t.is_alive() for t in eng._threads)
+
+
 def test_read_past_end_is_an_error_not_garbage(disk, tmp_path):
     for eng in engines(disk):
         q = AioQueue(eng)
