@@ -1,7 +1,7 @@
 """Live migration figures: blackout (median/p99/max, and per step), snapshot size.
 
     python -m benchmarks.migration --rounds 100 [--scheme v2|v1|both] [--no-precopy]
-           [--no-dirty-log] [--queues 4] [--qd 32] [--json]
+           [--no-dirty-log] [--queues 4] [--qd 32] [--worst 3] [--json]
 
 Two vnvmed daemons (as two hosts) share a file namespace; a guest with `--queues` I/O
 queues at `--qd` of verified random 4 KiB I/O is migrated back and forth `--rounds`
@@ -12,6 +12,14 @@ final dirty-bitmap report on the source and the device data transfer.  The I/O i
 verified throughout: the run fails loudly if a command completed twice, not at all,
 or returned wrong data.  Prints the machine's load average before and after: on the
 shared 2-core test machine other jobs inflate the tail.
+
+Phase breakdown: the client, both front-ends and their workers stamp the moments they
+see with CLOCK_MONOTONIC (migration/trace.py; the daemons' marks come from
+`controller.list` -> migration.trace after each round).  Merged on one time line, each
+gap between consecutive marks is charged to the mark that ends it ("src w0 quiesce rx"
+= the source's worker 0 read the QUIESCE: the gap before it is the hop to that
+worker); the table gives each phase's median / p99 per migration and its share of
+the slowest rounds, and `--worst N` prints the N slowest rounds' time lines.
 """
 from __future__ import annotations
 
@@ -26,7 +34,37 @@ from typing import Any, Sequence
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.migrig import Guest, migrate, percentile, start_hosts, stop_hosts  # noqa: E402
+from migration.trace import format_phases, merge, phases, window  # noqa: E402
+from ops.ctl import RpcClient  # noqa: E402
+from tests.migrig import Figures, Guest, migrate, percentile, start_hosts, stop_hosts  # noqa: E402
+
+# Marks after the RUNNING reply that still belong to the migration (the destination
+# workers' first poll): kept if within this many ns of it.
+AFTER_NS = 50_000_000
+
+
+def _migration_info(rpc: str) -> dict[str, Any]:
+    with RpcClient(rpc, timeout=30) as c:
+        recs = c.call("controller.list")
+    rec = next(r for r in recs if r["name"] == "nvme0")
+    return rec.get("migration") or {}
+
+
+def _daemon_marks(rpc: str) -> list:
+    return _migration_info(rpc).get("trace") or []
+
+
+def _drained(rpc: str) -> int:
+    """Commands the source's workers had in flight at the stop arc's QUIESCE (they finish
+    them inside the blackout)."""
+    return sum((_migration_info(rpc).get("quiesce_inflight") or {}).values())
+
+
+def timeline(f: Figures, src_rpc: str, dst_rpc: str) -> list[tuple[str, int]]:
+    """The round's marks from the client and both daemons, on one time line."""
+    t0, t1 = f.marks[0][1], f.marks[-1][1]
+    return merge(f.marks, window(_daemon_marks(src_rpc), t0, t1 + AFTER_NS, "src "),
+                 window(_daemon_marks(dst_rpc), t0, t1 + AFTER_NS, "dst "))
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -35,7 +73,7 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 
 def run(rounds: int, schemes: Sequence[str], precopy: bool, dirty_log: bool, queues: int,
-        qd: int) -> dict[str, Any]:
+        qd: int, worst: int = 3) -> dict[str, Any]:
     load_before = os.getloadavg()
     daemons, img = start_hosts(2)
     a, b = daemons
@@ -43,13 +81,20 @@ def run(rounds: int, schemes: Sequence[str], precopy: bool, dirty_log: bool, que
     load = g.load
     assert load is not None
     figs = []
+    lines: list[list[tuple[str, int]]] = []
+    drained: list[int] = []
     try:
         load.start()
         load.wait_completions(500)
         for i in range(rounds):
-            f = migrate(g, b if g.daemon is a else a, schemes[i % len(schemes)], precopy=precopy,
+            src = g.daemon
+            assert src is not None
+            dst = b if src is a else a
+            f = migrate(g, dst, schemes[i % len(schemes)], precopy=precopy,
                         dirty_log=dirty_log, check_regs=False)
             figs.append(f)
+            lines.append(timeline(f, src.rpc, dst.rpc))
+            drained.append(_drained(src.rpc))
             load.wait_completions(100)
         load.stop()
         summary = load.summary()
@@ -72,9 +117,53 @@ def run(rounds: int, schemes: Sequence[str], precopy: bool, dirty_log: bool, que
             "n": len(fs), "blackout_ms": _stats([f.blackout_ms for f in fs]),
             "snapshot_bytes": max(f.stream_bytes for f in fs),
             "precopy_bytes": max(f.precopy_bytes for f in fs),
-            "steps_ms": {k: _stats(v) for k, v in steps.items()}}
+            "steps_ms": {k: _stats(v) for k, v in steps.items()},
+            "phases_ms": phase_stats([f for f in figs if f.scheme == sc],
+                                     [ln for f, ln in zip(figs, lines) if f.scheme == sc])}
     all_b = [f.blackout_ms for f in figs]
     out["blackout_ms"] = _stats(all_b)
+    out["drained"] = _stats([float(n) for n in drained]) if drained else None
+    order = sorted(range(len(figs)), key=lambda i: -figs[i].blackout_ms)
+    out["worst"] = [{"round": i, "scheme": figs[i].scheme, "blackout_ms": round(figs[i].blackout_ms, 2),
+                     "timeline": [[n, t] for n, t in lines[i]]} for i in order[:max(worst, 0)]]
+    return out
+
+
+def _label(name: str) -> str:
+    """Phase label: the mark's name, worker numbers and the client's step kept."""
+    return name
+
+
+def phase_stats(figs: list[Figures], lines: list[list[tuple[str, int]]]) -> dict[str, dict[str, float]]:
+    """Per phase (the mark ending a gap): ms per migration (summed when a mark repeats
+    in a round) as median / p99 / max, and its share of the slowest 5 % of rounds."""
+    per: dict[str, list[float]] = {}
+    order: dict[str, float] = {}
+    n = len(figs)
+    cut = sorted(f.blackout_ms for f in figs)[max(0, int(n * 0.95) - 1)] if n else 0.0
+    tail: dict[str, float] = {}
+    tail_total = 0.0
+    for f, line in zip(figs, lines):
+        sums: dict[str, float] = {}
+        t0 = line[0][1] if line else 0
+        for (name, dt), (_, t) in zip(phases(line), line[1:]):
+            lab = _label(name)
+            sums[lab] = sums.get(lab, 0.0) + dt
+            order.setdefault(lab, (t - t0) / 1e6)
+        for lab in sums:
+            per.setdefault(lab, [])
+        for lab, v in sums.items():
+            per[lab].append(v)
+        if f.blackout_ms >= cut:
+            for lab, v in sums.items():
+                tail[lab] = tail.get(lab, 0.0) + v
+            tail_total += f.blackout_ms
+    out = {}
+    for lab in sorted(per, key=lambda k: order[k]):
+        vals = per[lab] + [0.0] * (n - len(per[lab]))        # absent in a round: 0 ms
+        out[lab] = {"median": round(statistics.median(vals), 3), "p99": round(percentile(vals, 99), 3),
+                    "max": round(max(vals), 3),
+                    "tail_share": round(tail.get(lab, 0.0) / tail_total, 3) if tail_total else 0.0}
     return out
 
 
@@ -93,6 +182,18 @@ def table(r: dict[str, Any]) -> str:
     for sc, s in r["schemes"].items():
         lines.append(f"  {sc} steps (median / p99 ms): " + ", ".join(
             f"{k} {v['median']:.2f}/{v['p99']:.2f}" for k, v in s["steps_ms"].items()))
+    if r.get("drained"):
+        d = r["drained"]
+        lines.append(f"commands in flight at the source's QUIESCE (drained in the blackout): "
+                     f"median {d['median']:.0f}, max {d['max']:.0f}")
+    for sc, s in r["schemes"].items():
+        lines.append(f"{sc} phases (gap ending at the mark; ms per migration; share of the slowest 5 %):")
+        lines.append(f"  {'median':>7} {'p99':>7} {'max':>7} {'tail%':>6}  mark")
+        for k, v in s["phases_ms"].items():
+            lines.append(f"  {v['median']:7.3f} {v['p99']:7.3f} {v['max']:7.3f} {v['tail_share'] * 100:6.1f}  {k}")
+    for w in r["worst"]:
+        lines.append(f"slow round {w['round']} ({w['scheme']}, {w['blackout_ms']:.2f} ms):")
+        lines.append(format_phases([(n, t) for n, t in w["timeline"]]))
     return "\n".join(lines)
 
 
@@ -105,11 +206,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-dirty-log", action="store_true")
     p.add_argument("--queues", type=int, default=4)
     p.add_argument("--qd", type=int, default=32)
+    p.add_argument("--worst", type=int, default=3, help="print the N slowest rounds' time lines")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     schemes = ("v2", "v1") if a.scheme == "both" else (a.scheme,)
     t0 = time.monotonic()
-    r = run(a.rounds, schemes, not a.no_precopy, not a.no_dirty_log, a.queues, a.qd)
+    r = run(a.rounds, schemes, not a.no_precopy, not a.no_dirty_log, a.queues, a.qd, a.worst)
     r["wall_s"] = round(time.monotonic() - t0, 1)
     print(json.dumps(r, indent=1) if a.json else table(r))
     return 0

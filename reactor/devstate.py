@@ -82,6 +82,7 @@ def save_state(fn: "NvmeFunction") -> bytes:
         "controller": fn.ctrl.snapshot(),
         "doorbells": nvmeimage.doorbell_words(fn.db_words),
     }
+    fn.mig.trace.mark("save collected")
     return encode(sections, required=nvmeimage.SECTIONS)
 
 
@@ -133,6 +134,7 @@ def load_state(fn: "NvmeFunction", data: bytes | Iterable[Snapshot], *,
         except DmaFault as e:
             raise RingsNotMapped(f"{what} memory is not mapped here (map guest memory "
                                  f"before loading): {e}") from None
+    fn.mig.trace.mark("load checked")
     try:
         _apply(fn, pci, None if shared_bar else doorbells, ctrl)
     except Exception as e:

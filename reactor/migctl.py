@@ -32,6 +32,7 @@ from migration.dirty import bitmap_size as bitmap_size_for, check_pgsize
 from migration.engine import MigrationEngine
 from migration.snapshot import Snapshot, SnapshotError
 from migration.states import MigState
+from migration.trace import GcWatch, PhaseTrace
 from migration.v1region import AREA_SIZE, DATA_OFFSET, REGION_SIZE, V1Region
 from migration.v2 import V2Adapter
 from reactor import devstate
@@ -39,7 +40,7 @@ from reactor.coordinator import Phase
 from reactor.device import RegionInfo
 from reactor.dirtylog import DirtyLogger
 from vfio_user.errors import ProtocolError
-from vfio_user.migmsg import MIG_REGION_SUBTYPE, MIG_REGION_TYPE, DirtyPages, DirtyPagesFlag
+from vfio_user.migmsg import MIG_REGION_SUBTYPE, MIG_REGION_TYPE, DirtyPages, DirtyPagesFlag, Feature
 from vfio_user.negotiate import SERVER_MAX_XFER, ClientCaps, migration_pgsize
 from vfio_user.wire import RegionFlag
 
@@ -66,16 +67,25 @@ class MigrationController:
         self.operator_hold = False                 # stopped by `vnvmectl controller save`
         self.pending: list[Snapshot] | None = None  # a saved snapshot to start from
         self.pending_file = ""
+        # Phase marks of the blackout (migration/trace.py), shown by `controller list`.
+        self.trace = PhaseTrace()
+        self._gc = GcWatch(self.trace)
+        self._gc.install()
+        self.trace_resume = False      # the next RESUME asks workers for their first poll
+        self.quiesce_inflight: dict[int, int] = {}   # worker -> commands it drained (last quiesce)
 
     # -- DeviceOps (called by the engine, inside the pipeline's quiesce bracket) -------
     def stop(self) -> None:
         if self.fn.coord.phase not in (Phase.PAUSED, Phase.FAULTED):
             raise RuntimeError("migration stop arc without a quiesced controller")
         self.held = True
+        self.trace.mark("quiesced")
         log.info("%s: stopped for migration (%s)", self.fn.name, self.engine.scheme)
 
     def start(self) -> None:
         self.held = False
+        self.trace.mark("start")
+        self.trace_resume = True
         if self._restored:
             # Interrupts the source had coalesced but not fired are nowhere in the
             # snapshot: one interrupt per enabled CQ vector (spurious at worst) makes the
@@ -93,7 +103,9 @@ class MigrationController:
         return devstate.precopy_state(self.fn)
 
     def save(self) -> bytes:
-        return devstate.save_state(self.fn)
+        blob = devstate.save_state(self.fn)
+        self.trace.mark("saved")
+        return blob
 
     def check(self, blob: Snapshot) -> None:
         devstate.check(self.fn, blob)
@@ -104,22 +116,27 @@ class MigrationController:
     def load(self, blobs: list[Snapshot]) -> None:
         devstate.load_state(self.fn, blobs)
         self._restored = True
+        self.trace.mark("loaded")
 
     # -- pipeline hooks ------------------------------------------------------------------
     def feature_needs_quiesce(self, flags: int, data: bytes) -> bool:
         if V2Adapter.needs_quiesce(flags, data):
             self._full_quiesce = True
+            self.trace.mark("state request")
             return True
         return False
 
     def region_needs_quiesce(self, offset: int, data: bytes) -> bool:
         if V1Region.needs_quiesce(offset, data):
             self._full_quiesce = True
+            self.trace.mark("state request")
             return True
         return False
 
     def quiesce_set(self, busy: set[int]) -> set[int]:
         full, self._full_quiesce = self._full_quiesce, False
+        if full:
+            self.trace.mark("quiesce sent")
         return set(self.fn.links) if full else busy & set(self.fn.links)
 
     def region_info(self) -> RegionInfo:
@@ -128,19 +145,54 @@ class MigrationController:
                           cap_type=(MIG_REGION_TYPE, MIG_REGION_SUBTYPE), fd=self.area_fd)
 
     def region_read(self, offset: int, count: int) -> bytes:
-        return self.v1.read(offset, count)
+        try:
+            return self.v1.read(offset, count)
+        finally:
+            self.trace.mark("region9 read")
 
     def region_write(self, offset: int, data: bytes) -> None:
-        self.v1.write(offset, data)
+        try:
+            self.v1.write(offset, data)
+        finally:
+            self.trace.mark("region9 write")
 
     def device_feature(self, flags: int, data: bytes, argsz: int) -> bytes:
-        return self.v2.feature(argsz, flags, data)
+        try:
+            return self.v2.feature(argsz, flags, data)
+        finally:
+            f = flags & 0xFFFF
+            self.trace.mark(f"feature {Feature(f).name if f in Feature._value2member_map_ else f}")
 
     def mig_data_read(self, size: int) -> bytes:
-        return self.v2.data_read(size)
+        try:
+            return self.v2.data_read(size)
+        finally:
+            self.trace.mark("data read")
 
     def mig_data_write(self, data: bytes) -> None:
-        self.v2.data_write(data)
+        self.trace.mark("data write in")
+        try:
+            self.v2.data_write(data)
+        finally:
+            self.trace.mark("data write out")
+
+    # -- phase trace hooks (reactor/nvmefn.py) --------------------------------------------
+    def worker_acked(self, wid: int, what: str, ack: dict) -> None:
+        """A worker's ack carrying its stamps (rx: message read, t: ack sent, arr: ack read
+        by us); the callback runs later still (asyncio scheduling)."""
+        if "rx" in ack:
+            self.trace.mark(f"w{wid} {what} rx", ack["rx"])
+        if "inflight" in ack:
+            self.quiesce_inflight[wid] = ack["inflight"]
+        if "t" in ack:
+            self.trace.mark(f"w{wid} {what} ack", ack["t"])
+        if "arr" in ack:
+            self.trace.mark(f"w{wid} {what} ack read", ack["arr"])
+        self.trace.mark(f"w{wid} {what} ack done")
+
+    def worker_trace(self, wid: int, msg: dict) -> None:
+        self.trace.mark(f"w{wid} resume rx", msg.get("resume_rx", 0))
+        self.trace.mark(f"w{wid} first poll", msg.get("first_poll", 0))
 
     def _max_xfer(self) -> int:
         s = self.fn.session
@@ -152,6 +204,12 @@ class MigrationController:
         pgsize = migration_pgsize(caps) if caps is not None else None
         if pgsize is None:
             raise ProtocolError(errno.ENOTSUP, "DIRTY_PAGES needs the migration capability")
+        try:
+            return self._dirty_pages(m, pgsize)
+        finally:
+            self.trace.mark("dirty pages")
+
+    def _dirty_pages(self, m: DirtyPages, pgsize: int) -> bytes:
         if m.flags == DirtyPagesFlag.START:
             self.dirty.start(pgsize)
             return b""
@@ -276,9 +334,11 @@ class MigrationController:
         return {"state": self.engine.state.name, "scheme": self.engine.scheme or None,
                 "held": self.held, "dirty_logging": self.dirty.info(),
                 "current": self.engine.stats.to_dict() if self.engine.stats.role else None,
-                "last": self.engine.last}
+                "last": self.engine.last, "trace": self.trace.marks(),
+                "quiesce_inflight": {str(w): n for w, n in self.quiesce_inflight.items()}}
 
     def close(self) -> None:
+        self._gc.remove()
         self.dirty.stop()
         self.v1.area.release()
         try:

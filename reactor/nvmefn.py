@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import dataclasses
 import logging
 import mmap
@@ -163,11 +164,20 @@ class NvmeFunction:
                 "read_only": i.read_only, "backend": i.backend}
 
     def _request(self, wid: int, msg: dict) -> "asyncio.Future[dict]":
-        return self.links[wid].request(msg)
+        fut = self.links[wid].request(msg)
+        if msg.get("op") == "quiesce":        # the migration's phase trace (reactor/migctl.py)
+            fut.add_done_callback(functools.partial(self._quiesce_acked, wid))
+        return fut
+
+    def _quiesce_acked(self, wid: int, fut: "asyncio.Future[dict]") -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            self.mig.worker_acked(wid, "quiesce", fut.result())
 
     def _send(self, wid: int, msg: dict) -> None:
         link = self.links.get(wid)
         if link is not None:
+            if self.mig.trace_resume and msg.get("op") == "resume":
+                msg = dict(msg, trace=1)      # the worker reports its first poll
             link.send(msg)
 
     def _broadcast(self, msg: dict, fds: list[int] | None = None) -> None:
@@ -212,6 +222,8 @@ class NvmeFunction:
             return
         err = fut.exception()
         why = str(err) if err is not None else fut.result().get("error")
+        if not why:
+            self.mig.worker_acked(wid, "queue", fut.result())
         if why:
             log.error("%s: worker %d refused a restored queue: %s", self.name, wid, why)
             self._fatal(f"worker {wid}: {why}")
@@ -234,6 +246,8 @@ class NvmeFunction:
             self._io_errors(msg)
         elif op == "admin_kick":        # the worker watching our admin doorbells saw a write
             self.admin_kick.set()
+        elif op == "trace":             # first poll after a migration's resume (reactor/migctl.py)
+            self.mig.worker_trace(wid, msg)
         else:
             log.error("%s: unexpected message %r from worker %d", self.name, op, wid)
 
@@ -311,6 +325,9 @@ class NvmeFunction:
                 return
             # After a late worker (coordinator FAULTED) only a reset that cleared CFS resumes.
             self.coord.resume(recovered=not self.ctrl.fatal)
+            if self.mig.trace_resume:
+                self.mig.trace_resume = False
+                self.mig.trace.mark("resume sent")
             self.admin_kick.set()
         finally:
             if self.qlock.locked():

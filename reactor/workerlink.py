@@ -68,6 +68,8 @@ class WorkerLink:
     def drain(self) -> None:
         for msg in self.chan.recv_all():
             if msg.get("op") == "ack":
+                if "t" in msg:                 # stamped by the worker: stamp its arrival too
+                    msg["arr"] = time.monotonic_ns()
                 seq = msg.get("seq")
                 if seq in self._waiting:
                     fut = self._waiting.pop(seq)

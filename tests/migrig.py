@@ -21,6 +21,7 @@ arc to the RUNNING reply.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -147,6 +148,9 @@ class Figures:
     stream_bytes: int
     precopy_bytes: int
     steps: dict[str, float]            # ms per step of the blackout, in order
+    # The client's marks (migration/trace.py: name, CLOCK_MONOTONIC ns): the first is
+    # the stop arc sent, the last the destination's RUNNING reply.
+    marks: list[tuple[str, int]] = dataclasses.field(default_factory=list)
 
 
 def _regs(nvme: HostNvme) -> dict[str, int]:
@@ -164,11 +168,17 @@ def migrate(g: Guest, dst: Daemon, scheme: str = "v2", precopy: bool = True,
     new = moved(g.nvme, dst_c)          # the destination's BAR0 is mapped before the blackout
     pre = b""
     steps: dict[str, float] = {}
-    mark = time.perf_counter
+    marks: list[tuple[str, int]] = []
 
-    def step(name: str, t: float) -> float:
-        now = mark()
-        steps[name] = (now - t) * 1000
+    def mark() -> int:
+        t = time.monotonic_ns()
+        marks.append(("client stop arc sent", t))
+        return t
+
+    def step(name: str, t: int) -> int:
+        now = time.monotonic_ns()
+        steps[name] = (now - t) / 1e6
+        marks.append(("client " + name, now))
         return now
     try:
         if scheme == "v2":
@@ -237,7 +247,7 @@ def migrate(g: Guest, dst: Daemon, scheme: str = "v2", precopy: bool = True,
             d1.vm_started()
             d1.close()
         t = step("dst running", t)
-        blackout = (t - t0) * 1000
+        blackout = (t - t0) / 1e6
     except BaseException:
         new.close()
         dst_c.close()
@@ -250,7 +260,7 @@ def migrate(g: Guest, dst: Daemon, scheme: str = "v2", precopy: bool = True,
     g.nvme, g.client, g.daemon = new, dst_c, dst
     old.close()
     src_c.close()                                  # the source QEMU exits
-    return Figures(scheme, blackout, len(data), len(pre), steps)
+    return Figures(scheme, blackout, len(data), len(pre), steps, marks)
 
 
 def controller_info(d: Daemon, name: str = "nvme0") -> dict[str, Any]:

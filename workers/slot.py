@@ -56,6 +56,9 @@ class Slot:
         self.vectors: dict[int, int] = {}      # MSI-X vector -> eventfd (or INTx fd for all)
         self.paused = False
         self.quiesce_seq: int | None = None
+        self.quiesce_rx = 0
+        self.quiesce_n = 0                       # commands in flight when it came
+        self.trace_resume: int | None = None     # a traced RESUME's arrival (ns)
         self.nqueues = 0
         self.stats = {"commands": 0, "slow": 0, "dberr": 0}
         self.lat = [0] * 48         # per-batch service time per command, log2 ns buckets
@@ -155,6 +158,8 @@ class Slot:
     def poll(self) -> int:
         if self.admin_watch is not None:
             self._check_admin_watch()
+        if self.trace_resume is not None:
+            self._trace_first_poll()
         r = self.runner
         done = 0
         aio = self.aio
@@ -220,8 +225,17 @@ class Slot:
 
     def check_quiesced(self) -> None:
         if self.quiesce_seq is not None and (self.runner is None or self.runner.inflight() == 0):
-            self.chan.send({"op": "ack", "seq": self.quiesce_seq})
+            # rx/t (CLOCK_MONOTONIC ns): when we read the QUIESCE and when we ack it, for
+            # the migration's phase trace (migration/trace.py).
+            self.chan.send({"op": "ack", "seq": self.quiesce_seq, "rx": self.quiesce_rx,
+                            "t": time.monotonic_ns(), "inflight": self.quiesce_n})
             self.quiesce_seq = None
+
+    def _trace_first_poll(self) -> None:
+        """The first poll after a RESUME that asked for it: tell the front-end when (the
+        end of a migration's blackout as the guest sees it, migration/trace.py)."""
+        rx, self.trace_resume = self.trace_resume, None
+        self.chan.send({"op": "trace", "resume_rx": rx, "first_poll": time.monotonic_ns()})
 
     def handle(self, msg: dict[str, Any]) -> None:
         op = msg.get("op")
@@ -298,7 +312,7 @@ class Slot:
         assert self.runner is not None
         self.runner.attach_sq(int(msg["sqid"]))
         self.nqueues += 1
-        self._ack(msg)
+        self._ack(msg, t=time.monotonic_ns())      # a restore's phase trace reads it
 
     def _op_adopt(self, msg: dict[str, Any]) -> None:
         """Commands a dead predecessor had parked on an SQ we now run (reactor/recovery.py):
@@ -348,13 +362,17 @@ class Slot:
         self._ack(msg)
 
     def _op_quiesce(self, msg: dict[str, Any]) -> None:
+        self.quiesce_rx = time.monotonic_ns()
         self.paused = True
         if self.runner is not None:
             self.runner.pause_fetch(True)
         self.quiesce_seq = msg["seq"]
+        self.quiesce_n = self.runner.inflight() if self.runner is not None else 0
         self.check_quiesced()
 
     def _op_resume(self, msg: dict[str, Any]) -> None:
+        if msg.get("trace"):
+            self.trace_resume = time.monotonic_ns()
         self.paused = False
         if self.runner is not None:
             self.runner.pause_fetch(False)
