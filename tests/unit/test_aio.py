@@ -14,11 +14,14 @@ from backends.aio import AioQueue, Op, Req
 from backends.base import create_backend
 from backends.file import FileBackend
 from backends.uring import ThreadPoolEngine, UringEngine, uring_unavailable
+from nvme.doorbell import Doorbells
 from nvme.io import IoExecutor, IoOpcode
 from nvme.io.aio import AioCommand, status_for
 from nvme.memory import FlatMemory
 from nvme.namespace import Namespace
+from nvme.state import CqState, SqState
 from nvme.status import DNR, RETRY, Status, status_field
+from tests.unit.datapaths import PARAMS, runner
 from workers.aio import BackendIo
 
 pytestmark = pytest.mark.timeout(30)
@@ -240,3 +243,60 @@ def test_detach_completes_what_is_outstanding(aio_env):
     # every command got its completion (finished normally, or cancelled: retryable)
     for cid in range(10):
         assert wait((2, cid)) in (0, Status.NAMESPACE_NOT_READY | RETRY)
+
+
+@pytest.mark.parametrize("datapath", PARAMS)
+def test_runner_parks_a_whole_batch_and_serves_a_mixed_queue(tmp_path, datapath):
+    """An SQ mixing a file namespace (parked on its engine) and a ram one: every command
+    completes with its data, and on the native path the file SQEs of a batch go to Python
+    together, not one C -> Python -> C round trip each."""
+    p = tmp_path / "disk"
+    p.write_bytes(bytes(range(256)) * (1 << 12))
+    fb = create_backend("file", str(p), name_prefix="x")
+    rb = create_backend("ram", "1M", name_prefix=f"vnvmed-aiot-{os.getpid()}")
+    rb.direct_memory[:P] = b"R" * P
+    mem = FlatMemory()
+    ram = bytearray(64 * P)
+    mem.add(RAM, ram)
+    mm = mmap.mmap(-1, P)
+    db = Doorbells(memoryview(mm))
+    ex = IoExecutor({1: Namespace.for_backend(1, fb), 2: Namespace.for_backend(2, rb)}, mem, 32 * P)
+    r = runner(datapath, executor=ex, doorbells=db, mem=mem, execute=ex.execute,
+               irq=lambda v: None, doorbell_error=lambda i, q: None)
+    bio = BackendIo(r.complete)
+    bio.bind(ex)
+    try:
+        assert bio.attach(1, fb, depth=32)
+        r.add_cq(CqState(cqid=1, base=RAM + P, size=32, iv=1, ien=False))
+        r.add_sq(SqState(sqid=1, cqid=1, base=RAM + 2 * P, size=32))
+        plan = [1] * 12 + [2] + [1] * 8             # nsid per command; cid = index
+        for i, nsid in enumerate(plan):
+            ram[2 * P + 64 * i:2 * P + 64 * i + 64] = sqe(IoOpcode.READ, nsid=nsid, slba=8 * i if nsid == 1 else 0,
+                                                          nlb=8, prp1=RAM + (8 + i) * P, cid=i).tobytes()
+        db.set_sq_tail(1, len(plan))
+        polls0 = getattr(r, "native_polls", 0)
+        got = r.poll()
+        bio.push()
+        assert got == 1 and bio.outstanding == 20    # the ram read now, the file reads parked
+        if datapath == "native":                     # one call, plus one resume after the batch
+            assert r.native_polls - polls0 <= 3
+        deadline = time.monotonic() + 5
+        while bio.outstanding:
+            assert time.monotonic() < deadline
+            if not bio.service():
+                select.select([bio.fileno()], [], [], 0.05)
+                bio.service(woke=True)
+        cq = memoryview(ram).cast("I")[P // 4:P // 4 + 4 * 32]
+        seen = {cq[4 * k + 3] & 0xFFFF: (cq[4 * k + 3] >> 17) for k in range(len(plan))}
+        del cq
+        assert seen == {i: 0 for i in range(len(plan))}
+        for i, nsid in enumerate(plan):
+            want = b"R" * P if nsid == 2 else (bytes(range(256)) * 16)
+            assert bytes(ram[(8 + i) * P:(9 + i) * P]) == want, i
+    finally:
+        bio.close()
+        inv = getattr(r, "invalidate", None)
+        if inv is not None:
+            inv()
+        fb.destroy()
+        rb.destroy()
