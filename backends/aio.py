@@ -14,6 +14,10 @@ so an idle worker can sleep in epoll until a completion arrives.
     engine.events()               epoll mask it wants now (EPOLLIN, | EPOLLOUT for a
                                   socket with unsent requests)
     engine.busy()                 submitted and not yet reaped
+    engine.settle()               optional, eventfd engines: about to sleep; clear the
+                                  notification of completions reap() already took
+                                  (else the sleep ends at once for nothing); True if
+                                  completions are waiting (then do not sleep)
 
 `req.err` is 0 or a positive errno.  Engines never raise from submit/reap for I/O
 failures: a lost connection fails the requests it carried with ENOTCONN (see
@@ -32,6 +36,7 @@ cluster with 1024 requests from one worker.
 from __future__ import annotations
 
 import errno
+import os
 from collections import deque
 from enum import IntEnum
 from typing import Any, Protocol, Sequence, runtime_checkable
@@ -87,6 +92,14 @@ def open_async(backend: Any) -> AsyncEngine | None:
     """The backend's asynchronous engine, or None if it only works synchronously (ram, null)."""
     fn = getattr(backend, "open_async", None)
     return fn() if fn is not None else None
+
+
+def drain_eventfd(fd: int) -> None:
+    """Reset an engine's completion eventfd (non-blocking; empty is fine)."""
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass
 
 
 def scatter(data: Any, bufs: Sequence[memoryview]) -> None:

@@ -33,7 +33,7 @@ from collections import deque
 from typing import Any, Sequence
 from urllib.parse import parse_qs
 
-from .aio import Op, Req, scatter
+from .aio import Op, Req, drain_eventfd, scatter
 from .base import MIN_SIZE
 
 CONNECT_TIMEOUT = 10   # seconds: rados connect + monitor commands
@@ -204,6 +204,7 @@ class RbdEngine:
         self._failed = ""
         self._busy = 0
         self._closed = False
+        self._unread = False                # requests taken without draining the eventfd
         threading.Thread(target=self._connect, daemon=True, name="vnvmed-rbd-connect").start()
 
     def _connect(self) -> None:
@@ -304,11 +305,11 @@ class RbdEngine:
 
     def reap(self, ready: bool, out: list[Req]) -> None:
         if ready:
-            try:
-                os.eventfd_read(self._efd)
-            except BlockingIOError:
-                pass
+            drain_eventfd(self._efd)
+            self._unread = False
         done = self._done
+        if done and not ready:
+            self._unread = True          # each one also counted on the eventfd
         while done:
             req = done.popleft()
             self._busy -= 1
@@ -317,6 +318,12 @@ class RbdEngine:
                     scatter(req.priv, req.bufs)
                 req.priv = None
             out.append(req)
+
+    def settle(self) -> bool:
+        if self._unread and self._efd >= 0:
+            self._unread = False
+            drain_eventfd(self._efd)
+        return bool(self._done)          # finished before the drain: do not sleep on them
 
     def close(self) -> None:
         with self._lock:

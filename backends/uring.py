@@ -30,7 +30,7 @@ import threading
 from collections import deque
 from typing import Any, Sequence
 
-from .aio import Op, Req
+from .aio import Op, Req, drain_eventfd
 
 try:  # the binding is optional: without it file: runs on the thread pool
     import liburing as _L
@@ -89,6 +89,7 @@ class UringEngine:
         self._later: deque[Req] = deque()   # ring full (cannot happen under AioQueue's bound)
         self._dead: deque[Req] = deque()    # failed by close(), handed back by reap()
         self._closed = False
+        self._unread = False                # CQEs taken without draining the eventfd
 
     def fileno(self) -> int:
         return self._efd
@@ -149,10 +150,8 @@ class UringEngine:
                 self._busy -= 1
             return
         if ready:
-            try:
-                os.eventfd_read(self._efd)
-            except BlockingIOError:
-                pass
+            drain_eventfd(self._efd)
+            self._unread = False
         if self._unsent:
             self._unsent = 0
             _L.io_uring_submit(self._ring)
@@ -160,6 +159,8 @@ class UringEngine:
             return
         ring, cqe, slots = self._ring, self._cqe, self._slots
         ready_n = _L.io_uring_cq_ready(ring)     # no exception per empty look (most rounds)
+        if ready_n and not ready:
+            self._unread = True                  # each CQE also counted on the eventfd
         while ready_n:
             ready_n -= 1
             try:
@@ -189,6 +190,15 @@ class UringEngine:
         if self._unsent:
             self._unsent = 0
             _L.io_uring_submit(self._ring)
+
+    def settle(self) -> bool:
+        if self._closed:
+            return bool(self._dead)
+        if self._unread:
+            self._unread = False
+            drain_eventfd(self._efd)
+        # A CQE posted before the drain lost its wake-up with it: look once more.
+        return bool(self._busy and _L.io_uring_cq_ready(self._ring))
 
     def _finished(self, req: Req, res: int) -> bool:
         """True if req is done (err set); False if it was requeued (short I/O, EINVAL retry)."""
@@ -273,6 +283,7 @@ class ThreadPoolEngine:
         self._busy = 0
         self._max = max(1, threads)
         self._threads: list[threading.Thread] = []
+        self._unread = False                    # requests taken without draining the eventfd
 
     def _grow(self) -> None:
         t = threading.Thread(target=self._run, daemon=True, name=f"vnvmed-file-{len(self._threads)}")
@@ -325,14 +336,20 @@ class ThreadPoolEngine:
 
     def reap(self, ready: bool, out: list[Req]) -> None:
         if ready:
-            try:
-                os.eventfd_read(self._efd)
-            except BlockingIOError:
-                pass
+            drain_eventfd(self._efd)
+            self._unread = False
         done = self._done
+        if done and not ready:
+            self._unread = True          # each one also counted on the eventfd
         while done:
             out.append(done.popleft())
             self._busy -= 1
+
+    def settle(self) -> bool:
+        if self._unread:
+            self._unread = False
+            drain_eventfd(self._efd)
+        return bool(self._done)          # finished before the drain: do not sleep on them
 
     def close(self) -> None:
         for _ in self._threads:

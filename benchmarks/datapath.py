@@ -1,6 +1,6 @@
 """Per-I/O CPU budget of the worker data path, in one process (no sockets, no daemon).
 
-    python -m benchmarks.datapath [-n 200000] [-q 32] [-o 4096] [--backend null|ram|file|file-async] [--profile]
+    python -m benchmarks.datapath [-n 200000] [-q 32] [-o 4096] [--backend null|ram|file|file-async|nbd] [--profile]
                                   [--datapath python|native]
 
 Drives `nvme.qpair.QueueRunner` + `nvme.io.IoExecutor` exactly as a worker does
@@ -9,7 +9,9 @@ a minimal host side: fill `depth` SQEs, store the tail, `poll()`, consume the CQ
 store the CQ head.  `file` reads a page-cached 64 MiB file with preadv (the synchronous
 path); `file-async` the same file through the worker's asynchronous path (workers.aio
 BackendIo + io_uring or the thread pool): commands park in poll() and complete when
-reaped, so the whole-loop figure is the one to compare between the two.
+reaped, so the whole-loop figure is the one to compare between the two.  `nbd` runs the
+same asynchronous path on an nbdkit memory export (UNIX socket); the server's own CPU is
+not in the figure.
 Reported: CPU ns per I/O of the whole loop and of `poll()` alone
 (process_time), i.e. the ceiling one worker core could reach.  A CPU-time figure,
 so it is far less disturbed by other load on the machine than wall-clock IOPS.
@@ -70,6 +72,14 @@ def setup(depth: int, io_size: int, backend: str, flat: bool = False, windows: b
     if backend == "ram":
         from backends.ram import RamBackend
         be = RamBackend.create(1 << 26, name_prefix=f"vnvmed-dp-{os.getpid()}")
+    elif backend == "nbd":       # an nbdkit memory export on a UNIX socket, through NbdEngine
+        import tempfile
+        from backends.nbd import NbdBackend
+        from tests.nbdserver import NbdServer
+        tmp = tempfile.mkdtemp(prefix="vnvmed-datapath-nbd-")
+        srv = NbdServer.nbdkit_memory("256M", sock=os.path.join(tmp, "nbd.sock")).start()
+        be = NbdBackend.create(srv.uri)
+        be.server = (srv, tmp)         # stopped by bench()
     elif backend in ("file", "file-async"):
         from backends.file import FileBackend
         path = f"/var/tmp/vnvmed-datapath-{os.getpid()}.img"
@@ -91,7 +101,7 @@ def setup(depth: int, io_size: int, backend: str, flat: bool = False, windows: b
         runner: QueueRunner = NativeQueueRunner(executor=ex, **kw)
     else:
         runner = QueueRunner(**kw)
-    if backend == "file-async":
+    if backend in ("file-async", "nbd"):
         from workers.aio import BackendIo
         bio = BackendIo(runner.complete)
         bio.bind(ex)
@@ -175,6 +185,10 @@ def bench(n: int, depth: int, io_size: int, backend: str, profile: bool,
     be.close()
     if hasattr(be, "destroy"):
         be.destroy()
+    if hasattr(be, "server"):
+        import shutil
+        be.server[0].stop()
+        shutil.rmtree(be.server[1], ignore_errors=True)
     if prof:
         pstats.Stats(prof).sort_stats("tottime").print_stats(18)
     return {"ios": done, "ns_per_io_total": total / done, "ns_per_io_poll": poll_ns / done,
@@ -187,7 +201,7 @@ def main() -> int:
     p.add_argument("-n", type=int, default=200_000)
     p.add_argument("-q", type=int, default=32)
     p.add_argument("-o", type=int, default=4096)
-    p.add_argument("--backend", choices=("null", "ram", "file", "file-async"), default="null")
+    p.add_argument("--backend", choices=("null", "ram", "file", "file-async", "nbd"), default="null")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--flat", action="store_true", help="nvme.memory.FlatMemory instead of the worker's MappedGuestMemory")
     p.add_argument("--windows", action="store_true",

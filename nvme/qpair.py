@@ -600,8 +600,11 @@ class QueueRunner:
         self._dirty = keep
 
     # -- parked commands ------------------------------------------------------
-    def complete(self, sqid: int, cid: int, status: int, dw0: int) -> None:
-        """Finish a parked command; unknown (sqid, cid) pairs are ignored (SQ deleted)."""
+    def complete(self, sqid: int, cid: int, status: int, dw0: int, signal: bool = True) -> None:
+        """Finish a parked command; unknown (sqid, cid) pairs are ignored (SQ deleted).
+
+        signal=False leaves the interrupt to a later `signal_pending()`: a caller finishing
+        a batch (backend completions) raises one per CQ, not one per command."""
         s = self._sqs.get(sqid)
         if s is None or cid not in s.parked:
             log.debug("complete() for unknown command SQ %d CID %d", sqid, cid)
@@ -610,6 +613,11 @@ class QueueRunner:
         s.cq.inflight -= 1
         self._nparked -= 1
         self._post(s.cq, s, cid, status, dw0, unpark=True)
+        if signal:
+            self._signal()
+
+    def signal_pending(self) -> None:
+        """Interrupts for what complete(signal=False) posted (coalescing rules apply)."""
         self._signal()
 
     def park(self, sqid: int, cid: int) -> None:

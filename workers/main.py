@@ -214,6 +214,11 @@ class Worker:
         for r in rings:
             if not r.prepare_sleep():
                 ready = False
+        for slot in self._aio_by_fd.values():
+            aio = slot.aio
+            if aio is not None and not aio.prepare_sleep():
+                slot.aio_woke = True     # completions ready: reap them now, no sleep
+                ready = False
         if not ready:
             self._wake_rings()
             return False

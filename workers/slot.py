@@ -69,7 +69,7 @@ class Slot:
         self.trapped = False
         # Asynchronous backends (workers/aio.py): parked commands complete from here.
         # Made now, not at hello: the worker's epoll set may be built before hello arrives.
-        self.aio: BackendIo | None = BackendIo(lambda *a: self.runner.complete(*a))  # type: ignore[union-attr]
+        self.aio: BackendIo | None = BackendIo(self._aio_complete, signal=self._aio_signal)
         self.aio_woke = False      # the worker's epoll reported self.aio's fd ready
         # Dirty-page logging (migration, SEAMS S3): byte maps shared with the front-end.
         self.dirty = DirtyLog()
@@ -132,6 +132,15 @@ class Slot:
     def _aio_attach(self, nsid: int, ns: Namespace) -> None:
         if self.aio is not None and self.executor is not None:
             self.aio.attach(nsid, ns.backend, getattr(ns.backend, "depth", None) or DEFAULT_DEPTH)
+
+    # --- callbacks from BackendIo: post each finished command, one interrupt per batch ---
+    def _aio_complete(self, sqid: int, cid: int, status: int, dw0: int) -> None:
+        if self.runner is not None:
+            self.runner.complete(sqid, cid, status, dw0, signal=False)
+
+    def _aio_signal(self) -> None:
+        if self.runner is not None:
+            self.runner.signal_pending()
 
     # --- callbacks from the runner --------------------------------------------------
     def _execute(self, sqe: memoryview, sqid: int) -> tuple[int, int] | None:

@@ -216,9 +216,9 @@ class NativeQueueRunner(QueueRunner):
 
     # Every QueueRunner entry point that reads the cached words syncs first; those that
     # change what the context describes drop it.
-    def complete(self, sqid: int, cid: int, status: int, dw0: int) -> None:
+    def complete(self, sqid: int, cid: int, status: int, dw0: int, signal: bool = True) -> None:
         self._sync()
-        super().complete(sqid, cid, status, dw0)
+        super().complete(sqid, cid, status, dw0, signal)
         self._inflight_dirty = True
 
     def park(self, sqid: int, cid: int) -> None:
