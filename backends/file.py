@@ -167,11 +167,17 @@ class FileBackend:
     def open_async(self) -> Any:
         """An engine for workers (backends.aio): io_uring when available, else a thread pool."""
         from .uring import ThreadPoolEngine, UringEngine, uring_unavailable
-        if uring_unavailable() is None:
+        why = uring_unavailable()
+        if why is None:
             try:
                 return UringEngine(self._fd, self._dfd)
-            except OSError:
-                pass
+            except OSError as e:
+                why = f"io_uring set-up failed: {e}"
+        # Said once per namespace and worker: the pool costs ~2x the CPU per I/O and its
+        # threads need the GIL from a worker that polls (benchmarks/README.md, storage).
+        import logging
+        logging.getLogger("vnvmed.worker").warning(
+            "file %s: %s: thread pool instead of io_uring (slower)", self.path, why)
         from .aio import DEFAULT_DEPTH
         return ThreadPoolEngine(self, threads=self.depth or DEFAULT_DEPTH)
 
