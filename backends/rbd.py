@@ -33,7 +33,7 @@ from collections import deque
 from typing import Any, Sequence
 from urllib.parse import parse_qs
 
-from .aio import Op, Req, drain_eventfd, scatter
+from .aio import Op, Req, drain_eventfd, hand_gil_over_quickly, scatter
 from .base import MIN_SIZE
 
 CONNECT_TIMEOUT = 10   # seconds: rados connect + monitor commands
@@ -205,6 +205,7 @@ class RbdEngine:
         self._busy = 0
         self._closed = False
         self._unread = False                # requests taken without draining the eventfd
+        hand_gil_over_quickly()             # librbd's callback threads need the worker's GIL
         threading.Thread(target=self._connect, daemon=True, name="vnvmed-rbd-connect").start()
 
     def _connect(self) -> None:

@@ -30,7 +30,7 @@ import threading
 from collections import deque
 from typing import Any, Sequence
 
-from .aio import Op, Req, drain_eventfd
+from .aio import Op, Req, drain_eventfd, hand_gil_over_quickly
 
 try:  # the binding is optional: without it file: runs on the thread pool
     import liburing as _L
@@ -284,6 +284,7 @@ class ThreadPoolEngine:
         self._max = max(1, threads)
         self._threads: list[threading.Thread] = []
         self._unread = False                    # requests taken without draining the eventfd
+        hand_gil_over_quickly()                 # our threads need the polling worker's GIL
 
     def _grow(self) -> None:
         t = threading.Thread(target=self._run, daemon=True, name=f"vnvmed-file-{len(self._threads)}")

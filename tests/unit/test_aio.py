@@ -6,11 +6,12 @@ import errno
 import mmap
 import os
 import select
+import sys
 import time
 
 import pytest
 
-from backends.aio import AioQueue, Op, Req
+from backends.aio import GIL_SWITCH_S, AioQueue, Op, Req
 from backends.base import create_backend
 from backends.file import FileBackend
 from backends.uring import ThreadPoolEngine, UringEngine, uring_unavailable
@@ -111,8 +112,12 @@ def test_thread_pool_grows_to_the_depth_bound(disk):
     have as many threads as the namespace lets requests out (a fixed 4 capped QD32 at 4),
     and a shallow stream must not start more than it uses."""
     disk.write_from(0, [memoryview(bytes(range(256)) * (16 * P // 256))])
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(0.005)
     for n, bound, want in ((2, 8, 2), (16, 8, 8), (40, 32, 32)):
         eng = ThreadPoolEngine(disk, threads=bound)
+        # its threads get the GIL from a polling caller within 0.1 ms, not 5 ms
+        assert sys.getswitchinterval() <= GIL_SWITCH_S
         q = AioQueue(eng, depth=bound)
         buf = bytearray(P * n)
         got = run(q, [Req(Op.READ, (k % 16) * P, P, [memoryview(buf)[k * P:(k + 1) * P]]) for k in range(n)])
@@ -121,6 +126,7 @@ def test_thread_pool_grows_to_the_depth_bound(disk):
         assert bytes(buf[:P]) == bytes(range(256)) * (P // 256)
         eng.close()
         assert not any(t.is_alive() for t in eng._threads)
+    sys.setswitchinterval(old)
 
 
 def test_settle_clears_counts_of_polled_completions(disk):
