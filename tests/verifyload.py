@@ -8,15 +8,14 @@ guest RAM, doorbells into the mmapped BAR0 page, completions polled by phase) - 
 way a guest's driver does, so it keeps running while the test's main thread talks to
 the daemons over vfio-user sockets.
 
-Checks, all recorded in `errors` (the test asserts it is empty):
-- every command completes exactly once: a completion must name a CID in flight on
-  that queue (CIDs count up mod 2^16, so a duplicate or stale completion is caught),
-  with SQID = the queue; after `stop()` nothing may stay in flight;
-- every command succeeds (status 0);
-- data verifies: a write fills its 4 KiB block with (slot, version) and the model
-  records the version when the write completes; a read must return exactly the
-  model's block (never-written blocks read as zeroes).  Blocks with a command in
-  flight are never picked again until it completes, so the model is exact.
+The truth is tests/ioverify.py's `Verifier` (strict: nothing may fail), over 4 KiB
+model blocks (one model block = BLOCK bytes = `lba_per_block` namespace LBAs; the
+namespace starts zeroed).  Its `problems` are `errors` here (the test asserts it is
+empty): a completion for a CID not in flight on that queue (DOUBLED; CIDs count up
+mod 2^16, so a duplicate or stale completion is caught), a wrong SQID or any status
+but 0 (ERROR), a read that differs from the model (MISMATCH), a command still in
+flight after `stop()` (LOST).  This module keeps the mechanics: rings, doorbells,
+CIDs, buffers, pause/switch.
 
 `pause()` / `resume()` model a VM that is stopped (no submissions, no reaping, no
 doorbell writes) - what QEMU does to the guest around the blackout.  `switch(nvme)`
@@ -31,16 +30,11 @@ import time
 from dataclasses import dataclass, field
 
 from benchmarks.hostnvme import HostNvme
+from tests.ioverify import Cmd, Verifier
 
 BLOCK = 4096
 _SQE = struct.Struct("<BBHIQQQQ6I")
 OPC_WRITE, OPC_READ = 0x01, 0x02
-
-
-def pattern(slot: int, version: int) -> bytes:
-    if version == 0:
-        return bytes(BLOCK)
-    return struct.pack("<QQ", slot, version) * (BLOCK // 16)
 
 
 @dataclass(slots=True)
@@ -54,8 +48,7 @@ class _Q:
     head: int = 0
     phase: int = 1
     next_cid: int = 0
-    inflight: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)  # cid -> op, slot, ver, buf
-    free: list[int] = field(default_factory=list)
+    free: list[int] = field(default_factory=list)     # indexes into bufs
 
 
 class VerifiedLoad:
@@ -64,17 +57,12 @@ class VerifiedLoad:
         self.nvme = nvme
         self.nsid = nsid
         self.lba_per_block = BLOCK // block_size
-        self.slots = ns_bytes // BLOCK
         self.nqueues = nqueues
         self.qd = qd
         self.rng = random.Random(seed)
         self.write_ratio = write_ratio
-        self.model: dict[int, int] = {}
-        self.busy: set[int] = set()
-        self.version = 0
+        self.v = Verifier(ns_bytes // BLOCK, BLOCK, seed, zeroed=True, tolerate=False)
         self.qs: list[_Q] = []
-        self.errors: list[str] = []
-        self.submitted = self.completed = self.reads_verified = self.writes_done = 0
         self._pause = threading.Event()
         self._paused = threading.Event()
         # Cleared while paused: the load thread blocks on it instead of polling the flag
@@ -85,6 +73,18 @@ class VerifiedLoad:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.failure: BaseException | None = None
+
+    @property
+    def errors(self) -> list[str]:
+        return self.v.problems
+
+    @property
+    def submitted(self) -> int:
+        return self.v.c["submitted"]
+
+    @property
+    def completed(self) -> int:
+        return self.v.c["completed"]
 
     # -- set-up (main thread, before start) ---------------------------------------------
     def create_queues(self, first_qid: int = 1) -> None:
@@ -122,9 +122,9 @@ class VerifiedLoad:
         self._go.set()
         if self._thread is not None:
             self._thread.join(drain_timeout + 5)
-        left = sum(len(q.inflight) for q in self.qs)
+        left = list(self.v.inflight.values())
         if left:
-            self.errors.append(f"{left} commands never completed")
+            self.v.lost(left, "still in flight after stop()")
         if self.failure is not None:
             raise self.failure
 
@@ -141,9 +141,9 @@ class VerifiedLoad:
             time.sleep(0.005)
 
     def summary(self) -> dict:
-        return {"submitted": self.submitted, "completed": self.completed,
-                "reads_verified": self.reads_verified, "writes": self.writes_done,
-                "errors": len(self.errors)}
+        c = self.v.c
+        return {"submitted": c["submitted"], "completed": c["completed"],
+                "reads_verified": c["reads"], "writes": c["writes"], "errors": len(self.errors)}
 
     # -- the guest (load thread) ----------------------------------------------------------
     def _main(self) -> None:
@@ -173,7 +173,7 @@ class VerifiedLoad:
                 if not stopping:
                     busy += self._submit(q, db, mm, ram.base)
             words.release()
-            if stopping and not any(q.inflight for q in self.qs):
+            if stopping and not self.v.inflight:
                 return
             if deadline is not None and time.monotonic() > deadline:
                 return
@@ -183,85 +183,54 @@ class VerifiedLoad:
     def _reap(self, q: _Q, words: memoryview, db: memoryview, mm, base: int) -> int:
         n = 0
         cqw = (q.cq - base) >> 2
+        v = self.v
+
+        def read(cmd: Cmd) -> bytes:
+            off = q.bufs[cmd.buf] - base
+            return mm[off:off + BLOCK]
         while True:
             i = cqw + (q.head << 2)
             dw3 = words[i + 3]
             if (dw3 >> 16) & 1 != q.phase:
                 break
             dw2 = words[i + 2]
-            cid = dw3 & 0xFFFF
-            status = (dw3 >> 17) & 0x7FFF
             q.head += 1
             if q.head == q.depth:
                 q.head = 0
                 q.phase ^= 1
             n += 1
-            self._complete(q, cid, status, dw2 >> 16, mm, base)
+            cmd = v.completed(q.qid, dw3 & 0xFFFF, (dw3 >> 17) & 0x7FFF, read, sqid=dw2 >> 16)
+            if cmd is not None:
+                q.free.append(cmd.buf)
         if n:
             db[(0x1000 + 8 * q.qid + 4) >> 2] = q.head
         return n
 
-    def _complete(self, q: _Q, cid: int, status: int, sqid: int, mm, base: int) -> None:
-        ent = q.inflight.pop(cid, None)
-        if ent is None:
-            self.errors.append(f"queue {q.qid}: completion for CID {cid} not in flight "
-                               f"(duplicate or stale)")
-            return
-        op, slot, ver, b = ent
-        q.free.append(b)
-        self.busy.discard(slot)
-        self.completed += 1
-        if sqid != q.qid:
-            self.errors.append(f"queue {q.qid}: CID {cid} completed with SQID {sqid}")
-        if status:
-            self.errors.append(f"queue {q.qid}: CID {cid} op {op} slot {slot} status {status:#x}")
-            if op == OPC_WRITE:
-                self.model.pop(slot, None)   # unknown now; never verified again
-                self.busy.add(slot)
-            return
-        if op == OPC_WRITE:
-            self.model[slot] = ver
-            self.writes_done += 1
-        else:
-            off = q.bufs[b] - base
-            exp = self.model.get(slot, 0)
-            if mm[off:off + BLOCK] != pattern(slot, exp):
-                got = struct.unpack_from("<QQ", mm, off)
-                self.errors.append(f"queue {q.qid}: read of slot {slot} expected version {exp}, "
-                                   f"got (slot, version) {got}")
-            self.reads_verified += 1
-
     def _submit(self, q: _Q, db: memoryview, mm, base: int) -> int:
         n = 0
-        rng = self.rng
+        v, lpb = self.v, self.lba_per_block
         while q.free:
-            slot = rng.randrange(self.slots)
-            if slot in self.busy:
-                continue
+            cmd = v.plan(self.rng, 1, self.write_ratio)
+            if cmd is None:
+                break
             b = q.free.pop()
             cid = q.next_cid
-            while cid in q.inflight:
+            while v.busy_cid(q.qid, cid):
                 cid = (cid + 1) & 0xFFFF
             q.next_cid = (cid + 1) & 0xFFFF
             buf = q.bufs[b]
-            if rng.random() < self.write_ratio:
-                op = OPC_WRITE
-                self.version += 1
-                ver = self.version
-                mm[buf - base:buf - base + BLOCK] = pattern(slot, ver)
-            else:
-                op, ver = OPC_READ, 0
-            self.busy.add(slot)
-            q.inflight[cid] = (op, slot, ver, b)
-            lba = slot * self.lba_per_block
-            sqe = _SQE.pack(op, 0, cid, self.nsid, 0, 0, buf, 0, lba & 0xFFFFFFFF, lba >> 32,
-                            self.lba_per_block - 1, 0, 0, 0)
+            if cmd.write:
+                mm[buf - base:buf - base + BLOCK] = v.model.data(cmd.lba, 1, cmd.gen)
+            cmd.qid, cmd.cid, cmd.buf = q.qid, cid, b
+            v.submitted(cmd)
+            lba = cmd.lba * lpb
+            sqe = _SQE.pack(OPC_WRITE if cmd.write else OPC_READ, 0, cid, self.nsid, 0, 0, buf, 0,
+                            lba & 0xFFFFFFFF, lba >> 32, lpb - 1, 0, 0, 0)
             off = q.sq - base + q.tail * 64
             mm[off:off + 64] = sqe
             q.tail += 1
             if q.tail == q.depth:
                 q.tail = 0
             db[(0x1000 + 8 * q.qid) >> 2] = q.tail   # a doorbell per command, as Linux does
-            self.submitted += 1
             n += 1
         return n

@@ -5,18 +5,14 @@
 Theory of operation
 -------------------
 The process owns namespace 1 of its controller.  It keeps every I/O queue `depth`
-commands deep with random reads and writes of 1..8 blocks; a block with a command in
-flight is never picked again until that command completes, so each outcome is
-deterministic.  A write stores a pattern derived from (seed, lba, generation) in every
-byte; the model remembers each block's generation, and a read checks every byte of
-every block it covers against it.  Blocks whose content is uncertain (a write that was
-in flight when the controller was reset or the connection died) become *unknown*: the
-next write makes them known again, a read of them checks nothing.
-
-Tracking: every submitted command is in `inflight[(qid, cid)]` until exactly one CQE
-takes it out.  A CQE for a command that is not in flight is **doubled**; a command
-older than LOST_AFTER without a CQE while the controller is neither failed nor
-resetting is **lost**.  A success whose data does not match is a **mismatch**.
+commands deep with random reads and writes of 1..8 blocks.  The truth (block contents
+with generations, unknown blocks, every command tracked exactly once: MISMATCH /
+DOUBLED / LOST / ERROR, retryable and storm statuses, the counters) is
+tests/ioverify.py's `Verifier`; this module keeps the mechanics (HostNvme session,
+buffers, CIDs) and the faults.  The namespace may hold anything when we start (an
+earlier client wrote it): a block is known only once we wrote it.  A command older
+than LOST_AFTER without a CQE while the controller is neither failed nor resetting is
+**lost**.
 
 Faults done here, with the daemon's I/O in flight (rates from the command line):
 DMA storms (unmap + remap the data region the in-flight commands use; commands the
@@ -25,7 +21,8 @@ mismatch), CC.EN 1->0 resets and DEVICE_RESET (in-flight commands are aborted by
 spec: counted).  Faults done to us from outside: SIGKILL (the harness starts a new
 client at once), a dead front-end (EOF: reconnect), a dead worker (either transparent
 or CSTS.CFS -> reset, counted as `cfs_resets`).  Retryable statuses (DNR clear) are
-resubmitted and counted.
+counted (not resubmitted: the command did not take effect, a write's blocks become
+unknown).
 
 Reports: one JSON line of cumulative counters on stdout every REPORT_EVERY seconds and
 at exit (SIGTERM); mismatch/lost/doubled details go to stderr at once.
@@ -43,6 +40,7 @@ import time
 from typing import Any
 
 from benchmarks.hostnvme import HostNvme
+from tests.ioverify import COUNTERS, Cmd, Verifier
 from vfio_user.client import GuestRam, VfioUserClient
 from vfio_user.errors import ProtocolError
 from vfio_user.wire import DmaMapFlag
@@ -52,30 +50,19 @@ RING_RAM = 4 << 20            # rings + admin buffers (never unmapped)
 DATA_BASE = 1 << 32           # data buffers: a region of their own (DMA storms unmap it)
 LOST_AFTER = 20.0
 REPORT_EVERY = 1.0
-SC_DATA_TRANSFER_ERROR = 0x04
-DNR = 0x4000
+FAULT_COUNTERS = ("storms", "cc_resets", "device_resets", "reconnects", "cfs_resets", "sessions")
 
 
-class Stop(Exception):
-    pass
-
-
-def pattern(seed: int, lba: int, gen: int) -> bytes:
-    head = struct.pack("<QQQ", seed, lba, gen)
-    return (head + bytes((lba * 7 + gen * 13 + i) & 0xFF for i in range(8))) * (BS // 32)
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 class Client:
     def __init__(self, a: argparse.Namespace) -> None:
         self.a = a
         self.rng = random.Random(a.seed)
-        self.c: Any = {k: 0 for k in (
-            "submitted", "completed", "reads", "writes", "bytes_verified", "mismatches", "lost",
-            "doubled", "retryable", "errors", "storm_dte", "storms", "cc_resets", "device_resets",
-            "aborted", "reconnects", "cfs_resets", "sessions")}
-        self.gen: dict[int, int] = {}           # lba -> generation of its known content
-        self.busy: set[int] = set()
-        self.inflight: dict[tuple[int, int], tuple[float, int, int, int, bool, int]] = {}
+        self.c: dict[str, int] = dict.fromkeys(FAULT_COUNTERS, 0)   # the mechanics' own counters
+        self.v: Verifier | None = None          # made once the namespace size is known
         self.n: HostNvme | None = None
         self.cl: VfioUserClient | None = None
         self.ram: GuestRam | None = None
@@ -136,6 +123,10 @@ class Client:
         n.enable()
         ident = n.identify(0, 1)
         self.blocks = struct.unpack_from("<Q", ident, 0)[0]
+        if self.v is None:
+            self.v = Verifier(self.blocks, BS, self.a.seed, storms=lambda: self.c["storms"] > 0,
+                              say=_say)
+        assert self.v.model.blocks == self.blocks, "namespace 1 changed size"
         for q in range(1, self.a.queues + 1):
             n.create_io_queue(q, self.a.depth)
         per = 8 * BS
@@ -155,107 +146,52 @@ class Client:
                     os.close(r.fd)
         self.n = self.cl = self.ram = self.data = None
 
-    def abort_inflight(self, why: str) -> None:
-        """In-flight commands will never complete (reset, disconnect): their writes are unknown."""
-        for (_q, _cid), (_t, lba, nblk, _buf, write, _g) in self.inflight.items():
-            for b in range(lba, lba + nblk):
-                self.busy.discard(b)
-                if write:
-                    self.gen.pop(b, None)
-        self.c[why] += len(self.inflight)
-        self.inflight.clear()
+    def abort_inflight(self) -> None:
+        """In-flight commands will never complete (reset, disconnect): the buffers are free."""
+        if self.v is not None:
+            self.v.abort_all("aborted")
         self.free_bufs = list(self.bufs)
 
     # -- I/O ----------------------------------------------------------------------
     def submit_one(self, qid: int) -> bool:
-        n = self.n
-        assert n is not None and self.data is not None
+        n, v = self.n, self.v
+        assert n is not None and v is not None and self.data is not None
         if not self.free_bufs:
             return False
-        nblk = self.rng.randint(1, 8)
-        for _ in range(8):
-            lba = self.rng.randrange(0, self.blocks - nblk)
-            if not any(b in self.busy for b in range(lba, lba + nblk)):
-                break
-        else:
+        cmd = v.plan(self.rng, self.rng.randint(1, 8))
+        if cmd is None:
             return False
-        write = self.rng.random() < 0.5 or not any(b in self.gen for b in range(lba, lba + nblk))
+        nbytes = cmd.nblk * BS
         buf = self.free_bufs.pop()
-        gen = 0
-        if write:
-            gen = self.rng.getrandbits(40)
-            self.data.view(buf, nblk * BS)[:] = b"".join(pattern(self.a.seed, b, gen) for b in range(lba, lba + nblk))
-        else:
-            self.data.view(buf, nblk * BS)[:] = b"\xee" * (nblk * BS)
+        self.data.view(buf, nbytes)[:] = (v.model.data(cmd.lba, cmd.nblk, cmd.gen) if cmd.write
+                                          else b"\xee" * nbytes)
         cid = n.next_cid()
-        while (qid, cid) in self.inflight:
+        while v.busy_cid(qid, cid):
             cid = n.next_cid()
-        prp1, prp2 = n.prps(buf, nblk * BS, self.data)
-        self.busy.update(range(lba, lba + nblk))
-        self.inflight[(qid, cid)] = (time.monotonic(), lba, nblk, buf, write, gen)
-        n.submit(qid, n.sqe(0x01 if write else 0x02, cid, 1, prp1, prp2,
-                            (lba & 0xFFFFFFFF, lba >> 32, nblk - 1)))
-        self.c["submitted"] += 1
+        prp1, prp2 = n.prps(buf, nbytes, self.data)
+        cmd.qid, cmd.cid, cmd.buf = qid, cid, buf
+        v.submitted(cmd)
+        n.submit(qid, n.sqe(0x01 if cmd.write else 0x02, cid, 1, prp1, prp2,
+                            (cmd.lba & 0xFFFFFFFF, cmd.lba >> 32, cmd.nblk - 1)))
         return True
 
-    def complete(self, qid: int, cid: int, status: int) -> None:
-        ent = self.inflight.pop((qid, cid), None)
-        if ent is None:
-            self.c["doubled"] += 1
-            print(f"DOUBLED: completion for qid {qid} cid {cid} that is not in flight", file=sys.stderr, flush=True)
-            return
-        _t, lba, nblk, buf, write, gen = ent
-        self.c["completed"] += 1
-        sc = status & 0x7FF          # SCT (bits 10:8) and SC
-        if status and not status & DNR and sc != SC_DATA_TRANSFER_ERROR:
-            # Retryable (e.g. Command Interrupted after a worker was replaced): the
-            # command did not take effect as a whole; a write's blocks become unknown.
-            self.c["retryable"] += 1
-            if write:
-                for b in range(lba, lba + nblk):
-                    self.gen.pop(b, None)
-        elif sc == SC_DATA_TRANSFER_ERROR and self.c["storms"]:
-            self.c["storm_dte"] += 1
-            if write:
-                for b in range(lba, lba + nblk):
-                    self.gen.pop(b, None)
-        elif status:
-            self.c["errors"] += 1
-            print(f"ERROR status {status:#x} qid {qid} cid {cid} lba {lba}+{nblk} write={write}",
-                  file=sys.stderr, flush=True)
-        elif write:
-            self.c["writes"] += 1
-            for b in range(lba, lba + nblk):
-                self.gen[b] = gen
-        else:
-            self.c["reads"] += 1
-            assert self.data is not None
-            got = self.data.view(buf, nblk * BS)
-            for i, b in enumerate(range(lba, lba + nblk)):
-                g = self.gen.get(b)
-                if g is None:
-                    continue
-                if bytes(got[i * BS:(i + 1) * BS]) != pattern(self.a.seed, b, g):
-                    self.c["mismatches"] += 1
-                    print(f"MISMATCH: lba {b} gen {g} qid {qid} cid {cid}: "
-                          f"{bytes(got[i * BS:i * BS + 24]).hex()}", file=sys.stderr, flush=True)
-                else:
-                    self.c["bytes_verified"] += BS
-            got.release()
-        for b in range(lba, lba + nblk):
-            self.busy.discard(b)
-        self.free_bufs.append(buf)
+    def _read(self, cmd: Cmd) -> bytes:
+        assert self.data is not None
+        off = cmd.buf - self.data.base
+        return self.data.mm[off:off + cmd.nblk * BS]
 
     def reap(self) -> int:
-        n = self.n
-        assert n is not None
+        n, v = self.n, self.v
+        assert n is not None and v is not None
         got = 0
         for qid in range(1, self.a.queues + 1):
             while True:
                 e = n.poll_cqe(qid)
                 if e is None:
                     break
-                self.complete(qid, e.cid, e.status)
+                cmd = v.completed(qid, e.cid, e.status, self._read, sqid=e.sqid)
+                if cmd is not None:
+                    self.free_bufs.append(cmd.buf)
                 got += 1
         return got
 
@@ -280,12 +216,15 @@ class Client:
             self.c["cc_resets"] += 1
         n.queues.clear()
         n.stray.clear()
-        self.abort_inflight("aborted")
+        self.abort_inflight()
         self.enable()
 
     # -- the loop ---------------------------------------------------------------------
     def report(self, final: bool = False) -> None:
-        rec = dict(self.c, inflight=len(self.inflight), known_blocks=len(self.gen), final=final)
+        v = self.v
+        rec: dict[str, Any] = dict(v.c if v is not None else dict.fromkeys(COUNTERS, 0), **self.c)
+        rec.update(inflight=len(v.inflight) if v else 0, known_blocks=len(v.model.gen) if v else 0,
+                   final=final)
         print(json.dumps(rec), flush=True)
         self.last_report = time.monotonic()
 
@@ -298,24 +237,26 @@ class Client:
         t_start = time.monotonic()
         while not self.stop:
             try:
-                if a.max_iops and self.c["submitted"] > a.max_iops * (time.monotonic() - t_start):
+                v = self.v
+                assert v is not None
+                if a.max_iops and v.c["submitted"] > a.max_iops * (time.monotonic() - t_start):
                     self.reap()
                     time.sleep(0.002)
                     continue
                 for qid in range(1, a.queues + 1):
-                    while sum(1 for k in self.inflight if k[0] == qid) < a.depth - 1:
+                    while v.on_queue(qid) < a.depth - 1:
                         if not self.submit_one(qid):
                             break
                 got = self.reap()
                 now = time.monotonic()
                 if got:
                     stalled_since = None
-                elif self.inflight:
+                elif v.inflight:
                     stalled_since = stalled_since or now
                     if now - stalled_since > 2.0:
                         self.check_controller(now - stalled_since)
                     time.sleep(0.0002)
-                if now > next_storm and self.inflight:
+                if now > next_storm and v.inflight:
                     self.storm()
                     next_storm = now + self._period(a.storm_every)
                 if now > next_reset:
@@ -332,7 +273,7 @@ class Client:
                 if isinstance(e, TimeoutError) and self.connection_alive():
                     raise
                 print(f"connection lost ({e}): reconnecting", file=sys.stderr, flush=True)
-                self.abort_inflight("aborted")
+                self.abort_inflight()
                 self.close_session()
                 self.c["reconnects"] += 1
                 self.connect()
@@ -340,26 +281,21 @@ class Client:
         self.report(final=True)
 
     def check_controller(self, stalled: float) -> None:
-        n = self.n
-        assert n is not None
+        n, v = self.n, self.v
+        assert n is not None and v is not None
         csts = n.reg_read(0x1C)
         if csts & 2:
             self.c["cfs_resets"] += 1
-            print(f"controller fatal (CSTS {csts:#x}) with {len(self.inflight)} in flight: reset",
+            print(f"controller fatal (CSTS {csts:#x}) with {len(v.inflight)} in flight: reset",
                   file=sys.stderr, flush=True)
-            self.abort_inflight("aborted")
+            self.abort_inflight()
             n.disable()
             n.queues.clear()
             n.stray.clear()
             self.enable()
             return
         if stalled > LOST_AFTER:
-            now = time.monotonic()
-            for key, ent in list(self.inflight.items()):
-                if now - ent[0] > LOST_AFTER:
-                    self.c["lost"] += 1
-                    print(f"LOST: qid {key[0]} cid {key[1]} lba {ent[1]}+{ent[2]} write={ent[4]} "
-                          f"({now - ent[0]:.0f} s, CSTS {csts:#x})", file=sys.stderr, flush=True)
+            v.lost(v.overdue(LOST_AFTER), f"CSTS {csts:#x}")
             # Start over on a clean controller so the run goes on (and counts the loss).
             self.reset(device=True)
 
