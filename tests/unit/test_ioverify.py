@@ -44,6 +44,14 @@ def _from(disk: bytearray, bs: int):
     return lambda cmd: bytes(disk[cmd.lba * bs:(cmd.lba + cmd.nblk) * bs])
 
 
+def _stored(v: Verifier, disk: bytearray, cid: int, lba: int, nblk: int = 1) -> Cmd:
+    """A write on queue 1 that the device stores and completes with success."""
+    w = _write(v, 1, cid, lba, nblk)
+    _store(disk, v, w)
+    assert v.completed(1, cid, 0) is w
+    return w
+
+
 def test_pattern_differs_per_block_generation_and_seed() -> None:
     a = pattern(1, 10, 3, BS)
     assert len(a) == BS
@@ -53,9 +61,7 @@ def test_pattern_differs_per_block_generation_and_seed() -> None:
 def test_write_then_read_verifies_every_byte() -> None:
     v = Verifier(64, BS, seed=5)
     disk = _disk(v, 64)
-    w = _write(v, 1, 1, 8, nblk=4)
-    _store(disk, v, w)
-    assert v.completed(1, 1, 0) is w
+    _stored(v, disk, 1, 8, nblk=4)
     r = _read(v, 1, 2, 8, nblk=4)
     assert v.completed(1, 2, 0, _from(disk, BS), sqid=1) is r
     assert v.c["bytes_verified"] == 4 * BS and v.c["reads"] == 1 and v.c["writes"] == 1
@@ -66,9 +72,7 @@ def test_write_then_read_verifies_every_byte() -> None:
 def test_mismatch_one_wrong_byte_in_one_block() -> None:
     v = Verifier(64, BS, seed=5)
     disk = _disk(v, 64)
-    w = _write(v, 1, 1, 8, nblk=4)
-    _store(disk, v, w)
-    v.completed(1, 1, 0)
+    _stored(v, disk, 1, 8, nblk=4)
     disk[10 * BS + 300] ^= 1              # the third block of the four, one bit
     _read(v, 1, 2, 8, nblk=4)
     v.completed(1, 2, 0, _from(disk, BS))
@@ -81,9 +85,7 @@ def test_stale_generation_is_a_mismatch() -> None:
     """The device kept the older write (a lost update): same block, older generation."""
     v = Verifier(16, BS, seed=1)
     disk = _disk(v, 16)
-    first = _write(v, 1, 1, 3)
-    _store(disk, v, first)
-    v.completed(1, 1, 0)
+    _stored(v, disk, 1, 3)
     _write(v, 1, 2, 3)                    # completes, but the device never stored it
     v.completed(1, 2, 0)
     _read(v, 1, 3, 3)
@@ -145,9 +147,7 @@ def test_lost_command() -> None:
 def test_abort_makes_writes_unknown_and_frees_blocks() -> None:
     v = Verifier(16, BS, seed=1, zeroed=True)
     disk = _disk(v, 16)
-    w = _write(v, 1, 1, 2, nblk=2)
-    _store(disk, v, w)
-    v.completed(1, 1, 0)
+    _stored(v, disk, 1, 2, nblk=2)
     assert v.model.known(2) and v.model.known(3)
     again = _write(v, 1, 2, 2, nblk=2)            # in flight when the controller resets
     _read(v, 1, 3, 9)
@@ -164,9 +164,7 @@ def test_abort_makes_writes_unknown_and_frees_blocks() -> None:
     v.completed(1, 4, 0, _from(half, BS))
     assert not v.problems and v.c["bytes_verified"] == 2 * BS     # blocks 0, 1 (zero)
     # ... until a write that completes makes the blocks known again.
-    w2 = _write(v, 1, 5, 2, nblk=2)
-    _store(half, v, w2)
-    v.completed(1, 5, 0)
+    w2 = _stored(v, half, 5, 2, nblk=2)
     assert v.model.known(2) and v.model.expected(3) == v.model.data(3, 1, w2.gen)
     # A CQE for an aborted command (a stale ring) is doubled.
     assert v.completed(1, 2, 0) is None and v.c["doubled"] == 1
@@ -174,10 +172,7 @@ def test_abort_makes_writes_unknown_and_frees_blocks() -> None:
 
 def test_retryable_vs_error() -> None:
     v = Verifier(16, BS, seed=1)
-    disk = _disk(v, 16)
-    w = _write(v, 1, 1, 0)
-    _store(disk, v, w)
-    v.completed(1, 1, 0)
+    _stored(v, _disk(v, 16), 1, 0)
     # Command Interrupted, DNR clear: retryable, the write's blocks become unknown.
     _write(v, 1, 2, 0)
     v.completed(1, 2, SC_COMMAND_INTERRUPTED)
