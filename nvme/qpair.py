@@ -696,6 +696,24 @@ class QueueRunner:
                 return False
         return True
 
+    def idle_watch(self) -> tuple[int, memoryview | None] | None:
+        """For a poller about to skip polls while nothing changes (workers/slot.py, deep
+        idle): (highest qid run here, the shadow doorbell words or None).  Until the
+        doorbell words of qids 0..that (or their shadow copies) change, poll() finds
+        nothing to do; None when it may have work regardless (budget left over, an
+        EventIdx race, coalesced interrupts pending, failures not yet taken)."""
+        if self._more or self._dirty or self.failed:
+            return None
+        top = 0
+        for q in self._cqs:
+            if q > top:
+                top = q
+        for s in self._order:
+            if s.qid > top:
+                top = s.qid
+        sh = self._shadow
+        return top, (sh.words[0] if sh is not None else None)
+
     def coalesce_deadline(self) -> int | None:
         """monotonic_ns by which poll() should run again to flush coalesced interrupts."""
         if not self._dirty or not self._time_ns:

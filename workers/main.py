@@ -87,6 +87,8 @@ class Worker:
         self._aio_by_fd: dict[int, Slot] = {}
         self._flagged = False      # some ring may still say "sleeping" (see theory above)
         self._quiet_wake = False   # the last sleep ended with no ring event
+        self._armed: set[Any] = set()   # rings whose "sleeping" flag is set and unseen
+        self._deep = False         # the last sleep was a deep-idle one (slots leave probes)
         self.polls = 0
         self.idle_polls = 0
         self.sleeps = 0
@@ -209,11 +211,17 @@ class Worker:
         if self._ep_dirty or self._ep is None:
             self._rebuild_ep()
         assert self._ep is not None
-        rings = self._rings
+        # A ring still armed from the last sleep (flag set, its eventfd did not fire)
+        # needs no new flag store and fence: a producer that published since saw the
+        # flag and wrote the eventfd, which ends this sleep at once.
+        armed = self._armed
         ready = True
-        for r in rings:
-            if not r.prepare_sleep():
-                ready = False
+        for r in self._rings:
+            if r not in armed:
+                if r.prepare_sleep():
+                    armed.add(r)
+                else:
+                    ready = False
         for slot in self._aio_by_fd.values():
             aio = slot.aio
             if aio is not None and not aio.prepare_sleep():
@@ -235,6 +243,7 @@ class Worker:
             r = by_fd.get(fd)
             if r is not None:
                 r.woke()
+                armed.discard(r)
                 fired = True
             elif fd in self._aio_by_fd:
                 self._aio_by_fd[fd].aio_woke = True
@@ -252,6 +261,7 @@ class Worker:
             except ValueError:
                 pass           # the ring of a slot closed since the set was built
         self._flagged = False
+        self._armed.clear()
 
     def _trapped_only(self) -> bool:
         """True if nothing here needs polling: every slot with queues is in trapped mode."""
@@ -280,9 +290,10 @@ class Worker:
         self.ctl.setblocking(False)
         while not self.stop:
             work = 0
+            deep, self._deep = self._deep, False
             for slot in self.slots:
                 try:
-                    work += slot.poll()
+                    work += slot.poll(deep)
                 except Exception:
                     log.exception("worker %d: controller %s failed in poll", self.wid, slot.name)
                     slot.chan.send({"op": "fault", "reason": "worker poll failed"})
@@ -302,6 +313,8 @@ class Worker:
                 self._control()
                 if self.pending:
                     self._attach_pending()
+                for slot in self.slots:
+                    slot.check_absent()     # admin watch: doorbells of absent queues
             if work:
                 idle = 0
                 if self._flagged:
@@ -324,6 +337,7 @@ class Worker:
                 k = min(idle - self.spin_polls, 16)
                 cap = self.deep_max if time.monotonic() - last_work > self.deep_after else self.idle_max
                 timeout = min(cap, self.idle_min * (1 << k))
+                self._deep = timeout == self.deep_max
             if self._sleep(timeout):
                 self._control()
                 if self.pending:

@@ -6,6 +6,18 @@ data path itself is `nvme.qpair.QueueRunner` with `nvme.io.IoExecutor`; a comman
 touches guest memory mapped without an fd is parked and handed to the front-end
 (`slow`), which performs it with vfio-user DMA messages and answers `slow_done`.
 
+Deep idle (the probe): an idle worker wakes every ~40 ms and would poll every slot -
+runner, queues, records, admin watch: cold Python objects, ~10 us a slot.  Instead, the
+first poll of a deep-idle wake-up that finds nothing leaves a probe behind: a copy of
+the doorbell words that poll read (admin doorbells for the admin watch, and every
+queue's SQ tail / CQ head, plus their shadow copies in guest memory), taken *before*
+that poll.  While they all still hold the copied values (one memoryview comparison,
+aligned 64-bit loads) the next poll would do nothing and is skipped.  Anything else
+that could give a poll work drops the probe: any message for the slot (handle()),
+asynchronous backend requests, work left over, interrupts pending (coalescing),
+failures to report (QueueRunner.idle_watch).  A write the copy missed happened
+before the copy, so the poll after the copy saw it.
+
 Quiesce (worker side of the coordinator's barrier): on `quiesce` the runner stops
 fetching new SQEs; once no command is parked the slot acks.  While quiesced the front-
 end may change the memory map; nothing here touches guest memory until `resume`.
@@ -16,6 +28,7 @@ import logging
 import mmap
 import os
 import time
+from array import array
 from time import perf_counter_ns
 from typing import Any, Callable
 
@@ -49,6 +62,10 @@ class Slot:
         self.db_map: mmap.mmap | None = None
         self.dbw: memoryview | None = None        # doorbell words (the admin watch reads 0, 1)
         self.admin_watch: tuple[int, int] | None = None   # (admin SQ tail, CQ head) the front-end took
+        self._zero: list[tuple[memoryview, memoryview]] = []  # doorbells of absent queues (admin watch)
+        self._zero_top = 0                        # the highest of their words
+        self.dbq: memoryview | None = None        # the doorbell page as 64-bit words (qid q = word q)
+        self._probe: list[tuple[memoryview, memoryview]] | None = None   # see "Deep idle" above
         self.qt_map: mmap.mmap | None = None      # the controller's queue table (nvme.qtable)
         self.namespaces: dict[int, Namespace] = {}
         self.executor: IoExecutor | None = None
@@ -98,6 +115,7 @@ class Slot:
         self.trapped = bool(msg.get("trapped", False))
         doorbells = Doorbells(memoryview(self.db_map)[DB_OFFSET:])
         self.dbw = doorbells.words
+        self.dbq = memoryview(self.db_map)[DB_OFFSET:].cast("Q")
         kw: dict[str, Any] = dict(doorbells=doorbells, mem=self.mem,
                                   execute=self._execute, irq=self._irq,
                                   doorbell_error=self._doorbell_error, lazy_eventidx=self.trapped,
@@ -164,7 +182,55 @@ class Slot:
         self.chan.send({"op": "dberr", "info": info, "qid": qid})
 
     # --- the loop's entry points ----------------------------------------------------
-    def poll(self) -> int:
+    def poll(self, deep: bool = False) -> int:
+        """One poll; `deep`: the worker is in deep idle (leave a probe, see above)."""
+        p = self._probe
+        if p is not None and not self.aio_woke:
+            for view, copy in p:
+                if view != copy:
+                    break
+            else:
+                return 0               # nothing the poll reads has changed
+            self._probe = None
+        if not deep:
+            return self._poll()
+        if self._zero:
+            self.check_absent()
+        probe = self._probe_copy()
+        n = self._poll()
+        if not n and probe is not None and self._idle():
+            self._probe = probe
+        return n
+
+    def _probe_copy(self) -> list[tuple[memoryview, memoryview]] | None:
+        """The doorbell words the next poll reads, and a copy of them (one aligned load
+        per word); None if there is no doorbell page yet."""
+        q = self.dbq
+        if q is None or self.dead:
+            return None
+        top = 0
+        shadow: memoryview | None = None
+        r = self.runner
+        if r is not None and self.nqueues and not self.paused:
+            w = r.idle_watch()
+            if w is None:
+                return None
+            top, shadow = w
+        top = max(top, self._zero_top)
+        views = [q[0:top + 1]]
+        if shadow is not None:
+            views.append(shadow.cast("B").cast("Q")[0:top + 1])
+        return [(v, memoryview(array("Q", v.tolist()))) for v in views]
+
+    def _idle(self) -> bool:
+        """Nothing but a doorbell write can give the next poll work (see above)."""
+        aio = self.aio
+        if aio is not None and (aio.outstanding or self.aio_woke or aio.new):
+            return False
+        r = self.runner
+        return r is None or not self.nqueues or self.paused or r.idle_watch() is not None
+
+    def _poll(self) -> int:
         if self.admin_watch is not None:
             self._check_admin_watch()
         if self.trace_resume is not None:
@@ -210,11 +276,37 @@ class Slot:
         sq, cq = self.admin_watch  # type: ignore[misc]
         w = self.dbw
         if w is not None and (w[0] != sq or w[1] != cq):
-            self.admin_watch = None
-            self.chan.send({"op": "admin_kick"})
+            self._kick_admin()
+
+    def check_absent(self) -> None:
+        """Part of the admin watch, on deep-idle polls and every 1024th round of the
+        worker (one comparison per range; too dear for every busy poll): a doorbell of a
+        queue that does not exist was written (Write to Invalid Doorbell Register, which
+        the front-end's scan reports)."""
+        for view, zero in self._zero:
+            if view != zero:
+                self._kick_admin()
+                return
+
+    def _kick_admin(self) -> None:
+        self.admin_watch = None
+        self._zero = []
+        self._zero_top = 0
+        self.chan.send({"op": "admin_kick"})
 
     def _op_admin_watch(self, msg: dict[str, Any]) -> None:
         self.admin_watch = (int(msg["sq"]), int(msg["cq"]))
+        # "zero": [[first, end), ...] qids none of whose doorbells exist: both words stay 0.
+        q = self.dbq
+        self._zero = []
+        self._zero_top = 0
+        if q is None:
+            return
+        for a, b in msg.get("zero", ()):
+            a, b = max(1, int(a)), min(len(q), int(b))
+            if a < b:
+                self._zero.append((q[a:b], memoryview(bytes(8 * (b - a))).cast("Q")))
+                self._zero_top = max(self._zero_top, b - 1)
 
     def prepare_sleep(self) -> bool:
         """Trapped mode, about to sleep with no timeout worth the name: arm EventIdx.
@@ -255,6 +347,7 @@ class Slot:
         # The native data path describes memory, namespaces, queues and dirty maps to its
         # C loop and holds the buffers behind them: any message may change or close them,
         # so it lets go first (and describes them afresh at its next poll).
+        self._probe = None          # the message may give the next poll work (or unmap)
         invalidate = getattr(self.runner, "invalidate", None)
         if invalidate is not None:
             invalidate()
@@ -485,6 +578,9 @@ class Slot:
         self.namespaces = {}
         self.dbw = None
         self.admin_watch = None
+        self._probe = None
+        self._zero = []
+        self.dbq = None
         for name in ("db_map", "qt_map"):
             m = getattr(self, name)
             if m is not None:

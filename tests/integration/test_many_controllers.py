@@ -6,6 +6,8 @@ the controller) has no timer - it is woken by the client, and then serves it at 
 """
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 from tests.integration.test_reactor import _host
@@ -99,3 +101,67 @@ def test_deep_idle_front_end_is_woken_by_its_worker_for_admin_commands(tmp_path,
             ram.close()
     finally:
         assert d.stop() == 0
+
+
+def test_deep_idle_doorbell_of_an_absent_queue_is_reported_through_the_worker(
+        tmp_path, vnvmed, monkeypatch):
+    """In deep idle the worker watching the admin doorbells also watches those of the
+    queues that do not exist: a mmapped write to one (Write to Invalid Doorbell Register)
+    reaches the front-end's scan through the worker's kick, not the (600 s) timer.  A
+    queue that exists is left alone: its doorbells are the worker's I/O."""
+    monkeypatch.setenv("VNVMED_ADMIN_WATCH_SAFETY_S", "600")
+    sock = f"{tmp_path}/c0.sock"
+    d = vnvmed(tmp_path / "run", "--cores", "0", "--controller", f"c0={sock}",
+               "--namespace", "c0=null:16M")
+    try:
+        c, ram, h = _host(sock)
+        try:
+            h.create_io_queue(1, 8)
+            for qid, cq in ((9, False), (12, True)):
+                aer = h.submit_aer()
+                time.sleep(2.5)                       # deep idle: the watch is armed
+                h.ring(qid, 1, cq=cq, trapped=False)  # no queue behind it
+                e = h.wait_cid(0, aer, timeout=30)    # not the 600 s safety timer
+                assert e.dw0 == 0x01 << 16            # Error, Invalid Doorbell Register, log 01h
+                st, _ = h.get_log_page(0x01, 64)      # unmasks Error events
+                assert st == 0
+        finally:
+            h.close()
+            c.close()
+            ram.close()
+    finally:
+        assert d.stop() == 0
+
+
+def test_deep_idle_watch_moves_to_a_restarted_worker(tmp_path, vnvmed, monkeypatch):
+    """The worker watching an idle front-end's admin doorbells dies: its replacement is
+    asked to watch them (the front-end's own timer is 600 s here)."""
+    monkeypatch.setenv("VNVMED_ADMIN_WATCH_SAFETY_S", "600")
+    sock = f"{tmp_path}/c0.sock"
+    d = vnvmed(tmp_path / "run", "--cores", "0", "--controller", f"c0={sock}",
+               "--namespace", "c0=null:16M")
+    try:
+        c, ram, h = _host(sock)
+        try:
+            ident = h.identify(1)
+            time.sleep(2.5)                           # deep idle: the watch is armed
+            (old,) = d.pids_named("worker")
+            os.kill(old, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                now = d.pids_named("worker")
+                if now and now != [old]:
+                    break
+                time.sleep(0.05)
+            else:
+                raise AssertionError("the worker was not restarted")
+            time.sleep(2.5)
+            t0 = time.monotonic()
+            assert h.identify(1) == ident
+            assert time.monotonic() - t0 < 30
+        finally:
+            h.close()
+            c.close()
+            ram.close()
+    finally:
+        d.stop()
