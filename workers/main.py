@@ -89,6 +89,7 @@ class Worker:
         self._quiet_wake = False   # the last sleep ended with no ring event
         self._armed: set[Any] = set()   # rings whose "sleeping" flag is set and unseen
         self._deep = False         # the last sleep was a deep-idle one (slots leave probes)
+        self._probing = False      # some slot may hold a probe
         self.polls = 0
         self.idle_polls = 0
         self.sleeps = 0
@@ -283,21 +284,34 @@ class Worker:
                 timeout = min(timeout, max(0.0, (due - time.monotonic_ns()) / 1e9))
         return timeout
 
+    def _poll_slots(self, deep: bool) -> int:
+        work = 0
+        for slot in self.slots:
+            try:
+                work += slot.idle_poll() if deep else slot.poll()
+            except Exception:
+                log.exception("worker %d: controller %s failed in poll", self.wid, slot.name)
+                slot.chan.send({"op": "fault", "reason": "worker poll failed"})
+                slot.paused = True
+        return work
+
     def run(self) -> None:
         idle = 0
         rounds = 0
         last_work = time.monotonic()
         self.ctl.setblocking(False)
         while not self.stop:
-            work = 0
-            deep, self._deep = self._deep, False
-            for slot in self.slots:
-                try:
-                    work += slot.poll(deep)
-                except Exception:
-                    log.exception("worker %d: controller %s failed in poll", self.wid, slot.name)
-                    slot.chan.send({"op": "fault", "reason": "worker poll failed"})
-                    slot.paused = True
+            if self._deep:
+                # Deep idle: slots whose probe holds skip their poll (workers/slot.py).
+                self._deep = False
+                self._probing = True
+                work = self._poll_slots(True)
+            else:
+                if self._probing:        # a probe holds only from one deep round to the next
+                    self._probing = False
+                    for slot in self.slots:
+                        slot.drop_probe()
+                work = self._poll_slots(False)
             # While queues are busy the rings are read (recv_all) only when one holds a
             # message - one shared-word load per ring per round - or every 16th round
             # (reading them was ~12 % of a busy worker's profile).  Waiting for the 16th

@@ -182,8 +182,9 @@ class Slot:
         self.chan.send({"op": "dberr", "info": info, "qid": qid})
 
     # --- the loop's entry points ----------------------------------------------------
-    def poll(self, deep: bool = False) -> int:
-        """One poll; `deep`: the worker is in deep idle (leave a probe, see above)."""
+    def idle_poll(self) -> int:
+        """poll() for a worker in deep idle: skipped while the probe holds, else a poll
+        that leaves a probe when it finds nothing (see "Deep idle" above)."""
         p = self._probe
         if p is not None and not self.aio_woke:
             for view, copy in p:
@@ -192,12 +193,10 @@ class Slot:
             else:
                 return 0               # nothing the poll reads has changed
             self._probe = None
-        if not deep:
-            return self._poll()
         if self._zero:
             self.check_absent()
         probe = self._probe_copy()
-        n = self._poll()
+        n = self.poll()
         if not n and probe is not None and self._idle():
             self._probe = probe
         return n
@@ -230,7 +229,10 @@ class Slot:
         r = self.runner
         return r is None or not self.nqueues or self.paused or r.idle_watch() is not None
 
-    def _poll(self) -> int:
+    def drop_probe(self) -> None:
+        self._probe = None
+
+    def poll(self) -> int:
         if self.admin_watch is not None:
             self._check_admin_watch()
         if self.trace_resume is not None:
