@@ -42,7 +42,7 @@ from nvme.regs import RegisterAccessError
 from nvme.state import CqState, ShadowDoorbells, SqState
 from nvme.status import SCT
 from pci.config import PciConfig
-from reactor import devstate
+from reactor import adminpoll, devstate
 from reactor.coordinator import Coordinator, Phase
 from reactor.device import DeviceInfo, IrqInfo, RegionInfo
 from reactor.guestmem import MappedGuestMemory
@@ -64,12 +64,6 @@ _RL_SHUT, _RL_EN, _RL_DIS = ({"ratelimit": k} for k in ("shutdown complete", "co
 
 BAR0_SIZE = 0x4000
 DB_OFFSET = 0x1000
-# Deep idle with a worker watching the admin doorbells and those of absent queues: our
-# own timer is a safety net only - it is the cadence of the scan for writes to doorbells
-# past max_io_queues (no host can create those queues) - and the watch moves with the
-# workers (add_worker / worker_lost kick us).  Tests raise it to prove that a wake-up
-# came from the worker's kick.  At 5 s, 64 idle guests' front-ends cost 0.4 % of a core.
-ADMIN_WATCH_SAFETY_S = float(os.environ.get("VNVMED_ADMIN_WATCH_SAFETY_S", 60.0))
 NUM_REGIONS = 10          # BAR0-5, ROM, CONFIG, VGA, migration (v1, index 9)
 NUM_IRQS = 5
 
@@ -717,97 +711,9 @@ class NvmeFunction:
         return {"controller": ctrl, "queues": queues, "workers": workers,
                 "errors_logged": self.ctrl.errlog.count, "migration": self.mig.info()}
 
-    # the admin poller ---------------------------------------------------------------------
-    async def admin_loop(self, min_interval: float = 0.0002, max_interval: float = 0.01,
-                         deep_interval: float = 0.25, deep_after: float = 1.0) -> None:
-        """Run the admin queue: adaptive polling (the admin doorbell is in mmapped memory).
-
-        Busy after admin activity (Linux probes with dozens of admin commands in a row),
-        backing off to `max_interval`, and to `deep_interval` after `deep_after` s of
-        silence.  CC writes and trapped admin doorbells wake the loop at once; with
-        trapped doorbells (every admin doorbell write kicks) an idle loop waits 1 s.  Doorbells of
-        queues that do not exist are scanned for at most every 100 ms.
-        """
-        loop = asyncio.get_running_loop()
-        interval = max_interval
-        last = loop.time()
-        last_scan = 0.0
-        while True:
-            n = 0
-            now = loop.time()
-            if not self.coord.quiesced and self.session is not None:
-                try:
-                    n = self.ctrl.poll_admin()
-                    if n or now - last_scan > 0.1:
-                        self.ctrl.scan_doorbells()
-                        last_scan = now
-                except Exception:
-                    log.exception("%s: admin queue failed", self.name)
-                    self._fatal("admin queue processing failed")
-            wait: float | None
-            if n:
-                last = now
-                wait = interval = min_interval
-            elif self.session is None or not self.ctrl.ready:
-                # No guest, or its controller is not enabled: nothing to poll until a CC
-                # write, a resume or a new session (all of them kick) - no timer at all,
-                # so an idle front-end without a guest never wakes (64 of them woke
-                # 64 times a second for ~0.9 % of a core).
-                wait = None
-                interval = max_interval
-            elif self.trapped:
-                # Trapped doorbells: every admin doorbell write and CC write kicks us, so
-                # the timeout is only a safety net.
-                wait = interval = 1.0
-            elif now - last > deep_after and self._watch_admin():
-                # Deep idle: a worker watches the admin doorbells for us (it wakes anyway
-                # to poll the I/O queues) and kicks us; our own timer is only a safety
-                # net (and the cadence of the scan for writes to doorbells of queues that
-                # do not exist).  64 idle guests' front-ends woke 4x a second each: 5.8 %
-                # of a core.
-                wait = interval = ADMIN_WATCH_SAFETY_S
-            else:
-                wait = interval = min(interval * 2, deep_interval if now - last > deep_after else max_interval)
-            self.admin_kick.clear()
-            # The timeout is a timer that sets the kick event itself: one TimerHandle
-            # and the event's waiter future per wait.  asyncio.wait_for would wrap the
-            # wait in a Task and a cancellation on every timeout - several event-loop
-            # iterations and ~5x the CPU of an idle wake-up (it wakes 10x a second).
-            timer = loop.call_later(wait, self.admin_kick.set) if wait is not None else None
-            try:
-                await self.admin_kick.wait()
-            finally:
-                if timer is not None:
-                    timer.cancel()
-
-    def _watch_admin(self) -> bool:
-        """Ask one worker to kick us when the admin SQ tail or CQ head doorbell differs
-        from what the admin queue has taken; False if there is no worker to ask."""
-        if not self.links:
-            return False
-        sq, cq = self.qtable.get_sq(0), self.qtable.get_cq(0)
-        if sq is None or cq is None:
-            return False
-        self.ctrl.scan_doorbells()   # a write to an absent queue's doorbell before the watch
-        self._send(min(self.links), {"op": "admin_watch", "sq": sq.tail, "cq": cq.head,
-                                     "zero": self._absent_queues()})
-        return True
-
-    def _absent_queues(self) -> list[list[int]]:
-        """[first, end) runs of qids 1..max_io_queues with neither an SQ nor a CQ: the
-        watching worker kicks us when a doorbell of one is not 0 (Write to Invalid
-        Doorbell Register, which scan_doorbells reports and resets), so no timer of ours
-        has to scan for it."""
-        q = self.ctrl.queues
-        runs: list[list[int]] = []
-        for qid in range(1, self.ctrl.cfg.max_io_queues + 1):
-            if qid in q.sqs or qid in q.cqs:
-                continue
-            if runs and runs[-1][1] == qid:
-                runs[-1][1] = qid + 1
-            else:
-                runs.append([qid, qid + 1])
-        return runs
+    # the admin poller (reactor/adminpoll.py) ----------------------------------------------
+    async def admin_loop(self, **kw: float) -> None:
+        await adminpoll.admin_loop(self, **kw)
 
     def close(self) -> None:
         self.mig.close()
