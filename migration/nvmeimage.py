@@ -88,13 +88,31 @@ def check_identity(theirs: Any, mine: Mapping[str, Any]) -> None:
         raise SnapshotError("snapshot is of a controller this one cannot become: " + "; ".join(diffs))
 
 
+_ZERO_KIB = bytes(1024)
+
+
 def doorbell_words(words: memoryview) -> list[list[int]]:
-    """The non-zero words of the doorbell page (one aligned load each)."""
+    """The non-zero words of the doorbell page, from one copy of it (a single aligned load
+    per word).  Zero KiBs, then zero 64-byte lines, are skipped by comparing bytes: a
+    word-by-word Python scan of the 12 KiB page cost ~0.5 ms of the blackout, twice
+    (save, and the restore clearing the old words)."""
     raw = words.tobytes()
-    if not raw.strip(b"\0"):
-        return []
     w = memoryview(raw).cast("I")
-    return [[i, w[i]] for i in range(len(w)) if w[i]]
+    n = len(raw)
+    out = []
+    for a in range(0, n, 1024):
+        end = min(a + 1024, n)
+        if raw[a:end] == _ZERO_KIB[:end - a]:
+            continue
+        for b in range(a, end, 64):
+            e = min(b + 64, end)
+            if raw[b:e] == _ZERO_KIB[:e - b]:
+                continue
+            for i in range(b >> 2, e >> 2):
+                v = w[i]
+                if v:
+                    out.append([i, v])
+    return out
 
 
 def check_doorbells(entries: Any, nwords: int) -> list[tuple[int, int]]:

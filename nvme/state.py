@@ -6,8 +6,20 @@ these.  No methods with side effects live here.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
+
+
+def plain(obj: Any) -> dict[str, Any]:
+    """A flat slots dataclass as a dict: what dataclasses.asdict gives for scalar and
+    list-of-scalar fields, several times faster (asdict walks every value through
+    copy.deepcopy; a migration's save and restore run this for every queue record inside
+    the blackout)."""
+    out = {}
+    for k in obj.__slots__:
+        v = getattr(obj, k)
+        out[k] = list(v) if isinstance(v, list) else v
+    return out
 
 
 @dataclass(slots=True)
@@ -23,7 +35,7 @@ class CqState:
     broken: bool = False  # last head doorbell was invalid: skipped until fixed
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return plain(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CqState":
@@ -42,7 +54,7 @@ class SqState:
     broken: bool = False  # last tail doorbell was invalid: skipped until fixed
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return plain(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SqState":

@@ -28,13 +28,13 @@ arranges that; anyone else uses `await stop(fn)` ... `await start(fn)`.  Then:
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any, Iterable
 
 from migration import nvmeimage
 from migration.snapshot import Snapshot, SnapshotCorrupt, SnapshotError, StreamSplitter, encode
 from nvme.memory import DmaFault
+from nvme.state import plain
 
 if TYPE_CHECKING:
     from nvme.state import CqState, SqState
@@ -54,7 +54,7 @@ def identity(fn: "NvmeFunction") -> dict[str, Any]:
         nss.append({"nsid": i.nsid, "block_size": i.block_size, "blocks": i.blocks,
                     "read_only": bool(i.read_only),
                     "fingerprint": nvmeimage.fingerprint(i.backend, fn.fingerprints.get(i.nsid))})
-    return nvmeimage.identity(dataclasses.asdict(fn.cfg), len(fn.bar), nss)
+    return nvmeimage.identity(plain(fn.cfg), len(fn.bar), nss)
 
 
 def precopy_state(fn: "NvmeFunction") -> bytes:

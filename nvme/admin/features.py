@@ -8,11 +8,12 @@ Queues is granted once per reset: later Sets report the same allocation.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
 from nvme.errors import CommandError
+from nvme.state import plain
 from nvme.status import Status
 
 from .command import AdminCmd, from_host, to_host
@@ -68,7 +69,7 @@ class FeatureState:
     timestamp_origin: int = 0        # 0: counted from reset, 1: set by Set Features
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return plain(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FeatureState":

@@ -11,10 +11,11 @@ page belongs to is unmasked, and the Changed NS list is cleared.
 from __future__ import annotations
 
 import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from nvme.errors import CommandError
+from nvme.state import plain
 from nvme.status import Status, status_field
 
 from .aer import LogId
@@ -68,7 +69,7 @@ class ErrorLog:
         return data.ljust(self.capacity * ERROR_ENTRY_SIZE, b"\0")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "entries": [asdict(e) for e in self.entries]}
+        return {"count": self.count, "entries": [plain(e) for e in self.entries]}
 
     def load(self, d: dict[str, Any]) -> None:
         self.count = d["count"]
@@ -87,7 +88,7 @@ class IoStats:
     unsafe_shutdowns: int = 0
 
     def to_dict(self) -> dict[str, int]:
-        return asdict(self)
+        return plain(self)
 
 
 @dataclass(slots=True)
