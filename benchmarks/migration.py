@@ -54,10 +54,12 @@ def _daemon_marks(rpc: str) -> list:
     return _migration_info(rpc).get("trace") or []
 
 
-def _drained(rpc: str) -> int:
+def _drained(rpc: str) -> tuple[int, int]:
     """Commands the source's workers had in flight at the stop arc's QUIESCE (they finish
-    them inside the blackout)."""
-    return sum((_migration_info(rpc).get("quiesce_inflight") or {}).values())
+    them inside the blackout), and how many of those had not started on the backend."""
+    info = _migration_info(rpc)
+    return (sum((info.get("quiesce_inflight") or {}).values()),
+            sum((info.get("quiesce_waiting") or {}).values()))
 
 
 def timeline(f: Figures, src_rpc: str, dst_rpc: str) -> list[tuple[str, int]]:
@@ -82,7 +84,7 @@ def run(rounds: int, schemes: Sequence[str], precopy: bool, dirty_log: bool, que
     assert load is not None
     figs = []
     lines: list[list[tuple[str, int]]] = []
-    drained: list[int] = []
+    drained: list[tuple[int, int]] = []
     try:
         load.start()
         load.wait_completions(500)
@@ -122,7 +124,8 @@ def run(rounds: int, schemes: Sequence[str], precopy: bool, dirty_log: bool, que
                                      [ln for f, ln in zip(figs, lines) if f.scheme == sc])}
     all_b = [f.blackout_ms for f in figs]
     out["blackout_ms"] = _stats(all_b)
-    out["drained"] = _stats([float(n) for n in drained]) if drained else None
+    out["drained"] = _stats([float(n) for n, _ in drained]) if drained else None
+    out["drained_waiting"] = _stats([float(w) for _, w in drained]) if drained else None
     order = sorted(range(len(figs)), key=lambda i: -figs[i].blackout_ms)
     out["worst"] = [{"round": i, "scheme": figs[i].scheme, "blackout_ms": round(figs[i].blackout_ms, 2),
                      "timeline": [[n, t] for n, t in lines[i]]} for i in order[:max(worst, 0)]]
@@ -184,8 +187,10 @@ def table(r: dict[str, Any]) -> str:
             f"{k} {v['median']:.2f}/{v['p99']:.2f}" for k, v in s["steps_ms"].items()))
     if r.get("drained"):
         d = r["drained"]
+        w = r["drained_waiting"]
         lines.append(f"commands in flight at the source's QUIESCE (drained in the blackout): "
-                     f"median {d['median']:.0f}, max {d['max']:.0f}")
+                     f"median {d['median']:.0f}, max {d['max']:.0f}; of them not yet started on "
+                     f"the backend: median {w['median']:.0f}, max {w['max']:.0f}")
     for sc, s in r["schemes"].items():
         lines.append(f"{sc} phases (gap ending at the mark; ms per migration; share of the slowest 5 %):")
         lines.append(f"  {'median':>7} {'p99':>7} {'max':>7} {'tail%':>6}  mark")

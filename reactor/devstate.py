@@ -28,6 +28,8 @@ arranges that; anyone else uses `await stop(fn)` ... `await start(fn)`.  Then:
 """
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -41,6 +43,18 @@ if TYPE_CHECKING:
     from reactor.nvmefn import NvmeFunction
 
 log = logging.getLogger("vnvmed.migration")
+
+
+def log_soon(msg: str, *args: Any) -> None:
+    """log.info once the current vfio-user request's reply is out (the next turn of the
+    front-end's loop; at once outside a loop).  A migration's stop, restore and start
+    lines each cost 0.05-0.1 ms of the blackout on a busy host, before the reply."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        log.info(msg, *args)
+        return
+    loop.call_soon(functools.partial(log.info, msg, *args))
 
 
 class RingsNotMapped(SnapshotError):
@@ -147,7 +161,7 @@ def load_state(fn: "NvmeFunction", data: bytes | Iterable[Snapshot], *,
         except Exception:
             log.exception("%s: reset after a failed restore", fn.name)
         raise SnapshotError(f"restoring the snapshot failed: {e}") from None
-    log.info("%s: controller state restored (snapshot %s, %d I/O queues)", fn.name, snap.version,
+    log_soon("%s: controller state restored (snapshot %s, %d I/O queues)", fn.name, snap.version,
              len(ctrl["queues"]["sqs"]))
 
 

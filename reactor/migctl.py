@@ -73,6 +73,7 @@ class MigrationController:
         self._gc.install()
         self.trace_resume = False      # the next RESUME asks workers for their first poll
         self.quiesce_inflight: dict[int, int] = {}   # worker -> commands it drained (last quiesce)
+        self.quiesce_waiting: dict[int, int] = {}    # ... of which not started on the backend yet
 
     # -- DeviceOps (called by the engine, inside the pipeline's quiesce bracket) -------
     def stop(self) -> None:
@@ -80,7 +81,7 @@ class MigrationController:
             raise RuntimeError("migration stop arc without a quiesced controller")
         self.held = True
         self.trace.mark("quiesced")
-        log.info("%s: stopped for migration (%s)", self.fn.name, self.engine.scheme)
+        devstate.log_soon("%s: stopped for migration (%s)", self.fn.name, self.engine.scheme)
 
     def start(self) -> None:
         self.held = False
@@ -96,7 +97,7 @@ class MigrationController:
                 vectors.add(0)
             for iv in sorted(vectors):
                 self.fn.irq(iv)
-        log.info("%s: running again after migration state %s", self.fn.name,
+        devstate.log_soon("%s: running again after migration state %s", self.fn.name,
                  self.engine.state.name)
 
     def precopy(self) -> bytes:
@@ -184,6 +185,7 @@ class MigrationController:
             self.trace.mark(f"w{wid} {what} rx", ack["rx"])
         if "inflight" in ack:
             self.quiesce_inflight[wid] = ack["inflight"]
+            self.quiesce_waiting[wid] = ack.get("waiting", 0)
         if "t" in ack:
             self.trace.mark(f"w{wid} {what} ack", ack["t"])
         if "arr" in ack:
@@ -335,7 +337,8 @@ class MigrationController:
                 "held": self.held, "dirty_logging": self.dirty.info(),
                 "current": self.engine.stats.to_dict() if self.engine.stats.role else None,
                 "last": self.engine.last, "trace": self.trace.marks(),
-                "quiesce_inflight": {str(w): n for w, n in self.quiesce_inflight.items()}}
+                "quiesce_inflight": {str(w): n for w, n in self.quiesce_inflight.items()},
+                "quiesce_waiting": {str(w): n for w, n in self.quiesce_waiting.items()}}
 
     def close(self) -> None:
         self._gc.remove()

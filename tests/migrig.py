@@ -15,9 +15,10 @@ vfio_user/migdriver.py): connect to the destination and map guest RAM there (the
 destination QEMU starts first), pre-copy, stop the guest (the load pauses), the stop
 arc on the source, the device data moved to the destination, the guest moved to the
 destination's BAR0 and resumed *before* the destination's RUNNING arc (its doorbell
-writes land in a stopped controller: the resume must find them), RUNNING, and the
-source connection closed (the source QEMU exits).  Blackout = from sending the stop
-arc to the RUNNING reply.
+writes land in a stopped controller: the resume must find them), RUNNING, then - as
+QEMU's migration cleanup does, after the stream is complete - dirty logging stopped on
+the source, and the source connection closed (the source QEMU exits).  Blackout = from
+sending the stop arc to the RUNNING reply; it includes the final dirty-bitmap report.
 """
 from __future__ import annotations
 
@@ -203,9 +204,8 @@ def migrate(g: Guest, dst: Daemon, scheme: str = "v2", precopy: bool = True,
             s2.set_state(1)                        # STOP
             t = step("src stop", t)
             if dirty_log:
-                s2.log_report(0, g.ram.size)
-                s2.log_stop()
-                t = step("src dirty report+stop", t)
+                s2.log_report(0, g.ram.size)       # the final dirty sync (QEMU: ram_save_complete)
+                t = step("src dirty report", t)
             d2.write(data)
             t = step("dst write (load)", t)
             d2.set_state(1)                        # RESUMING -> STOP (loaded already)
@@ -230,9 +230,8 @@ def migrate(g: Guest, dst: Daemon, scheme: str = "v2", precopy: bool = True,
             chunks = s1.save_complete()
             t = step("src save", t)
             if dirty_log:
-                s1.dirty_bitmap(0, g.ram.size)
-                s1.dirty(2)                        # STOP
-                t = step("src dirty bitmap+stop", t)
+                s1.dirty_bitmap(0, g.ram.size)     # the final dirty sync
+                t = step("src dirty bitmap", t)
             data = b"".join(chunks)
             for c in chunks:
                 d1.load_buffer(c)
@@ -256,6 +255,13 @@ def migrate(g: Guest, dst: Daemon, scheme: str = "v2", precopy: bool = True,
         after = _regs(new)
         if after != regs:
             raise AssertionError(f"registers differ after migration: {regs} -> {after}")
+    if dirty_log:
+        # QEMU stops dirty logging in its migration cleanup on the source, after the
+        # stream is complete (ram_save_cleanup -> log_global_stop): not in the blackout.
+        if scheme == "v2":
+            s2.log_stop()
+        else:
+            s1.dirty(2)                            # DIRTY_PAGES STOP
     old = g.nvme
     g.nvme, g.client, g.daemon = new, dst_c, dst
     old.close()

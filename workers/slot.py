@@ -75,6 +75,7 @@ class Slot:
         self.quiesce_seq: int | None = None
         self.quiesce_rx = 0
         self.quiesce_n = 0                       # commands in flight when it came
+        self.quiesce_waiting = 0
         self.trace_resume: int | None = None     # a traced RESUME's arrival (ns)
         self.nqueues = 0
         self.stats = {"commands": 0, "slow": 0, "dberr": 0}
@@ -331,7 +332,8 @@ class Slot:
             # rx/t (CLOCK_MONOTONIC ns): when we read the QUIESCE and when we ack it, for
             # the migration's phase trace (migration/trace.py).
             self.chan.send({"op": "ack", "seq": self.quiesce_seq, "rx": self.quiesce_rx,
-                            "t": time.monotonic_ns(), "inflight": self.quiesce_n})
+                            "t": time.monotonic_ns(), "inflight": self.quiesce_n,
+                            "waiting": self.quiesce_waiting})
             self.quiesce_seq = None
 
     def _trace_first_poll(self) -> None:
@@ -472,6 +474,9 @@ class Slot:
             self.runner.pause_fetch(True)
         self.quiesce_seq = msg["seq"]
         self.quiesce_n = self.runner.inflight() if self.runner is not None else 0
+        # Of those, requests not yet started on the backend (queued behind its depth bound).
+        self.quiesce_waiting = (sum(len(q.wait) for q in self.aio.queues.values())
+                                if self.aio is not None else 0)
         self.check_quiesced()
 
     def _op_resume(self, msg: dict[str, Any]) -> None:
