@@ -8,7 +8,7 @@ tests/stress/client.py (a guest in its own process, through HostNvme, with fault
 The drivers own the mechanics (rings, doorbells, CIDs, buffers); `Verifier` owns the
 truth:
 
-- Blocks (`BlockModel`): every namespace block (LBA) is *known* with a generation
+- Blocks (`BlockModel`): every block of the namespace is *known* with a generation
   (the content of the last write that completed successfully), *zero* (never
   written, on a namespace that started zeroed) or *unknown* (a write whose outcome is
   not known: aborted by a reset or a disconnect, retried, failed).  A write fills each
@@ -27,8 +27,16 @@ truth:
   is counted apart; anything else is an *error*.  A strict driver (migration: nothing
   may fail) turns tolerance off.
 
+A driver's round: `plan(rng, nblk)` picks a free range, the direction (always a
+write where a read would check nothing) and a fresh generation; the driver fills a
+write's buffer with `model.data(...)`, sets qid/cid/buf, calls `submitted(cmd)`, rings;
+for each CQE it calls `completed(qid, cid, status, read, sqid)` (`read(cmd)` returns the
+buffer of a read that succeeded) and frees `cmd.buf`.  A "block" is whatever unit the
+driver chose (tests/verifyload.py: 4 KiB of LBAs; tests/stress/client.py: one LBA).
+
 Counters (`Verifier.c`, plain ints) and problems (`Verifier.problems`, one line each:
-MISMATCH / DOUBLED / LOST / ERROR) are what the drivers report.
+MISMATCH / DOUBLED / LOST / ERROR; `say` also prints them at once) are what the
+drivers report.  tests/unit/test_ioverify.py checks every verdict from both sides.
 """
 from __future__ import annotations
 
