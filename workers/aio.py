@@ -145,6 +145,10 @@ class BackendIo:
     def fileno(self) -> int:
         return self._ep.fileno()
 
+    def flowing(self) -> bool:
+        """Completions came within the last 64 service rounds (a stalled server's do not)."""
+        return self._quiet < 64
+
     def prepare_sleep(self) -> bool:
         """The worker is about to sleep: completions reaped by polling (no wake-up) left
         their eventfd counts behind, which would end the sleep at once for nothing and

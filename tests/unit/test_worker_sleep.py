@@ -174,3 +174,46 @@ def test_a_map_the_worker_cannot_make_is_a_fault_not_a_silent_ack(worker) -> Non
     finally:
         os.close(fd)
         fe.close(unlink=True)
+
+
+def test_backend_completions_wake_the_sleep_and_polled_ones_do_not(worker, tmp_path) -> None:
+    """A slot's backend completion fd is in the sleep set (a completion ends the sleep);
+    completions the loop already took by polling do not end the next sleep at once, and
+    one that lands before the sleep makes _sleep poll instead (nothing is slept on)."""
+    import time
+
+    from backends.aio import Req
+    from backends.file import FileBackend
+    w, _ = worker
+    fe = _channel(w)
+    p = tmp_path / "disk"
+    p.write_bytes(bytes(1 << 16))
+    be = FileBackend(str(p))
+    slot = w.slots[0]
+    aio = slot.aio
+    assert aio is not None and aio.attach(1, be, 4)
+    try:
+        q = aio.queues[1]
+        buf = bytearray(4096)
+        for _ in range(2):
+            q.submit(Req(0, 0, 4096, [memoryview(buf)]))
+        aio.outstanding += 2
+        aio.push()
+        # Finished while the worker was busy: _sleep must not sleep on it.
+        deadline = time.monotonic() + LONG
+        while not q.engine.settle():
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        t0 = time.monotonic()
+        assert w._sleep(LONG) is False and slot.aio_woke
+        assert time.monotonic() - t0 < LONG / 2
+        got: list[Req] = []
+        while len(got) < 2:               # the loop takes them by polling (no wake-up)
+            q.reap(False, got)
+        aio.outstanding -= 2
+        t0 = time.monotonic()
+        w._sleep(0.3)                     # a real sleep, not ended by the stale count
+        assert time.monotonic() - t0 >= 0.25
+    finally:
+        fe.close(unlink=True)
+        be.close()
