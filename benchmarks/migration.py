@@ -1,14 +1,16 @@
 """Live migration figures: blackout (median/p99/max, and per step), snapshot size.
 
     python -m benchmarks.migration --rounds 100 [--scheme v2|v1|both] [--no-precopy]
-           [--no-dirty-log] [--queues 4] [--qd 32] [--worst 3] [--json]
+           [--no-dirty-log] [--log-stop-inside] [--queues 4] [--qd 32] [--worst 3] [--json]
 
 Two vnvmed daemons (as two hosts) share a file namespace; a guest with `--queues` I/O
 queues at `--qd` of verified random 4 KiB I/O is migrated back and forth `--rounds`
 times by the project's client acting as QEMU would (tests/migrig.py).  Blackout is
 measured from sending the stop arc to the source until the destination's RUNNING
 reply, with the guest's vCPUs stopped meanwhile (the load pauses); it includes the
-final dirty-bitmap report on the source and the device data transfer.  The I/O is
+final dirty-bitmap report on the source and the device data transfer; stopping dirty
+logging comes after the destination runs, as in QEMU's migration cleanup
+(`--log-stop-inside` measures it the rig's pre-2026-12-06 way).  The I/O is
 verified throughout: the run fails loudly if a command completed twice, not at all,
 or returned wrong data.  Prints the machine's load average before and after: on the
 shared 2-core test machine other jobs inflate the tail.
@@ -75,7 +77,7 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 
 def run(rounds: int, schemes: Sequence[str], precopy: bool, dirty_log: bool, queues: int,
-        qd: int, worst: int = 3) -> dict[str, Any]:
+        qd: int, worst: int = 3, log_stop_inside: bool = False) -> dict[str, Any]:
     load_before = os.getloadavg()
     daemons, img = start_hosts(2)
     a, b = daemons
@@ -93,7 +95,7 @@ def run(rounds: int, schemes: Sequence[str], precopy: bool, dirty_log: bool, que
             assert src is not None
             dst = b if src is a else a
             f = migrate(g, dst, schemes[i % len(schemes)], precopy=precopy,
-                        dirty_log=dirty_log, check_regs=False)
+                        dirty_log=dirty_log, check_regs=False, log_stop_inside=log_stop_inside)
             figs.append(f)
             lines.append(timeline(f, src.rpc, dst.rpc))
             drained.append(_drained(src.rpc))
@@ -106,7 +108,7 @@ def run(rounds: int, schemes: Sequence[str], precopy: bool, dirty_log: bool, que
         g.close()
         stop_hosts(daemons, img)
     out: dict[str, Any] = {"rounds": rounds, "queues": queues, "qd": qd, "precopy": precopy,
-                           "dirty_log": dirty_log, "io": summary,
+                           "dirty_log": dirty_log, "log_stop_inside": log_stop_inside, "io": summary,
                            "loadavg_before": [round(x, 2) for x in load_before],
                            "loadavg_after": [round(x, 2) for x in os.getloadavg()], "schemes": {}}
     for sc in schemes:
@@ -211,12 +213,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-dirty-log", action="store_true")
     p.add_argument("--queues", type=int, default=4)
     p.add_argument("--qd", type=int, default=32)
+    p.add_argument("--log-stop-inside", action="store_true",
+                   help="stop dirty logging inside the blackout (this rig before 2026-12-06; "
+                        "QEMU stops it in its cleanup, after the destination runs)")
     p.add_argument("--worst", type=int, default=3, help="print the N slowest rounds' time lines")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     schemes = ("v2", "v1") if a.scheme == "both" else (a.scheme,)
     t0 = time.monotonic()
-    r = run(a.rounds, schemes, not a.no_precopy, not a.no_dirty_log, a.queues, a.qd, a.worst)
+    r = run(a.rounds, schemes, not a.no_precopy, not a.no_dirty_log, a.queues, a.qd, a.worst,
+            a.log_stop_inside)
     r["wall_s"] = round(time.monotonic() - t0, 1)
     print(json.dumps(r, indent=1) if a.json else table(r))
     return 0

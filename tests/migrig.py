@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from benchmarks.hostnvme import GuestRam, HostNvme
+from migration.trace import GcWatch, PhaseTrace
 from tests.daemon import ROOT, Daemon
 from tests.verifyload import VerifiedLoad
 from vfio_user.client import VfioUserClient
@@ -161,8 +162,12 @@ def _regs(nvme: HostNvme) -> dict[str, int]:
 
 
 def migrate(g: Guest, dst: Daemon, scheme: str = "v2", precopy: bool = True,
-            dirty_log: bool = True, check_regs: bool = True) -> Figures:
-    """Move the guest's controller from g.daemon to dst (see the module doc)."""
+            dirty_log: bool = True, check_regs: bool = True,
+            log_stop_inside: bool = False) -> Figures:
+    """Move the guest's controller from g.daemon to dst (see the module doc).
+
+    `log_stop_inside`: stop dirty logging inside the blackout, right after the final
+    report (how this rig measured before 2026-12-06; QEMU does it after)."""
     assert g.load is not None
     src_c = g.client
     dst_c = connect(dst.socket, g.ram)
@@ -171,9 +176,13 @@ def migrate(g: Guest, dst: Daemon, scheme: str = "v2", precopy: bool = True,
     steps: dict[str, float] = {}
     marks: list[tuple[str, int]] = []
 
+    gct = PhaseTrace()
+    gcw = GcWatch(gct, min_ns=100_000)      # the client's own GC pauses (QEMU has none)
+
     def mark() -> int:
         t = time.monotonic_ns()
         marks.append(("client stop arc sent", t))
+        gcw.install()
         return t
 
     def step(name: str, t: int) -> int:
@@ -205,6 +214,8 @@ def migrate(g: Guest, dst: Daemon, scheme: str = "v2", precopy: bool = True,
             t = step("src stop", t)
             if dirty_log:
                 s2.log_report(0, g.ram.size)       # the final dirty sync (QEMU: ram_save_complete)
+                if log_stop_inside:
+                    s2.log_stop()
                 t = step("src dirty report", t)
             d2.write(data)
             t = step("dst write (load)", t)
@@ -231,6 +242,8 @@ def migrate(g: Guest, dst: Daemon, scheme: str = "v2", precopy: bool = True,
             t = step("src save", t)
             if dirty_log:
                 s1.dirty_bitmap(0, g.ram.size)     # the final dirty sync
+                if log_stop_inside:
+                    s1.dirty(2)
                 t = step("src dirty bitmap", t)
             data = b"".join(chunks)
             for c in chunks:
@@ -247,7 +260,11 @@ def migrate(g: Guest, dst: Daemon, scheme: str = "v2", precopy: bool = True,
             d1.close()
         t = step("dst running", t)
         blackout = (t - t0) / 1e6
+        gcw.remove()
+        marks[1:-1] = sorted(marks[1:-1] + [("client " + n, int(ts)) for n, ts in gct.marks()
+                                            if t0 <= ts <= t], key=lambda m: m[1])
     except BaseException:
+        gcw.remove()
         new.close()
         dst_c.close()
         raise
@@ -255,7 +272,7 @@ def migrate(g: Guest, dst: Daemon, scheme: str = "v2", precopy: bool = True,
         after = _regs(new)
         if after != regs:
             raise AssertionError(f"registers differ after migration: {regs} -> {after}")
-    if dirty_log:
+    if dirty_log and not log_stop_inside:
         # QEMU stops dirty logging in its migration cleanup on the source, after the
         # stream is complete (ram_save_cleanup -> log_global_stop): not in the blackout.
         if scheme == "v2":
