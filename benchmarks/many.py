@@ -17,6 +17,10 @@ controllers, each with a null namespace, and reports:
 * with --attach: the same again while one client per controller has it enabled with an
   I/O queue pair and does nothing (a booted, idle VM), after the daemon's pollers have
   reached deep idle;
+* with --attach --wake K: the first I/O after a pause: K times, a 4 KiB read on one
+  controller (a different one each time) after --pause seconds without any I/O (the
+  workers in deep idle), submission to completion seen by the client polling its CQ -
+  bounded by the deep-idle sleep (40 ms);
 * with --fair K: K client processes (one per controller) run 4 KiB randread QD --depth
   with per-command doorbells for -t seconds at once, each sleeping on its CQ's
   interrupt (eventfd) when nothing has completed, as a guest does; IOPS per controller,
@@ -30,6 +34,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -44,6 +50,7 @@ from ops.perfdrv import Controller, QueueJob, Workload  # noqa: E402
 from ops import subproc  # noqa: E402
 
 MiB = 1024.0
+PAGE = 4096
 
 
 def loadavg() -> str:
@@ -173,6 +180,34 @@ def attach_all(socks: list[str]) -> list[Controller]:
     return ctls
 
 
+def wake_latency(ctls: list[Controller], k: int, pause: float) -> dict[str, Any]:
+    """ms from one read's doorbell to its completion, each after `pause` s of no I/O."""
+    lat = []
+    for i in range(k):
+        c = ctls[(i * 7) % len(ctls)]
+        q = c.queues[0]
+        buf = c.ram.alloc(PAGE)
+        time.sleep(pause)
+        cid = i & 0xFFFF
+        c.ram.view(q.sq + q.tail * 64, 64)[:] = struct.pack(
+            "<BBHIQQQQ6I", 0x02, 0, cid, 1, 0, 0, buf, 0, 0, 0, 0, 0, 0, 0)
+        q.tail = (q.tail + 1) % q.size
+        cq = c.ram.view(q.cq, q.size * 16).cast("I")
+        t0 = time.perf_counter_ns()
+        c.ring(2 * q.qid, q.tail)
+        while (cq[q.head * 4 + 3] >> 16) & 1 != q.phase:
+            if time.perf_counter_ns() - t0 > 5e9:
+                raise TimeoutError("no completion in 5 s")
+        lat.append((time.perf_counter_ns() - t0) / 1e6)
+        cq.release()
+        q.head += 1
+        if q.head == q.size:
+            q.head, q.phase = 0, q.phase ^ 1
+        c.ring(2 * q.qid + 1, q.head)
+    return {"samples": k, "pause_s": pause, "ms": [round(x, 2) for x in lat],
+            "median_ms": round(statistics.median(lat), 2), "max_ms": round(max(lat), 2)}
+
+
 def _client(sock: str, wl: Workload, start_r: int, out_w: int) -> None:
     code = 0
     try:
@@ -255,6 +290,8 @@ def one(n: int, a: argparse.Namespace) -> dict[str, Any]:
                 time.sleep(a.settle)
                 row["memory_guest"] = memory(d.proc.pid, n)
                 row["idle_guest"] = idle_cpu(d.proc.pid, a.idle)
+                if a.wake:
+                    row["wake"] = wake_latency(ctls, a.wake, a.pause)
             finally:
                 for c in ctls:
                     c.disable()
@@ -285,6 +322,10 @@ def print_row(r: dict[str, Any]) -> None:
         print(f"idle, guests attached (enabled, 1 queue pair each): daemon {g['daemon_cpu_pct']} % of a core"
               f" [{parts}]; front-end PSS mean {mg['frontend_pss_mean_mib']} MiB,"
               f" daemon {mg['daemon_pss_per_controller_mib']} MiB per controller")
+    if "wake" in r:
+        w = r["wake"]
+        print(f"first I/O after {w['pause_s']} s idle (x{w['samples']}): median {w['median_ms']} ms,"
+              f" max {w['max_ms']} ms  {w['ms']}")
     if "fairness" in r:
         f = r["fairness"]
         print(f"fairness, {f['controllers']} controllers 4 KiB randread QD{f['depth']} per-cmd doorbells:"
@@ -300,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle", type=float, default=10.0, help="seconds of idle CPU measurement")
     p.add_argument("--settle", type=float, default=3.0, help="seconds before measuring (deep idle)")
     p.add_argument("--attach", action="store_true", help="also measure with an idle guest per controller")
+    p.add_argument("--wake", type=int, default=0, help="with --attach: first-I/O-after-idle samples")
+    p.add_argument("--pause", type=float, default=1.5, help="seconds without I/O before each --wake sample")
     p.add_argument("--fair", type=int, default=0, help="controllers doing I/O at once (0: no fairness run)")
     p.add_argument("-t", "--time", type=float, default=5.0, help="seconds of the fairness run")
     p.add_argument("-q", "--depth", type=int, default=8, help="queue depth per controller in the fairness run")

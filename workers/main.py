@@ -14,6 +14,10 @@ case is one `deep_idle_us` of extra latency for the first request after a long i
 period, which is also the bound on how stale our view of a mmapped doorbell can get.  `polling="busy"` never
 sleeps (lowest latency, one core at 100 %).
 
+Deep idle with guests attached: a slot whose doorbell words have not changed since its
+last deep-idle poll found nothing is not polled again (`Slot.idle_poll`, the probe; see
+workers/slot.py), so a 40 ms wake-up costs one comparison per controller.
+
 Trapped doorbells: when every slot that holds queues belongs to a controller in
 "trapped" doorbell mode, each guest doorbell write reaches the front-end as a message
 and kicks us through the slot's ring eventfd, so after the spin the worker sleeps
