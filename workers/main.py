@@ -99,6 +99,12 @@ class Worker:
         self._rings: list[Any] = []
         self._ring_by_fd: dict[int, Any] = {}
         self._aio_by_fd: dict[int, Slot] = {}
+        # Slots with asynchronous namespaces (their BackendIo settles before a sleep) and
+        # "only trapped-doorbell queues here": both change only with a message or the slot
+        # set, so they are recomputed after those, not on every idle wake-up (~30 us of
+        # cold cache lines with 32 slots).
+        self._aio_sleepers: list[Slot] | None = None
+        self._trapped: bool | None = None
         self._flagged = False      # some ring may still say "sleeping" (see theory above)
         self._quiet_wake = False   # the last sleep ended with no ring event
         self._armed: set[Any] = set()   # rings whose "sleeping" flag is set and unseen
@@ -122,12 +128,14 @@ class Worker:
             if op == "channel" and len(fds) == 1:
                 self.pending.append((str(msg.get("name")), socket.socket(fileno=fds[0])))
                 self._ep_dirty = True
+                self._aio_sleepers = self._trapped = None
             elif op == "drop":
                 for slot in self.slots:
                     if slot.name == msg.get("name"):
                         slot.close()
                 self.slots = [s for s in self.slots if not s.dead]
                 self._ep_dirty = True
+                self._aio_sleepers = self._trapped = None
             elif op == "stop":
                 self.stop = True
             elif op == "ping":
@@ -157,7 +165,7 @@ class Worker:
                 self.slots.append(Slot(name, chan, self._queues, datapath=self.datapath))
         self.pending = still
         self._ep_dirty = True
-
+        self._aio_sleepers = self._trapped = None
     # --- the loop ---------------------------------------------------------------------
     def _ring_waiting(self) -> bool:
         for slot in self.slots:
@@ -170,6 +178,8 @@ class Worker:
         for slot in self.slots:
             try:
                 msgs = slot.chan.recv_all()
+                if msgs:
+                    self._aio_sleepers = self._trapped = None
                 for m in msgs:
                     try:
                         slot.handle(m)
@@ -193,6 +203,7 @@ class Worker:
         if any(s.dead for s in self.slots):
             self.slots = [s for s in self.slots if not s.dead]
             self._ep_dirty = True
+            self._aio_sleepers = self._trapped = None
         return n
 
     def _rebuild_ep(self) -> None:
@@ -213,6 +224,7 @@ class Worker:
             ep.register(r.fileno(), select.EPOLLIN)
         # Backend completion sources (workers/aio.py): one epoll fd per slot with async namespaces.
         self._aio_by_fd = {s.aio.fileno(): s for s in self.slots if not s.dead and s.aio is not None}
+        self._aio_sleepers = self._trapped = None
         for fd in self._aio_by_fd:
             ep.register(fd, select.EPOLLIN)
         for _, sock in self.pending:
@@ -237,7 +249,11 @@ class Worker:
                     armed.add(r)
                 else:
                     ready = False
-        for slot in self._aio_by_fd.values():
+        sleepers = self._aio_sleepers
+        if sleepers is None:
+            sleepers = self._aio_sleepers = [s for s in self._aio_by_fd.values()
+                                             if s.aio is not None and s.aio.queues]
+        for slot in sleepers:
             aio = slot.aio
             if aio is not None and not aio.prepare_sleep():
                 slot.aio_woke = True     # completions ready: reap them now, no sleep
@@ -288,10 +304,10 @@ class Worker:
 
     def _trapped_only(self) -> bool:
         """True if nothing here needs polling: every slot with queues is in trapped mode."""
-        for s in self.slots:
-            if s.nqueues and not s.trapped:
-                return False
-        return True
+        t = self._trapped
+        if t is None:
+            t = self._trapped = all(s.trapped for s in self.slots if s.nqueues)
+        return t
 
     def _trapped_timeout(self) -> float | None:
         """Arm every slot for a kick-driven sleep; its timeout, or None to poll again."""
@@ -349,6 +365,7 @@ class Worker:
                 self._control()
                 if self.pending:
                     self._attach_pending()
+            if rounds & 1023 == 0 or (self._probing and rounds & 31 == 0):
                 for slot in self.slots:
                     slot.check_absent()     # admin watch: doorbells of absent queues
             if work:
