@@ -16,6 +16,9 @@ stall  two controllers on ONE worker: nvme0 on ram, nvme1 on an NBD export.  nvm
        IOPS (QD32 4 KiB randread) with nvme1 idle, then with the NBD server stopped
        (SIGSTOP) while nvme1 has 32 reads outstanding on it.  Ratio stalled/unstalled;
        the target is >= 0.8 (a blocking backend call would make it ~0).
+neighbour  (only when asked) a ram controller's QD1 p50/p99 alone and next to a QD32
+       O_DIRECT file stream on the same worker (the file controller's backend I/O
+       must not make the worker deaf to its neighbours' doorbells).
 
 Run it with the interpreter vnvmed runs under (scripts/setup's .venv/bin/python): the
 daemon is started with this interpreter, and one without the `liburing` binding serves
@@ -272,18 +275,53 @@ def case_stall(a: argparse.Namespace) -> list[dict[str, Any]]:
              "stalled_reads_completed_after_resume": ok}]
 
 
+def case_neighbour(a: argparse.Namespace) -> list[dict[str, Any]]:
+    """QD1 latency of a ram controller alone, then next to a QD32 O_DIRECT file stream
+    on the same worker: what the worker's sleep policy while backend I/O is out costs a
+    neighbour (it sleeps instead of spinning, so the neighbour's doorbell waits for the
+    next wake-up)."""
+    import multiprocessing as mp
+    tmp = tempfile.mkdtemp(prefix="vnvmed-bench-neigh-")
+    sock1 = os.path.join(tmp, "nvme1.sock")
+    sp = spawn_vnvmed("ram:1G", TARGET_CORE, extra=("--controller", f"nvme1={sock1}",
+                                                     "--namespace", f"nvme1=file:{a.file},direct"))
+    qd1 = Workload("randread", 4096, 1, a.time, span=1 << 30, doorbells=a.sq_doorbells, wait=a.wait)
+    stream = Workload("randread", 4096, a.qd, a.time + 2, span=min(a.file_size, 1 << 30),
+                      doorbells=a.sq_doorbells, wait=a.wait)
+    out = []
+    try:
+        for label, busy in (("alone", False), (f"next to file QD{a.qd}", True)):
+            bg = None
+            if busy:      # the stream runs in a child on the client core, started first
+                bg = mp.get_context("fork").Process(
+                    target=perf_run, args=(sock1, stream), kwargs={"client_cores": [CLIENT_CORE]})
+                bg.start()
+                time.sleep(1.0)
+            rep = perf_run(sp.sock, qd1, client_cores=[CLIENT_CORE])
+            if bg is not None:
+                bg.join(a.time + 60)
+            out.append({"case": f"ram controller QD1, {label}, same worker", "qd": 1, "iops": rep["iops"],
+                        "p50_us": rep["lat_us"]["p50"], "p99_us": rep["lat_us"]["p99"],
+                        "load1": os.getloadavg()[0]})
+    finally:
+        sp.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def _iops(sp: Any, wl: Workload) -> dict[str, Any]:
     rep = perf_run(sp.sock, wl, client_cores=[CLIENT_CORE], target_pid=sp.proc.pid)
     return {"iops": rep["iops"], "lat_us": rep["lat_us"]["mean"]}
 
 
-CASES = {"file": case_file, "nbd": case_nbd, "rbd": case_rbd, "stall": case_stall}
+CASES = {"file": case_file, "nbd": case_nbd, "rbd": case_rbd, "stall": case_stall,
+         "neighbour": case_neighbour}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks.storage", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default=",".join(CASES), help="comma list of " + ", ".join(CASES))
+    p.add_argument("--only", default="file,nbd,rbd,stall", help="comma list of " + ", ".join(CASES))
     p.add_argument("-t", "--time", type=float, default=5.0, help="seconds per figure")
     p.add_argument("-q", "--qd", type=int, default=32, help="the deep queue depth")
     p.add_argument("--repeat", type=int, default=2, help="runs per figure (best kept)")
