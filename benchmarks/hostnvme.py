@@ -106,6 +106,9 @@ class HostNvme:
         # Completions reaped while waiting for another CID (e.g. an AER that fired
         # while an admin command was outstanding), per queue, in arrival order.
         self.stray: dict[int, list[Cqe]] = {}
+        # How long admin() waits for a completion.  Tests keep 5 s; a driver that models
+        # Linux (its nvme admin_timeout is 60 s) raises it.
+        self.admin_timeout = 5.0
         self.regions: list[GuestRam] = []     # extra DMA regions (add_region)
         self.irq_fds: list[int] = []
         self.shadow_db: memoryview | None = None    # shadow doorbell page, cast 'I'
@@ -295,7 +298,7 @@ class HostNvme:
 
     def admin(self, opcode: int, nsid: int = 0, prp1: int = 0, prp2: int = 0,
               cdw: tuple[int, ...] = ()) -> tuple[int, int]:
-        e = self.command(0, opcode, nsid, prp1, prp2, cdw)
+        e = self.command(0, opcode, nsid, prp1, prp2, cdw, timeout=self.admin_timeout)
         return e.status, e.dw0
 
     def identify(self, cns: int, nsid: int = 0) -> bytes:

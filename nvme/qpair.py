@@ -125,6 +125,12 @@ class _Sq:
     stale: int | None = None          # doorbell value to disregard (see set_shadow)
 
 
+# How long a worker lets commands parked on an asynchronous backend finish before a
+# Delete I/O SQ completes them as ABORTED_SQ_DELETION (a stalled server must not hang the
+# worker).  The front-end waits longer than this for the worker's answer.
+SQ_DELETE_DRAIN_S = 2.0
+
+
 class QueueRunner:
     def __init__(self, *, doorbells: Doorbells, mem: GuestMemory, execute: ExecuteFn,
                  irq: Callable[[int], None], doorbell_error: Callable[[int, int], None],
@@ -214,10 +220,12 @@ class QueueRunner:
         if self._shadow is not None and sqid:
             self._shadow.set_sq_eventidx(sqid, st.tail)
 
-    def remove_sq(self, sqid: int) -> SqState:
+    def remove_sq(self, sqid: int) -> SqState | None:
         """Stop running the SQ; commands still parked on it complete with
         ABORTED_SQ_DELETION.  Returns its final record (left in the table: the
-        front-end owns it again)."""
+        front-end owns it again), or None when the front-end already cleared it (it
+        stopped waiting for this worker: a timeout under load made the controller
+        fatal, and the message arrived after)."""
         s = self._sqs.pop(sqid)
         self._order.remove(s)
         cq = s.cq
@@ -228,11 +236,10 @@ class QueueRunner:
             self._post(cq, s, cid, Status.ABORTED_SQ_DELETION, 0, unpark=True)
         s.parked.clear()
         self._signal()
-        st = sq_state(s.r)
-        assert st is not None
-        return st
+        return sq_state(s.r)
 
-    def remove_cq(self, cqid: int) -> CqState:
+    def remove_cq(self, cqid: int) -> CqState | None:
+        """Stop running the CQ (no SQ may use it); its final record, or None (remove_sq)."""
         c = self._cqs[cqid]
         if c.nsq:
             raise ValueError(f"CQ {cqid} still has SQs")
@@ -240,9 +247,7 @@ class QueueRunner:
         self._cqlist.remove(c)
         if c in self._dirty:
             self._dirty.remove(c)
-        st = cq_state(c.r)
-        assert st is not None
-        return st
+        return cq_state(c.r)
 
     # -- configuration --------------------------------------------------------
     def set_memory(self, mem: GuestMemory) -> None:

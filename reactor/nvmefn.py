@@ -35,6 +35,7 @@ from typing import Any, Iterable, Iterator
 
 from nvme.config import ControllerConfig
 from nvme.controller import Controller
+from nvme.qpair import SQ_DELETE_DRAIN_S
 from nvme.msgwindow import LOW_MEMORY, normalize
 from nvme.namespace import Namespace
 from nvme.qtable import QueueTable, table_bytes
@@ -492,7 +493,9 @@ class NvmeFunction:
     def io_sq_deleted(self, sqid: int) -> None:
         w = self.placement.remove_sq(sqid)
         if w is not None and w in self.links:
-            self._sync(w, {"op": "del_sq", "sqid": sqid})
+            # The worker may drain parked backend commands for SQ_DELETE_DRAIN_S first:
+            # waiting only as long would make a slow drain look like a hung worker (CFS).
+            self._sync(w, {"op": "del_sq", "sqid": sqid}, timeout=SQ_DELETE_DRAIN_S + 2.0)
         self.qtable.clear_sq(sqid)      # ours again (and gone)
 
     def sq_busy(self, sqid: int) -> bool:

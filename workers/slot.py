@@ -40,7 +40,7 @@ from nvme.io import IoExecutor
 from nvme.memory import NeedsMessageDma
 from nvme.msgwindow import LOW_MEMORY, MessageWriteWindows
 from nvme.namespace import Namespace
-from nvme.qpair import QueueRunner
+from nvme.qpair import SQ_DELETE_DRAIN_S, QueueRunner
 from nvme.qtable import QueueTable, table_bytes
 from nvme.state import NamespaceInfo, ShadowDoorbells
 from reactor.channel import Channel
@@ -434,7 +434,7 @@ class Slot:
         # an asynchronous backend finish first (bounded: a stalled server must not hang the
         # worker), so no backend read lands in guest memory after the SQ is gone; anything
         # still parked then completes as ABORTED_SQ_DELETION.
-        deadline = time.monotonic() + 2.0
+        deadline = time.monotonic() + SQ_DELETE_DRAIN_S
         aio = self.aio
         while aio is not None and aio.outstanding and self.runner.inflight(msg["sqid"]) \
                 and time.monotonic() < deadline:
@@ -442,13 +442,13 @@ class Slot:
                 time.sleep(0.0005)
         sq = self.runner.remove_sq(msg["sqid"])
         self.nqueues -= 1
-        self._ack(msg, sq=sq.to_dict())
+        self._ack(msg, sq=sq.to_dict() if sq is not None else None)
 
     def _op_del_cq(self, msg: dict[str, Any]) -> None:
         assert self.runner is not None
         cq = self.runner.remove_cq(msg["cqid"])
         self.nqueues -= 1
-        self._ack(msg, cq=cq.to_dict())
+        self._ack(msg, cq=cq.to_dict() if cq is not None else None)
 
     def _op_shadow(self, msg: dict[str, Any]) -> None:
         assert self.runner is not None

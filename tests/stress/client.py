@@ -111,6 +111,10 @@ class Client:
         self.cl.dma_map(DATA_BASE, self.data.size, self.data.fd, 0)
         self.n = HostNvme(self.cl, self.ram)
         self.n.trapped = self.a.trapped
+        # Linux's admin timeout (nvme_core admin_timeout = 60 s): an admin command that is
+        # slow on a machine at load 15+ while workers are killed is not a failure; one the
+        # controller never completes still is (the run's deaths at 5 s were the former).
+        self.n.admin_timeout = 60.0
         self.enable()
 
     def enable(self) -> None:

@@ -213,6 +213,22 @@ def test_cid_conflict_with_parked_command():
         h.close()
 
 
+def test_delete_after_the_front_end_took_the_records_back(host):
+    """A Delete whose answer the front-end stopped waiting for (a timeout under load made
+    the controller fatal; the front-end cleared the records) reaches the worker late:
+    the queues go, parked commands still complete, and nothing is asserted or raised."""
+    host.execute = lambda s, q: None
+    host.create(1, SQ1, CQ1, 8, 8)
+    host.submit(1, cid=4)
+    host.runner.poll()
+    host.runner.table.clear_sq(1)
+    host.runner.table.clear_cq(1)
+    assert host.runner.remove_sq(1) is None
+    assert host.runner.inflight() == 0
+    assert host.runner.remove_cq(1) is None
+    assert host.runner.queue_ids() == ([], [])
+
+
 def test_remove_sq_aborts_parked(host):
     host.execute = lambda s, q: None
     host.create(1, SQ1, CQ1, 8, 8)
