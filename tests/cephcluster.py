@@ -37,6 +37,24 @@ def missing() -> str | None:
     return None
 
 
+def _class_dir() -> str:
+    """Where the OSD finds its object classes (libcls_rbd.so), as an absolute path.
+
+    Debian 13's Ceph 18 is built with a relative default ("lib/x86_64-linux-gnu/
+    rados-classes"), which the OSD resolves against its working directory: started from a
+    checkout, it loads no class and every `rbd create` fails with EOPNOTSUPP ("error adding
+    image to directory").  Debian 12's Ceph 16 has the absolute /usr/lib/... path.
+    """
+    r = subprocess.run(["ceph-osd", "--show-config-value", "osd_class_dir"], capture_output=True,
+                       text=True, timeout=30, cwd="/")
+    value = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
+    candidates = [value] if os.path.isabs(value) else [os.path.join("/usr", value), os.path.join("/", value)]
+    for d in candidates:
+        if os.path.exists(os.path.join(d, "libcls_rbd.so")):
+            return d
+    raise RuntimeError(f"no libcls_rbd.so in {candidates} (ceph-osd osd_class_dir = {value!r})")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -97,6 +115,7 @@ mon allow pool size one = true
 mon warn on pool no redundancy = false
 auth allow insecure global id reclaim = false
 osd objectstore = memstore
+osd class dir = {_class_dir()}
 memstore device bytes = {self.memstore_bytes}
 osd crush chooseleaf type = 0
 run dir = {d}/run
