@@ -9,7 +9,7 @@ to `deep_interval` after `deep_after` s of silence.  CC writes, trapped doorbell
 resumes and new sessions set `fn.admin_kick` and wake it at once.
 
 Deep idle: after `deep_after` s without admin commands the loop hands its doorbells to
-a worker (`admin_watch`: the worker polls its I/O queues anyway and sends
+a worker (`admin_watch`, to one that runs our I/O queues: it polls them anyway; it sends
 `admin_kick` when the admin SQ tail / CQ head differs from what the admin queue took,
 or when a doorbell of a queue that does not exist (qids 1..max_io_queues) is not 0 -
 Write to Invalid Doorbell Register, which our scan reports) and sleeps with only
@@ -96,8 +96,11 @@ def watch_admin(fn: Any) -> bool:
     if sq is None or cq is None:
         return False
     fn.ctrl.scan_doorbells()   # a write to an absent queue's doorbell before the watch
-    fn._send(min(fn.links), {"op": "admin_watch", "sq": sq.tail, "cq": cq.head,
-                             "zero": absent_queues(fn.ctrl)})
+    # A worker that runs queues of ours wakes to poll them anyway; another one would
+    # have to visit our slot for the watch alone.
+    busy = fn.placement.busy_workers() & fn.links.keys()
+    fn._send(min(busy or fn.links), {"op": "admin_watch", "sq": sq.tail, "cq": cq.head,
+                                     "zero": absent_queues(fn.ctrl)})
     return True
 
 

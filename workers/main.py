@@ -109,6 +109,10 @@ class Worker:
         # cold cache lines with 32 slots).
         self._aio_sleepers: list[Slot] | None = None
         self._trapped: bool | None = None
+        # Slots a deep-idle round visits: those with queues, an admin watch or async
+        # namespaces.  A slot of a controller whose queues all run on the other worker
+        # has nothing to poll here (64 guests: half of each worker's slots).
+        self._deep_slots: list[Slot] | None = None
         self._flagged = False      # some ring may still say "sleeping" (see theory above)
         self._quiet_wake = False   # the last sleep ended with no ring event
         self._armed: set[Any] = set()   # rings whose "sleeping" flag is set and unseen
@@ -132,14 +136,14 @@ class Worker:
             if op == "channel" and len(fds) == 1:
                 self.pending.append((str(msg.get("name")), socket.socket(fileno=fds[0])))
                 self._ep_dirty = True
-                self._aio_sleepers = self._trapped = None
+                self._aio_sleepers = self._trapped = self._deep_slots = None
             elif op == "drop":
                 for slot in self.slots:
                     if slot.name == msg.get("name"):
                         slot.close()
                 self.slots = [s for s in self.slots if not s.dead]
                 self._ep_dirty = True
-                self._aio_sleepers = self._trapped = None
+                self._aio_sleepers = self._trapped = self._deep_slots = None
             elif op == "stop":
                 self.stop = True
             elif op == "ping":
@@ -169,7 +173,7 @@ class Worker:
                 self.slots.append(Slot(name, chan, self._queues, datapath=self.datapath))
         self.pending = still
         self._ep_dirty = True
-        self._aio_sleepers = self._trapped = None
+        self._aio_sleepers = self._trapped = self._deep_slots = None
     # --- the loop ---------------------------------------------------------------------
     def _ring_waiting(self) -> bool:
         for slot in self.slots:
@@ -183,7 +187,7 @@ class Worker:
             try:
                 msgs = slot.chan.recv_all()
                 if msgs:
-                    self._aio_sleepers = self._trapped = None
+                    self._aio_sleepers = self._trapped = self._deep_slots = None
                 for m in msgs:
                     try:
                         slot.handle(m)
@@ -207,7 +211,7 @@ class Worker:
         if any(s.dead for s in self.slots):
             self.slots = [s for s in self.slots if not s.dead]
             self._ep_dirty = True
-            self._aio_sleepers = self._trapped = None
+            self._aio_sleepers = self._trapped = self._deep_slots = None
         return n
 
     def _rebuild_ep(self) -> None:
@@ -228,7 +232,7 @@ class Worker:
             ep.register(r.fileno(), select.EPOLLIN)
         # Backend completion sources (workers/aio.py): one epoll fd per slot with async namespaces.
         self._aio_by_fd = {s.aio.fileno(): s for s in self.slots if not s.dead and s.aio is not None}
-        self._aio_sleepers = self._trapped = None
+        self._aio_sleepers = self._trapped = self._deep_slots = None
         for fd in self._aio_by_fd:
             ep.register(fd, select.EPOLLIN)
         for _, sock in self.pending:
@@ -328,7 +332,12 @@ class Worker:
 
     def _poll_slots(self, deep: bool) -> int:
         work = 0
-        for slot in self.slots:
+        slots = self.slots
+        if deep:
+            slots = self._deep_slots      # type: ignore[assignment]
+            if slots is None:
+                slots = self._deep_slots = [s for s in self.slots if s.needs_idle_poll()]
+        for slot in slots:
             try:
                 work += slot.idle_poll() if deep else slot.poll()
             except Exception:

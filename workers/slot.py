@@ -226,6 +226,14 @@ class Slot:
         r = self.runner
         return r is None or not self.nqueues or self.paused or r.idle_watch() is not None
 
+    def needs_idle_poll(self) -> bool:
+        """False while poll() cannot do anything but return 0: no queues here, no admin
+        watch, no asynchronous namespace.  All three change only with a message (the
+        worker asks again after one; a watch that fired leaves this True, harmlessly)."""
+        aio = self.aio
+        return bool(self.nqueues or self.admin_watch is not None or self.trace_resume is not None
+                    or (aio is not None and (aio.queues or aio.outstanding)))
+
     def drop_probe(self) -> None:
         self._probe = None
 

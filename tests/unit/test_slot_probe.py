@@ -146,3 +146,13 @@ def test_admin_watch_and_absent_queue_doorbells(rig: Rig) -> None:
     rig.h.db.set_sq_tail(0, 1)
     rig.slot.poll()
     assert _kicks(rig.fe) == 1
+
+
+def test_a_slot_with_nothing_to_poll_is_left_out_of_deep_idle_rounds(rig: Rig) -> None:
+    """A controller whose queues all run on the other worker: no queues, no watch, no
+    asynchronous namespace here - its poll cannot do anything (Worker._deep_slots)."""
+    assert rig.slot.needs_idle_poll()            # two queues
+    rig.slot.nqueues = 0
+    assert not rig.slot.needs_idle_poll()
+    rig.slot.handle({"op": "admin_watch", "sq": 0, "cq": 0, "zero": []})
+    assert rig.slot.needs_idle_poll()
