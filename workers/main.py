@@ -113,6 +113,9 @@ class Worker:
         # namespaces.  A slot of a controller whose queues all run on the other worker
         # has nothing to poll here (64 guests: half of each worker's slots).
         self._deep_slots: list[Slot] | None = None
+        # Every deep slot's probe in one list, while all of them hold one: a quiet
+        # deep-idle wake-up is then one loop over (view, copy) pairs, no slot touched.
+        self._flat: list[tuple[memoryview, memoryview]] | None = None
         self._flagged = False      # some ring may still say "sleeping" (see theory above)
         self._quiet_wake = False   # the last sleep ended with no ring event
         self._armed: set[Any] = set()   # rings whose "sleeping" flag is set and unseen
@@ -136,14 +139,14 @@ class Worker:
             if op == "channel" and len(fds) == 1:
                 self.pending.append((str(msg.get("name")), socket.socket(fileno=fds[0])))
                 self._ep_dirty = True
-                self._aio_sleepers = self._trapped = self._deep_slots = None
+                self._aio_sleepers = self._trapped = self._deep_slots = self._flat = None
             elif op == "drop":
                 for slot in self.slots:
                     if slot.name == msg.get("name"):
                         slot.close()
                 self.slots = [s for s in self.slots if not s.dead]
                 self._ep_dirty = True
-                self._aio_sleepers = self._trapped = self._deep_slots = None
+                self._aio_sleepers = self._trapped = self._deep_slots = self._flat = None
             elif op == "stop":
                 self.stop = True
             elif op == "ping":
@@ -173,7 +176,7 @@ class Worker:
                 self.slots.append(Slot(name, chan, self._queues, datapath=self.datapath))
         self.pending = still
         self._ep_dirty = True
-        self._aio_sleepers = self._trapped = self._deep_slots = None
+        self._aio_sleepers = self._trapped = self._deep_slots = self._flat = None
     # --- the loop ---------------------------------------------------------------------
     def _ring_waiting(self) -> bool:
         for slot in self.slots:
@@ -187,7 +190,7 @@ class Worker:
             try:
                 msgs = slot.chan.recv_all()
                 if msgs:
-                    self._aio_sleepers = self._trapped = self._deep_slots = None
+                    self._aio_sleepers = self._trapped = self._deep_slots = self._flat = None
                 for m in msgs:
                     try:
                         slot.handle(m)
@@ -211,7 +214,7 @@ class Worker:
         if any(s.dead for s in self.slots):
             self.slots = [s for s in self.slots if not s.dead]
             self._ep_dirty = True
-            self._aio_sleepers = self._trapped = self._deep_slots = None
+            self._aio_sleepers = self._trapped = self._deep_slots = self._flat = None
         return n
 
     def _rebuild_ep(self) -> None:
@@ -232,7 +235,7 @@ class Worker:
             ep.register(r.fileno(), select.EPOLLIN)
         # Backend completion sources (workers/aio.py): one epoll fd per slot with async namespaces.
         self._aio_by_fd = {s.aio.fileno(): s for s in self.slots if not s.dead and s.aio is not None}
-        self._aio_sleepers = self._trapped = self._deep_slots = None
+        self._aio_sleepers = self._trapped = self._deep_slots = self._flat = None
         for fd in self._aio_by_fd:
             ep.register(fd, select.EPOLLIN)
         for _, sock in self.pending:
@@ -286,6 +289,7 @@ class Worker:
                 fired = True
             elif fd in self._aio_by_fd:
                 self._aio_by_fd[fd].aio_woke = True
+                self._flat = None
             else:
                 other = True
         # No ring fired while every ring said "sleeping": none holds a message (a producer
@@ -330,6 +334,16 @@ class Worker:
                 timeout = min(timeout, max(0.0, (due - time.monotonic_ns()) / 1e9))
         return timeout
 
+    @staticmethod
+    def _flatten(slots: list[Slot]) -> list[tuple[memoryview, memoryview]] | None:
+        flat: list[tuple[memoryview, memoryview]] = []
+        for s in slots:
+            p = s.probe
+            if p is None or s.aio_woke:
+                return None
+            flat.extend(p)
+        return flat
+
     def _poll_slots(self, deep: bool) -> int:
         work = 0
         slots = self.slots
@@ -356,8 +370,19 @@ class Worker:
                 # Deep idle: slots whose probe holds skip their poll (workers/slot.py).
                 self._deep = False
                 self._probing = True
-                work = self._poll_slots(True)
+                work = -1
+                flat = self._flat
+                if flat is not None and self._quiet_wake:
+                    for view, copy in flat:
+                        if view != copy:
+                            break
+                    else:
+                        work = 0         # no doorbell any slot reads has changed
+                if work < 0:
+                    self._flat = None
+                    work = self._poll_slots(True)
             else:
+                self._flat = None
                 if self._probing:        # a probe holds only from one deep round to the next
                     self._probing = False
                     for slot in self.slots:
@@ -410,6 +435,8 @@ class Worker:
                 cap = self.deep_max if time.monotonic() - last_work > self.deep_after else self.idle_max
                 timeout = min(cap, self.idle_min * (1 << k))
                 self._deep = timeout == self.deep_max
+                if self._deep and self._flat is None and self._deep_slots is not None:
+                    self._flat = self._flatten(self._deep_slots)
             if self._sleep(timeout):
                 self._control()
                 if self.pending:

@@ -234,6 +234,10 @@ class Slot:
         return bool(self.nqueues or self.admin_watch is not None or self.trace_resume is not None
                     or (aio is not None and (aio.queues or aio.outstanding)))
 
+    @property
+    def probe(self) -> list[tuple[memoryview, memoryview]] | None:
+        return self._probe
+
     def drop_probe(self) -> None:
         self._probe = None
 
