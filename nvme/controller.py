@@ -93,6 +93,9 @@ class Controller:
         self.stats = IoStats()
         # Set by the front-end: what the workers counted so far (reactor/nvmefn.py).
         self.live_io: Callable[[], dict[str, int]] | None = None
+        # Set by the front-end: told of each admin command's result before its CQE is
+        # posted (front-end crash recovery, reactor/rescue.py).
+        self.admin_note: Callable[[int, tuple[int, int] | None], None] | None = None
         self.changed_ns = ChangedNsList()
         self.features = FeatureState(timestamp_at=clock())
         self.queues = IoQueues()
@@ -331,18 +334,20 @@ class Controller:
     def _execute(self, sqe: memoryview, sqid: int) -> tuple[int, int] | None:
         cmd = AdminCmd.decode(sqe)
         spec = self.admin_table.get(cmd.opcode)
+        res: tuple[int, int] | None
         try:
             if spec is None:
                 raise CommandError(Status.INVALID_OPCODE, f"admin opcode {cmd.opcode:#x}")
             if cmd.fuse or cmd.psdt:
                 raise CommandError(Status.INVALID_FIELD, "fused or SGL admin command")
             dw0 = spec.handler(self, cmd)
+            res = None if dw0 is None else (Status.SUCCESS, dw0)
         except CommandError as e:
             self.errlog.add(sqid, cmd.cid, e.status)
-            return e.status, 0
-        if dw0 is None:
-            return None
-        return Status.SUCCESS, dw0
+            res = (e.status, 0)
+        if self.admin_note is not None:
+            self.admin_note(cmd.cid, res)
+        return res
 
     def sq_quiet(self, sqid: int) -> None:
         """The front-end finished its last command of SQ sqid: a parked Delete I/O SQ

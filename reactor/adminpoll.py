@@ -46,7 +46,11 @@ async def admin_loop(fn: Any, min_interval: float = 0.0002, max_interval: float 
         now = loop.time()
         if not fn.coord.quiesced and fn.session is not None:
             try:
+                if fn.rescue is not None:      # front-end crash recovery (reactor/rescue.py)
+                    fn.rescue.admin_poll_start()
                 n = fn.ctrl.poll_admin()
+                if fn.rescue is not None:
+                    fn.rescue.admin_poll_end(n > 0)
                 if n or now - last_scan > 0.1:
                     fn.ctrl.scan_doorbells()
                     last_scan = now

@@ -156,14 +156,16 @@ def load_device(fn: "NvmeFunction", st: dict[str, Any], pkg: Package, session: S
 
 
 # ------------------------------------------------------------------ the connection
-def save_session(s: Session, fds: FdTable) -> dict[str, Any]:
+def save_session(s: Session, fds: FdTable, pending: bool = True) -> dict[str, Any]:
+    """The connection; `pending=False` leaves out frames read but not processed and a
+    partial message (a rescue package, reactor/rescue.py: those die with a crash)."""
     caps = None
     if s.client_caps is not None:
         caps = asdict(s.client_caps)
         caps["proposed"] = sorted(caps["proposed"])
     frames = [[f.header.encode() + f.payload, [fds.ref(fd) for fd in f.fds], f.fds_truncated]
-              for f in s.queued_frames()]
-    data, marks, pfds = s.framer.export()
+              for f in s.queued_frames()] if pending else []
+    data, marks, pfds = s.framer.export() if pending else (b"", [], [])
     return {"fd": fds.ref(s.transport.sock.fileno()), "name": s.name, "caps": caps,
             "dma_layout": s.dma_layout.value if s.dma_layout is not None else None,
             "next_id": s._next_id, "frames": frames,

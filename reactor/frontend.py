@@ -25,6 +25,8 @@ from reactor import ipc
 from reactor.channel import Channel
 from reactor.connmove import Mover, die_with_parent
 from reactor.nvmefn import NvmeFunction
+from reactor.rescue import Rescue
+from reactor.revive import revive
 from ops.proctitle import set_process_name
 from reactor.server import VfioUserServer
 from reactor.workerlink import WorkerLink
@@ -61,6 +63,7 @@ class FrontEnd:
         self.mover = Mover(self)
         self.provisional = bool(opts.get("adopt"))   # adopting: nothing shared is ours yet
         self.handovers: dict[str, Any] = {}          # count, last/max blackout (stats)
+        self.rescue: Rescue | None = None            # crash recovery records (reactor/rescue.py)
 
     def _link(self, wid: int, sock: socket.socket) -> None:
         assert self.fn is not None
@@ -79,19 +82,20 @@ class FrontEnd:
         link.start(loop)
         self.fn.add_worker(link)
 
-    def build(self, bar_fd: int | None = None) -> None:
+    def build(self, bar_fd: int | None = None, qt_fd: int | None = None) -> None:
         """The function, its worker links and the server object (not listening yet)."""
         namespaces = {ns["nsid"]: make_namespace(ns) for ns in self.ns_wire}
         cfg = controller_config(self.spec)
         self.fn = NvmeFunction(self.spec.name, cfg, namespaces, cfg.max_transfer,
                                doorbells=str(getattr(self.spec, "doorbells", "mmap")),
-                               write_windows=self.spec.message_write_windows, bar_fd=bar_fd)
+                               write_windows=self.spec.message_write_windows, bar_fd=bar_fd,
+                               qt_fd=qt_fd)
         self.fn.fingerprints = {ns["nsid"]: ns["fingerprint"] for ns in self.ns_wire
                                 if ns.get("fingerprint")}
         for wid, sock in sorted(self.worker_socks.items()):
             self._link(wid, sock)
         restore = getattr(self.spec, "restore", "")
-        if restore:
+        if restore and not self.opts.get("adopt"):    # a taker gets the running state
             self.fn.mig.restore_from_file(restore)
         self.server = VfioUserServer(self.spec.socket, self.fn, mode=self.spec.socket_mode)
 
@@ -123,6 +127,38 @@ class FrontEnd:
                  os.getpid(), ms, ", ".join(f"{k[:-3]} {v:.1f}" for k, v in phases.items() if k != "blackout_ms"))
         self.tell({"op": "handover_resumed", "name": self.spec.name, "phases": phases})
 
+    def attach_rescue(self, rescue: Rescue | None = None) -> None:
+        """Keep the supervisor's rescue package and the checkpoint current from now on
+        (reactor/rescue.py); off with VNVMED_FRONTEND_RECOVERY=0 (opts["rescue"])."""
+        fn = self.fn
+        assert fn is not None
+        if not self.opts.get("rescue", True):
+            return
+        r = self.rescue = rescue if rescue is not None else Rescue(self)
+        fn.rescue = r
+        fn.ctrl.admin_note = r.admin_executed
+        r.send(force=True)
+        r.checkpoint()
+
+    async def _revive(self) -> None:
+        """Carry on a crashed front-end's controller and connection (reactor/revive.py);
+        on failure the supervisor starts a fresh front-end instead."""
+        try:
+            figures = await revive(self)
+        except Exception as e:
+            log.error("%s: front-end recovery failed, a fresh front-end follows: %s", self.spec.name, e)
+            self.tell({"op": "rescue_failed", "name": self.spec.name, "reason": str(e)})
+            self.exit_quietly()
+        self.provisional = False
+        log.warning("%s: front-end recovered on the same connection in %.1f ms (checkpoint %d, "
+                    "%d I/O queue(s), %d command(s) to retry, %d admin completion(s) posted, %d admin "
+                    "command(s) to run again; vfio-user requests: %d replies sent again, %d run again, "
+                    "%d refused)", self.spec.name, figures["ms"], figures["checkpoint"],
+                    figures["queues"], figures["retried"], figures["admin_completed"],
+                    figures["admin_reexecute"], figures["replies_resent"], figures["requests_rerun"],
+                    figures["requests_refused"])
+        self.tell({"op": "rescue_done", "name": self.spec.name, "figures": figures})
+
     def _listen_control(self, loop: asyncio.AbstractEventLoop) -> None:
         """The supervisor's messages, and SIGTERM (a provisional front-end just leaves)."""
         self.sup.setblocking(False)
@@ -142,7 +178,11 @@ class FrontEnd:
         loop = asyncio.get_running_loop()
         if self.provisional:
             self._listen_control(loop)
-            await self._adopt()
+            if self.opts.get("adopt") == "rescue":
+                await self._revive()
+            else:
+                await self._adopt()
+                self.attach_rescue()
         else:
             self.build()
             assert self.server is not None
@@ -153,6 +193,7 @@ class FrontEnd:
                             "local user can attach to this controller's disks", self.spec.name,
                             self.spec.socket, self.spec.socket_mode)
             self._listen_control(loop)
+            self.attach_rescue()
             self.tell({"op": "listening", "name": self.spec.name})
         assert self.fn is not None and self.server is not None
         namespaces = self.fn.namespaces
@@ -209,6 +250,15 @@ class FrontEnd:
             return
         if op == "stop" and self.provisional:
             self.exit_quietly()
+        if op == "worker" and self.fn is None:
+            # A worker was replaced while we are still taking over (nothing built yet):
+            # build() links the new channel instead of the dead one.
+            wid = int(msg["wid"])
+            old_sock = self.worker_socks.pop(wid, None)
+            if old_sock is not None:
+                old_sock.close()
+            self.worker_socks[wid] = socket.socket(fileno=fds[0])
+            return
         assert self.fn is not None
         if op == "worker":  # a (re)started worker: a new channel to it
             wid = int(msg["wid"])
@@ -227,6 +277,8 @@ class FrontEnd:
             task.add_done_callback(self._tasks.discard)
         elif op == "call":
             result = self._call(msg["method"], msg.get("params") or {})
+            if self.rescue is not None and msg["method"] != "stats" and msg["method"] != "info":
+                self.rescue.checkpoint()       # namespace changes, before the answer
             ipc.send(self.sup, {"op": "reply", "id": msg["id"], "result": result})
         else:
             ipc.close_fds(fds)
@@ -272,7 +324,8 @@ class FrontEnd:
                 raise
             return {"nsid": ns.info.nsid, "blocks": ns.info.blocks}
         if method == "stats":
-            return dict(fn.stats(), handover=self.handovers)
+            rec = dict(self.rescue.counts) if self.rescue is not None else {}
+            return dict(fn.stats(), handover=self.handovers, frontend_recovery=rec)
         raise ValueError(f"unknown front-end call {method!r}")
 
 

@@ -77,7 +77,8 @@ def _ignore_result(fut: "asyncio.Future[dict]") -> None:
 class NvmeFunction:
     def __init__(self, name: str, cfg: ControllerConfig, namespaces: dict[int, Namespace],
                  mdts_bytes: int, quiesce_timeout: float = 2.0, doorbells: str = "mmap",
-                 write_windows: Iterable[Iterable[int]] = LOW_MEMORY, bar_fd: int | None = None) -> None:
+                 write_windows: Iterable[Iterable[int]] = LOW_MEMORY, bar_fd: int | None = None,
+                 qt_fd: int | None = None) -> None:
         if str(doorbells) not in ("mmap", "trapped"):
             raise ValueError(f"doorbell mode {doorbells!r}: use 'mmap' or 'trapped'")
         self.name = name
@@ -95,11 +96,15 @@ class NvmeFunction:
         # The queue table (nvme.qtable, SEAMS S1): every queue's state, shared with the
         # workers that run the I/O queues (and with whatever process takes them over).
         self.nqueues = (BAR0_SIZE - DB_OFFSET) // 8
-        self.qt_fd = os.memfd_create(f"vnvmed-{name}-queues", os.MFD_CLOEXEC)
-        os.ftruncate(self.qt_fd, table_bytes(self.nqueues))
+        # A front-end restarted after a crash takes the dead one's table (reactor/revive.py).
+        fresh = qt_fd is None
+        if qt_fd is None:
+            qt_fd = os.memfd_create(f"vnvmed-{name}-queues", os.MFD_CLOEXEC)
+            os.ftruncate(qt_fd, table_bytes(self.nqueues))
+        self.qt_fd = qt_fd
         self.qt_map = mmap.mmap(self.qt_fd, table_bytes(self.nqueues), mmap.MAP_SHARED,
                                 mmap.PROT_READ | mmap.PROT_WRITE)
-        self.qtable = QueueTable(self.qt_map, self.nqueues, init=True)
+        self.qtable = QueueTable(self.qt_map, self.nqueues, init=fresh)
         self.pci = PciConfig(bar0_size=BAR0_SIZE, msix_vectors=cfg.msix_vectors)
         self.mem = MappedGuestMemory()
         self.namespaces = namespaces
@@ -126,6 +131,7 @@ class NvmeFunction:
         self._batch: list[tuple[int, Any]] | None = None   # worker_batch() in progress
         self.qlock = asyncio.Lock()
         self.mig = MigrationController(self)
+        self.rescue: Any = None          # reactor/rescue.Rescue once the front-end records
 
     # ------------------------------------------------------------------ workers
     def add_worker(self, link: WorkerLink) -> None:
@@ -527,6 +533,25 @@ class NvmeFunction:
         self.pci.reset()
         self._update_routes()
 
+    # Front-end crash recovery (reactor/rescue.py): the session's journal hooks.
+    def request_read(self, frame: Any) -> None:
+        """A request came off the socket: journaled before it is queued."""
+        if self.rescue is not None:
+            self.rescue.journal(frame)
+
+    def request_done(self, seq: int, command: int, msg: Any, reply: bytes | None) -> None:
+        """A vfio-user request was handled, its reply not sent yet (reactor/pipeline.py):
+        the rescue package and the checkpoint must show its effect (and the reply) first."""
+        if self.rescue is None:
+            return
+        doorbell = (getattr(msg, "region", None) == Region.BAR0
+                    and getattr(msg, "offset", 0) >= DB_OFFSET)
+        self.rescue.request_done(seq, command, doorbell, reply)
+
+    def request_answered(self, seq: int) -> None:
+        if self.rescue is not None:
+            self.rescue.answered(seq)
+
     def client_connected(self, session: Any) -> None:
         self.session = session
         self.mem = session.memory
@@ -554,6 +579,12 @@ class NvmeFunction:
         self.slow.set_session(None)
         old, self.mem = self.mem, MappedGuestMemory()
         self.ctrl.set_memory(self.mem)
+        if self.rescue is not None:     # the supervisor lets go of the connection too
+            try:
+                self.rescue.send()
+                self.rescue.checkpoint()
+            except Exception:
+                log.exception("%s: rescue package after a disconnect", self.name)
         # The session unmapped its regions while the admin queue still viewed its rings
         # (a client killed with the controller enabled), so those mappings could only be
         # parked (reactor/guestmem.py zombies); the reset above dropped the views: close

@@ -288,6 +288,9 @@ class Pipeline:
     def __init__(self, session: "Session") -> None:
         self.session = session
         self.device = session.device
+        # Optional device hook, called after a request is handled and before its reply
+        # goes out (front-end crash recovery records state there: reactor/rescue.py).
+        self._done = getattr(self.device, "request_done", None)
 
     # --- validation helpers used by handlers --------------------------------
     def check_region_index(self, index: int) -> None:
@@ -352,6 +355,12 @@ class Pipeline:
             # fds the handler did not take are closed before the client can see the
             # reply, so "reply received" implies "stray fds released".
             frame.close()
+            if self._done is not None:
+                try:
+                    self._done(frame.seq, hdr.command, msg,
+                               None if hdr.no_reply else hdr.reply(len(reply.payload)).encode() + reply.payload)
+                except Exception:
+                    log.exception("msg %d %s: recording state failed", hdr.msg_id, name)
             if not hdr.no_reply:
                 await self.session.send_reply(hdr.reply(len(reply.payload)), reply.payload,
                                               reply.fds)

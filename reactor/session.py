@@ -219,10 +219,13 @@ class Session:
             except StreamError as e:
                 log.warning("%s: dropping connection, stream unusable: %s", self.name, e, extra=_RL_STREAM)
                 return
+            journal = getattr(self.device, "request_read", None)
             for frame in frames:
                 if frame.header.msg_type == MsgType.REPLY:
                     self._on_reply(frame)
                 else:
+                    if journal is not None:
+                        journal(frame)      # outside this process before it is queued
                     await self._queue.put(frame)
 
     async def _run_pipeline(self) -> None:
@@ -240,6 +243,9 @@ class Session:
                 await self._pipeline.process(frame)
             finally:
                 frame.close()
+                answered = getattr(self.device, "request_answered", None)
+                if answered is not None and frame.seq:
+                    answered(frame.seq)
 
     def _on_reply(self, frame: Frame) -> None:
         hdr = frame.header

@@ -10,8 +10,10 @@ supervisor makes the socketpair their channel starts from.
 
 Faults: a worker that dies is restarted on its core; every front-end gets a channel
 to the new one and re-attaches the dead worker's queues from shared state
-(reactor/recovery.py): the guest sees at most retried commands.  A front-end that dies is restarted
-and serves its socket again.  SIGTERM: STOPPING=1, stop the front-ends (they close
+(reactor/recovery.py): the guest sees at most retried commands.  A front-end that dies
+while a client is connected is replaced by one that takes over the same connection from
+the rescue package it kept sending us (reactor/rescue.py, reactor/revive.py); without
+one (no client, or take-overs failing) a fresh front-end serves the socket again.  SIGTERM: STOPPING=1, stop the front-ends (they close
 their sockets and release the workers), stop the workers, destroy backends, exit 0.
 
 Live upgrade (SIGUSR2, `vnvmectl upgrade`): reactor/upgrade.py hands every
@@ -84,6 +86,17 @@ class FrontProc:
     listening: asyncio.Future | None = None
     restarts: int = 0
     stopping: bool = False
+    # Front-end crash recovery (reactor/rescue.py, reactor/revive.py): the newest rescue
+    # package the front-end sent (we own its fds), and revivals failed in a row.
+    rescue: Any = None
+    assembler: Any = None
+    revive_failures: int = 0
+    revived: int = 0
+
+    def drop_rescue(self) -> None:
+        if self.rescue is not None:
+            self.rescue.close()
+            self.rescue = None
 
 
 def _tell(sock: socket.socket | None, msg: dict[str, Any]) -> None:
@@ -119,7 +132,9 @@ class Supervisor(ManagementApiMixin, UpgradeMixin):
                 "spin_polls": 200, "idle_min_us": 50, "idle_max_us": int(c.poll_sleep_us),
                 # The trapped-mode safety-net sleep; tests raise it to prove a wake-up was a kick.
                 "trapped_sleep_us": int(os.environ.get("VNVMED_TRAPPED_SLEEP_US", 1_000_000)),
-                "datapath": self.datapath}
+                "datapath": self.datapath,
+                # Front-end crash recovery on the same connection (reactor/revive.py).
+                "rescue": os.environ.get("VNVMED_FRONTEND_RECOVERY", "1") != "0"}
 
     def _cores(self) -> list[int]:
         allowed = os.sched_getaffinity(0)
@@ -320,7 +335,7 @@ class Supervisor(ManagementApiMixin, UpgradeMixin):
             raise
         return f
 
-    async def _start_front(self, f: FrontProc, adopt: bool = False) -> None:
+    async def _start_front(self, f: FrontProc, adopt: bool | str = False) -> None:
         from reactor.frontend import run as front_run
         loop = asyncio.get_running_loop()
         worker_socks: dict[int, socket.socket] = {}
@@ -366,6 +381,9 @@ class Supervisor(ManagementApiMixin, UpgradeMixin):
                 asyncio.get_running_loop().remove_reader(f.ctl.fileno())
                 return
             op = msg.get("op")
+            if op == "pkg" and msg.get("kind") == "rescue":
+                self._rescue_part(f, msg, fds)
+                continue
             if op == "pkg" or str(op).startswith("handover_"):
                 if self.handover is not None:
                     self.handover.from_front(f, msg, fds)
@@ -375,6 +393,15 @@ class Supervisor(ManagementApiMixin, UpgradeMixin):
             ipc.close_fds(fds)
             if op == "listening" and f.listening is not None and not f.listening.done():
                 f.listening.set_result(True)
+            elif op == "rescue_done":
+                f.revive_failures = 0
+                f.revived += 1
+            elif op == "rescue_failed":
+                # The client's connection goes with the package: it reconnects to the
+                # fresh front-end that follows this one's exit.
+                log.error("front-end of %s: recovery failed (%s); the client must reconnect",
+                          f.spec.name, msg.get("reason"))
+                f.drop_rescue()
             elif op == "reply":
                 fut = self._calls.pop(msg.get("id", -1), None)
                 if fut is not None and not fut.done():
@@ -383,10 +410,24 @@ class Supervisor(ManagementApiMixin, UpgradeMixin):
                     else:
                         fut.set_result(msg.get("result"))
 
+    def _rescue_part(self, f: FrontProc, msg: dict[str, Any], fds: list[int]) -> None:
+        from reactor.handover import PackageAssembler, PackageError
+        if f.assembler is None:
+            f.assembler = PackageAssembler()
+        try:
+            pkg = f.assembler.feed(msg, fds)
+        except PackageError as e:
+            log.error("front-end of %s: rescue package: %s", f.spec.name, e)
+            return
+        if pkg is not None:
+            f.drop_rescue()         # the newest one counts (fds: ours until replaced)
+            f.rescue = pkg
+
     def _front_exited(self, f: FrontProc) -> None:
         loop = asyncio.get_running_loop()
         loop.remove_reader(f.proc.sentinel)
         if f.ctl is not None:
+            self._front_readable(f)     # a package sent just before the death counts
             try:
                 loop.remove_reader(f.ctl.fileno())
             except Exception:
@@ -398,21 +439,42 @@ class Supervisor(ManagementApiMixin, UpgradeMixin):
                 f"controller {f.spec.name}: front-end exited with code {f.proc.exitcode} during start-up"))
             return
         self._sweep_shm(f"-ring-{f.spec.name}-", f"-{f.proc.pid}-")
+        if f.assembler is not None:
+            f.assembler.discard()
+            f.assembler = None
         if self.stopping or f.stopping:
+            f.drop_rescue()
             return
-        log.error("front-end of %s (pid %d) died with exit code %s: restarting it", f.spec.name,
-                  f.proc.pid, f.proc.exitcode)
         for w in self.wprocs.values():
             _tell(w.ctl, {"op": "drop", "name": f.spec.name})
         f.restarts += 1
-        asyncio.ensure_future(self._restart_front(f))
+        revive = (f.rescue is not None and f.rescue.state.get("session") is not None
+                  and f.revive_failures < 3)
+        if revive:
+            f.revive_failures += 1          # back to 0 when the new one reports rescue_done
+            log.error("front-end of %s (pid %d) died with exit code %s: a new one takes over "
+                      "its connection", f.spec.name, f.proc.pid, f.proc.exitcode)
+        else:
+            why = ("no client was connected" if f.rescue is not None else
+                   "no rescue package" if f.revive_failures < 3 else "recovery failed 3 times")
+            log.error("front-end of %s (pid %d) died with exit code %s: restarting it (%s)",
+                      f.spec.name, f.proc.pid, f.proc.exitcode, why)
+            f.drop_rescue()
+        asyncio.ensure_future(self._restart_front(f, revive=revive))
 
-    async def _restart_front(self, f: FrontProc, attempts: int = 5) -> None:
+    async def _restart_front(self, f: FrontProc, attempts: int = 5, revive: bool = False) -> None:
         """Start a dead front-end again; a start that fails is retried with a back-off
         (found by the stress suite: a restart racing a worker's death can fail), and a
-        forkserver that is gone (the process group is being stopped) ends it quietly."""
+        forkserver that is gone (the process group is being stopped) ends it quietly.
+        `revive`: the new one takes over the connection from the rescue package."""
+        from reactor.handover import forward_package
         for i in range(attempts):
             try:
+                if revive and f.rescue is not None:
+                    await self._start_front(f, adopt="rescue")
+                    assert f.ctl is not None
+                    forward_package(f.ctl, f.rescue)
+                    return
                 await self._start_front(f)
                 return
             except Exception as e:
@@ -438,6 +500,7 @@ class Supervisor(ManagementApiMixin, UpgradeMixin):
 
     async def _stop_front(self, f: FrontProc, timeout: float = 10.0) -> None:
         f.stopping = True
+        f.drop_rescue()
         _tell(f.ctl, {"op": "stop"})
         deadline = time.monotonic() + timeout
         while f.proc is not None and f.proc.is_alive() and time.monotonic() < deadline:

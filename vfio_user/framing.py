@@ -37,6 +37,7 @@ class Frame:
     payload: bytes
     fds: list[int] = field(default_factory=list)
     fds_truncated: bool = False   # the kernel dropped some (MSG_CTRUNC)
+    seq: int = 0                  # request journal number (reactor/rescue.py), 0 = none
 
     def take_fds(self) -> list[int]:
         """Hand over ownership of the fds; the frame no longer closes them."""

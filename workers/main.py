@@ -145,6 +145,12 @@ class Worker:
                     if slot.name == msg.get("name"):
                         slot.close()
                 self.slots = [s for s in self.slots if not s.dead]
+                # A channel of that front-end not attached yet (it died while setting up)
+                # would become a slot nobody drops; the next front-end's channel comes
+                # after this message.
+                for name, sock in [p for p in self.pending if p[0] == msg.get("name")]:
+                    sock.close()
+                self.pending = [p for p in self.pending if p[0] != msg.get("name")]
                 self._ep_dirty = True
                 self._aio_sleepers = self._trapped = self._deep_slots = self._flat = None
             elif op == "stop":

@@ -572,6 +572,14 @@ class Slot:
         if self.dead:
             return
         self.dead = True
+        if self.aio is not None:
+            # First, while the runner and the interrupt routes still exist: commands
+            # parked on the backend finish (bounded) and post their CQEs - with the
+            # runner gone they crashed the worker (a front-end killed with file I/O in
+            # flight); a command still unfinished stays in the crash journal, which
+            # the front-end that takes over retries (reactor/revive.py).
+            self.aio.close()
+            self.aio = None
         self.runner = None
         self._set_dirty(None)
         for iova in list(self._dirty_maps):
@@ -582,9 +590,6 @@ class Slot:
             except OSError:
                 pass
         self.vectors = {}
-        if self.aio is not None:
-            self.aio.close()     # outstanding backend requests finish (bounded) before unmapping
-            self.aio = None
         self.mem.unmap_all()
         for ns in self.namespaces.values():
             ns.backend.close()

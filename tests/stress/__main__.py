@@ -23,11 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-faults", action="store_true", help="verified I/O only")
     p.add_argument("--transparent-worker-kills", action="store_true",
                    help="a worker kill must not make a controller fatal")
+    p.add_argument("--no-frontend-recovery", action="store_true",
+                   help="VNVMED_FRONTEND_RECOVERY=0: a killed front-end's client reconnects")
     p.add_argument("--json", metavar="FILE", help="also write the summary as JSON")
     a = p.parse_args(argv)
     cfg = StressConfig(controllers=a.controllers, queues=a.queues, depth=a.depth, seed=a.seed,
                        trapped=a.trapped, max_iops=a.max_iops, ns_kind=a.ns_kind,
-                       worker_kill_transparent=a.transparent_worker_kills)
+                       worker_kill_transparent=a.transparent_worker_kills,
+                       frontend_recovery=not a.no_frontend_recovery)
     if a.faults:
         cfg.faults = {k: v for k, v in cfg.faults.items() if k in a.faults.split(",")}
     if a.no_faults:

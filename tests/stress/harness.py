@@ -10,7 +10,9 @@ injects the outside faults on a random schedule (each fault has a mean period):
 
   client_kill    SIGKILL a client; a new one connects at once (the reconnect race)
   worker_kill    SIGKILL a worker process (the supervisor restarts it)
-  frontend_kill  SIGKILL a controller's front-end (restarted; its client reconnects)
+  frontend_kill  SIGKILL a controller's front-end (a new one takes over the client's
+                 connection: reactor/revive.py; with frontend_recovery=False the
+                 daemon runs with VNVMED_FRONTEND_RECOVERY=0 and the client reconnects)
   ns_churn       vnvmectl namespace add / resize / remove on a controller
 
 and samples, every SAMPLE_EVERY seconds, the fds, RSS and threads of every daemon
@@ -70,6 +72,10 @@ class StressConfig:
     # Before transparent worker recovery a killed worker makes its controllers CFS
     # (the client resets); with it, a worker kill must not be seen at all.
     worker_kill_transparent: bool = False
+    # Front-end crash recovery (issue 12): a killed front-end's client keeps its connection,
+    # so any reconnect of a live client is a problem.  False: the old behaviour (the
+    # daemon restarts a fresh front-end, the client reconnects).
+    frontend_recovery: bool = True
 
 
 @dataclass
@@ -145,11 +151,20 @@ class Stress:
             args += ["--controller", f"{name}={self.run_dir}/{name}.sock", "--namespace", f"{name}={ns}"]
             if self.cfg.trapped and i % 2:
                 args += ["--doorbells", f"{name}=trapped"]
-        self.d = Daemon(args, self.run_dir, new_session=True).start()
+        env = {} if self.cfg.frontend_recovery else {"VNVMED_FRONTEND_RECOVERY": "0"}
+        self.d = Daemon(args, self.run_dir, env=env, new_session=True).start()
         time.sleep(0.5)
         self.shm_start = len(self.d.shm_left())
         for name in self.names:
             self.start_client(name)
+        # Warm-up: the leak sampler's first samples must see every process at work
+        # (a file engine starts its threads at the first I/O: "threads 1 -> 9").
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with self._lock:
+                if all(self.last.get(n, {}).get("completed", 0) > 0 for n in self.names):
+                    break
+            time.sleep(0.1)
 
     def start_client(self, name: str) -> None:
         assert self.d is not None
@@ -211,6 +226,17 @@ class Stress:
             os.kill(self.rng.choice(pids), signal.SIGKILL)
 
     def kill_frontend(self) -> None:
+        # One crash at a time: the previous kill's replacement must have taken over (or
+        # restarted) first - a front-end killed while it takes over makes the client's
+        # pending request wait for several take-overs in a row (its timeout is 10 s).
+        assert self.d is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            log = self.d.log()
+            if (log.count("recovered on the same connection") + log.count(": restarting it (")
+                    >= self.injected.get("frontend_kill", 0)):
+                break
+            time.sleep(0.05)
         pids = self._pids("frontend")
         if pids:
             os.kill(self.rng.choice(pids), signal.SIGKILL)
@@ -350,6 +376,8 @@ class Stress:
                     ln for ln in log.splitlines() if "Traceback" in ln or "internal error" in ln][:20],
                 "worker_restarts": len(re.findall(r"worker \d+ \(core \d+, pid \d+\) died", log)),
                 "frontend_restarts": len(re.findall(r"front-end of \S+ .* died", log)),
+                "frontend_recovered": log.count("front-end recovered on the same connection"),
+                "frontend_recovery_failed": log.count("recovery failed"),
                 "client_errors": self._client_errors(), "client_deaths": list(self.client_deaths)}
 
     def _client_errors(self) -> list[str]:
@@ -374,6 +402,10 @@ class Stress:
                 out.append(f"{k}: {c[k]}")
         if self.cfg.worker_kill_transparent and c.get("cfs_resets"):
             out.append(f"cfs_resets: {c['cfs_resets']} (worker kills must be transparent)")
+        if self.cfg.frontend_recovery and c.get("reconnects"):
+            out.append(f"reconnects: {c['reconnects']} (a front-end kill must keep the connection)")
+        if self.cfg.frontend_recovery and s.get("frontend_recovery_failed"):
+            out.append(f"front-end recovery failed {s['frontend_recovery_failed']} time(s)")
         out += [f"client died: {x}" for x in s["client_deaths"]]
         out += [f"leak: {x}" for x in s["leaks"]]
         out += [f"fault: {x}" for x in s["fault_errors"]]
@@ -397,6 +429,7 @@ def table(s: dict[str, Any]) -> str:
             ("controller-fatal resets", c.get("cfs_resets", 0))]
     rows += [(f"fault {k}", v) for k, v in sorted(s["faults"].items())]
     rows += [("worker / front-end restarts", f"{s['worker_restarts']} / {s['frontend_restarts']}"),
+             ("front-ends recovered on the same connection", s.get("frontend_recovered", 0)),
              ("process series sampled", s["series"]), ("leaks", len(s["leaks"])),
              ("fault errors", len(s["fault_errors"]))]
     w = max(len(str(k)) for k, _ in rows)
