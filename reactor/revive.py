@@ -34,9 +34,10 @@ started this front-end with opts["adopt"] == "rescue" and forwarded the package.
    the paused workers), post the completions of step 3, resume, serve the connection,
    and raise each enabled CQ's vector once (a dead worker slot may have posted entries
    without signalling them).
-Any failure before step 4 ends with `Unrevivable` and the supervisor falls back to a
-fresh front-end (the client's connection is closed then: it must reconnect, as before
-this module).
+Any failure before step 4 ends with `Unrevivable`: the supervisor starts another
+taker from the same package; after 3 failures in a row it falls back to a fresh
+front-end (the client's connection is closed then: it must reconnect, as before this
+module).
 
 What the client sees (module doc of reactor/rescue.py for the recording order):
 a vfio-user request the dead front-end had read but not answered gets no reply (QEMU

@@ -397,11 +397,11 @@ class Supervisor(ManagementApiMixin, UpgradeMixin):
                 f.revive_failures = 0
                 f.revived += 1
             elif op == "rescue_failed":
-                # The client's connection goes with the package: it reconnects to the
-                # fresh front-end that follows this one's exit.
-                log.error("front-end of %s: recovery failed (%s); the client must reconnect",
-                          f.spec.name, msg.get("reason"))
-                f.drop_rescue()
+                # The next front-end tries again from the same package (a cause may be
+                # passing: a worker busy draining); after 3 failures in a row a fresh
+                # front-end starts and the client's connection goes with the package.
+                log.error("front-end of %s: recovery failed (%s)%s", f.spec.name, msg.get("reason"),
+                          "" if f.revive_failures < 3 else "; the client must reconnect")
             elif op == "reply":
                 fut = self._calls.pop(msg.get("id", -1), None)
                 if fut is not None and not fut.done():
