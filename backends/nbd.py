@@ -69,9 +69,18 @@ def _require() -> Any:
 
 
 def _close(h: Any) -> None:
-    """Close a handle now (the binding closes on __del__; do not wait for the GC)."""
+    """Close a handle now (the binding closes on __del__; do not wait for the GC).
+
+    libnbd 1.22 (Debian 13) has NBD.close(), which sets `_o` to None, and a __del__ that
+    reads `_o` (deleting it there printed "Exception ignored ... no attribute '_o'" on
+    stderr); 1.14 (Debian 12) has no close() and a __del__ that skips a handle without `_o`.
+    """
     o = getattr(h, "_o", None)
-    if o is not None:
+    if o is None:
+        return
+    if hasattr(type(h), "close"):
+        h.close()
+    else:
         del h._o
         _nbd.libnbdmod.close(o)
 
