@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import stat
+import sys
 from typing import Any, Protocol
 
 from ops.mgmt import jsonrpc as rpc
@@ -152,6 +153,9 @@ def _claim_path(path: str) -> None:
     raise OSError(errno.EADDRINUSE, f"another vnvmed is already serving {path}")
 
 
+_KEEP_SOCKET_FILE: dict[str, Any] = {"cleanup_socket": False} if sys.version_info >= (3, 13) else {}
+
+
 class MgmtServer:
     """asyncio UNIX-socket JSON-RPC server; start() inside a running loop, close() to stop."""
 
@@ -162,6 +166,15 @@ class MgmtServer:
         self._server: asyncio.AbstractServer | None = None
         self._conns: set[asyncio.Task[None]] = set()
         self._held: socket.socket | None = None     # stop_accepting(): our listening socket
+
+    async def _serve(self, sock: socket.socket) -> asyncio.AbstractServer:
+        # Python 3.13's asyncio unlinks a UNIX server's socket file when the server closes
+        # (cleanup_socket=True by default).  Our listening socket outlives its asyncio
+        # server: stop_accepting() closes the server while a live upgrade may still roll
+        # back, and a handed-over daemon's close would unlink the path its successor now
+        # serves.  close() unlinks the path itself, when it is ours.
+        return await asyncio.start_unix_server(self._client, sock=sock, limit=rpc.MAX_LINE + 1,
+                                               **_KEEP_SOCKET_FILE)
 
     async def start(self) -> None:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
@@ -174,12 +187,12 @@ class MgmtServer:
         except BaseException:
             sock.close()
             raise
-        self._server = await asyncio.start_unix_server(self._client, sock=sock, limit=rpc.MAX_LINE + 1)
+        self._server = await self._serve(sock)
         log.info("management socket listening on %s", self.path)
 
     async def adopt(self, sock: socket.socket) -> None:
         """Serve a listening socket handed over by the daemon we replace (live upgrade)."""
-        self._server = await asyncio.start_unix_server(self._client, sock=sock, limit=rpc.MAX_LINE + 1)
+        self._server = await self._serve(sock)
         log.info("management socket %s taken over", self.path)
 
     def listening_fd(self) -> int:
@@ -199,7 +212,7 @@ class MgmtServer:
     async def resume_accepting(self) -> None:
         if self._held is not None:
             sock, self._held = self._held, None
-            self._server = await asyncio.start_unix_server(self._client, sock=sock, limit=rpc.MAX_LINE + 1)
+            self._server = await self._serve(sock)
 
     async def drain(self, timeout: float) -> None:
         """Let the connections in progress finish (a handed-over daemon answers the
