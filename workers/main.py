@@ -388,9 +388,9 @@ class Worker:
                     self._flat = None
                     work = self._poll_slots(True)
             else:
-                self._flat = None
                 if self._probing:        # a probe holds only from one deep round to the next
                     self._probing = False
+                    self._flat = None
                     for slot in self.slots:
                         slot.drop_probe()
                 work = self._poll_slots(False)
