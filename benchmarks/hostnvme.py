@@ -20,6 +20,7 @@ import select
 import struct
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from nvme.fence import full_barrier
 from vfio_user.client import GuestRam, VfioUserClient as Client
@@ -109,6 +110,10 @@ class HostNvme:
         # How long admin() waits for a completion.  Tests keep 5 s; a driver that models
         # Linux (its nvme admin_timeout is 60 s) raises it.
         self.admin_timeout = 5.0
+        # Asked about once a second while a completion is awaited: False (the front-end
+        # is gone and the socket closed) ends the wait with ConnectionError at once, as a
+        # removed device ends Linux's wait, rather than after admin_timeout.
+        self.alive: Callable[[], bool] | None = None
         self.regions: list[GuestRam] = []     # extra DMA regions (add_region)
         self.irq_fds: list[int] = []
         self.shadow_db: memoryview | None = None    # shadow doorbell page, cast 'I'
@@ -236,6 +241,7 @@ class HostNvme:
         q = self.queues[qid]
         out: list[Cqe] = []
         deadline = time.monotonic() + timeout
+        next_alive = time.monotonic() + 1.0
         spins = 0
         while len(out) < n:
             e = self.ram.view(q.cq + q.head * 16, 16).cast("I")
@@ -244,8 +250,14 @@ class HostNvme:
                 e.release()
                 spins += 1
                 if spins & 0x3FF == 0:
-                    if time.monotonic() > deadline:
+                    now = time.monotonic()
+                    if now > deadline:
                         raise TimeoutError(f"queue {qid}: {len(out)}/{n} completions")
+                    if self.alive is not None and now > next_alive:
+                        if not self.alive():
+                            raise ConnectionError(f"queue {qid}: the connection closed while "
+                                                  f"waiting for {n - len(out)} completion(s)")
+                        next_alive = now + 1.0
                     time.sleep(0.0001)  # leave the daemon some CPU on a 2-core box
                 continue
             dw0, sqhd_sqid = e[0], e[2]

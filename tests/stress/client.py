@@ -115,6 +115,9 @@ class Client:
         # slow on a machine at load 15+ while workers are killed is not a failure; one the
         # controller never completes still is (the run's deaths at 5 s were the former).
         self.n.admin_timeout = 60.0
+        # ... but a front-end killed while we wait closes the socket: reconnect then, not
+        # after 60 s (test_fd_settle kills front-ends during enable/identify).
+        self.n.alive = self.connection_alive
         self.enable()
 
     def enable(self) -> None:
