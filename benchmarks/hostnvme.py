@@ -110,9 +110,10 @@ class HostNvme:
         # How long admin() waits for a completion.  Tests keep 5 s; a driver that models
         # Linux (its nvme admin_timeout is 60 s) raises it.
         self.admin_timeout = 5.0
-        # Asked about once a second while a completion is awaited: False (the front-end
-        # is gone and the socket closed) ends the wait with ConnectionError at once, as a
-        # removed device ends Linux's wait, rather than after admin_timeout.
+        # Asked about once a second while a completion is awaited (keep it cheap and
+        # side-effect free): False (the front-end is gone and the socket closed) ends the
+        # wait with ConnectionError at once, as a removed device ends Linux's wait, rather
+        # than after admin_timeout.
         self.alive: Callable[[], bool] | None = None
         self.regions: list[GuestRam] = []     # extra DMA regions (add_region)
         self.irq_fds: list[int] = []

@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import random
+import select
 import signal
 import struct
 import sys
@@ -103,6 +104,16 @@ class Client:
         except (OSError, ConnectionError, TimeoutError):
             return False
 
+    def peer_closed(self) -> bool:
+        """True once the server closed our connection, seen without sending anything: a
+        connection kept open for a front-end's successor stays 'not closed' however long
+        that one takes (a request would time out and abandon a rescue)."""
+        if self.cl is None or self.cl.sock is None:
+            return True
+        p = select.poll()
+        p.register(self.cl.sock.fileno(), select.POLLRDHUP)
+        return any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, ev in p.poll(0))
+
     def _setup(self) -> None:
         assert self.cl is not None
         self.ram = GuestRam(RING_RAM)
@@ -115,9 +126,10 @@ class Client:
         # slow on a machine at load 15+ while workers are killed is not a failure; one the
         # controller never completes still is (the run's deaths at 5 s were the former).
         self.n.admin_timeout = 60.0
-        # ... but a front-end killed while we wait closes the socket: reconnect then, not
-        # after 60 s (test_fd_settle kills front-ends during enable/identify).
-        self.n.alive = self.connection_alive
+        # ... but a front-end killed while we wait, before the supervisor could keep the
+        # connection for its successor (reactor/revive.py), closes the socket: reconnect
+        # then, not after 60 s (test_fd_settle kills front-ends during enable/identify).
+        self.n.alive = lambda: not self.peer_closed()
         self.enable()
 
     def enable(self) -> None:
