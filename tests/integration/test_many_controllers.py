@@ -6,11 +6,31 @@ the controller) has no timer - it is woken by the client, and then serves it at 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
+from typing import Any, Iterator
 
 from tests.integration.test_reactor import _host
+
+
+@contextlib.contextmanager
+def _guest(sock: str) -> Iterator[Any]:
+    """A connected, enabled host driver (tests.integration.test_reactor._host), closed after."""
+    c, ram, h = _host(sock)
+    try:
+        yield h
+    finally:
+        h.close()
+        c.close()
+        ram.close()
+
+
+def _one_controller(tmp_path: Any, vnvmed: Any) -> tuple[Any, str]:
+    sock = f"{tmp_path}/c0.sock"
+    return vnvmed(tmp_path / "run", "--cores", "0", "--controller", f"c0={sock}",
+                  "--namespace", "c0=null:16M"), sock
 
 
 def _switches(pid: int) -> int:
@@ -41,9 +61,7 @@ def test_children_are_forked_by_the_preloaded_forkserver(tmp_path, vnvmed):
 
 
 def test_front_end_without_guest_does_not_wake_and_serves_the_next_client(tmp_path, vnvmed):
-    sock = f"{tmp_path}/c0.sock"
-    d = vnvmed(tmp_path / "run", "--cores", "0", "--controller", f"c0={sock}",
-               "--namespace", "c0=null:16M")
+    d, sock = _one_controller(tmp_path, vnvmed)
     try:
         (fe,) = d.pids_named("frontend")
         time.sleep(0.5)
@@ -51,8 +69,7 @@ def test_front_end_without_guest_does_not_wake_and_serves_the_next_client(tmp_pa
         time.sleep(2.0)
         assert _switches(fe) - before <= 1      # no timer: nothing wakes it (was 1/s)
         # A client connects and enables: the admin queue is served at once.
-        c, ram, h = _host(sock)
-        try:
+        with _guest(sock) as h:
             ident = h.identify(1)
             assert ident[24:64].strip()          # model number
             time.sleep(2.0)                      # deep idle with the controller enabled ...
@@ -64,10 +81,6 @@ def test_front_end_without_guest_does_not_wake_and_serves_the_next_client(tmp_pa
             assert _switches(fe) - before <= 1   # disabled again: no timer
             h.enable()                           # the CC write wakes it
             assert h.identify(1) == ident
-        finally:
-            h.close()
-            c.close()
-            ram.close()
     finally:
         assert d.stop() == 0
 
@@ -78,13 +91,10 @@ def test_deep_idle_front_end_is_woken_by_its_worker_for_admin_commands(tmp_path,
     front-end's own timer is raised to 10 minutes here, so an admin command answered
     within seconds was noticed by the worker and kicked to the front-end."""
     monkeypatch.setenv("VNVMED_ADMIN_WATCH_SAFETY_S", "600")
-    sock = f"{tmp_path}/c0.sock"
-    d = vnvmed(tmp_path / "run", "--cores", "0", "--controller", f"c0={sock}",
-               "--namespace", "c0=null:16M")
+    d, sock = _one_controller(tmp_path, vnvmed)
     try:
         (fe,) = d.pids_named("frontend")
-        c, ram, h = _host(sock)
-        try:
+        with _guest(sock) as h:
             ident = h.identify(1)
             time.sleep(2.5)                           # deep idle: the watch is armed
             before = _switches(fe)
@@ -95,10 +105,6 @@ def test_deep_idle_front_end_is_woken_by_its_worker_for_admin_commands(tmp_path,
                 assert h.identify(1) == ident
                 assert time.monotonic() - t0 < 30     # not the 600 s safety timer
                 time.sleep(1.5)
-        finally:
-            h.close()
-            c.close()
-            ram.close()
     finally:
         assert d.stop() == 0
 
@@ -110,12 +116,9 @@ def test_deep_idle_doorbell_of_an_absent_queue_is_reported_through_the_worker(
     reaches the front-end's scan through the worker's kick, not the (600 s) timer.  A
     queue that exists is left alone: its doorbells are the worker's I/O."""
     monkeypatch.setenv("VNVMED_ADMIN_WATCH_SAFETY_S", "600")
-    sock = f"{tmp_path}/c0.sock"
-    d = vnvmed(tmp_path / "run", "--cores", "0", "--controller", f"c0={sock}",
-               "--namespace", "c0=null:16M")
+    d, sock = _one_controller(tmp_path, vnvmed)
     try:
-        c, ram, h = _host(sock)
-        try:
+        with _guest(sock) as h:
             h.create_io_queue(1, 8)
             for qid, cq in ((9, False), (12, True)):
                 aer = h.submit_aer()
@@ -125,10 +128,6 @@ def test_deep_idle_doorbell_of_an_absent_queue_is_reported_through_the_worker(
                 assert e.dw0 == 0x01 << 16            # Error, Invalid Doorbell Register, log 01h
                 st, _ = h.get_log_page(0x01, 64)      # unmasks Error events
                 assert st == 0
-        finally:
-            h.close()
-            c.close()
-            ram.close()
     finally:
         assert d.stop() == 0
 
@@ -137,12 +136,9 @@ def test_deep_idle_watch_moves_to_a_restarted_worker(tmp_path, vnvmed, monkeypat
     """The worker watching an idle front-end's admin doorbells dies: its replacement is
     asked to watch them (the front-end's own timer is 600 s here)."""
     monkeypatch.setenv("VNVMED_ADMIN_WATCH_SAFETY_S", "600")
-    sock = f"{tmp_path}/c0.sock"
-    d = vnvmed(tmp_path / "run", "--cores", "0", "--controller", f"c0={sock}",
-               "--namespace", "c0=null:16M")
+    d, sock = _one_controller(tmp_path, vnvmed)
     try:
-        c, ram, h = _host(sock)
-        try:
+        with _guest(sock) as h:
             ident = h.identify(1)
             time.sleep(2.5)                           # deep idle: the watch is armed
             (old,) = d.pids_named("worker")
@@ -159,9 +155,5 @@ def test_deep_idle_watch_moves_to_a_restarted_worker(tmp_path, vnvmed, monkeypat
             t0 = time.monotonic()
             assert h.identify(1) == ident
             assert time.monotonic() - t0 < 30
-        finally:
-            h.close()
-            c.close()
-            ram.close()
     finally:
         d.stop()
