@@ -6,7 +6,8 @@ import sys
 from typing import Sequence
 
 from ops import preflight
-from ops.config import ConfigError, from_args
+from ops.cmdline import from_args
+from ops.config import ConfigError
 from ops.logsetup import setup_logging
 from ops.proctitle import set_process_name
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from ops import config as C
+from ops.cmdline import from_args
 from ops.config import ConfigError, NamespaceKind, Polling
 from ops.cores import format_cores
 
@@ -260,17 +261,17 @@ def test_missing_config_file(tmp_path: Path) -> None:
 # ----------------------------------------------------------------- command line
 
 def test_embedded_default_uses_run_dir_env() -> None:
-    cfg = C.from_args([], ENV)
+    cfg = from_args([], ENV)
     (c,) = cfg.controllers
     assert c.name == "nvme0" and c.socket == "/tmp/vnvmed-test-run/nvme0.sock"
     (ns,) = c.namespaces
     assert (ns.kind, ns.size, ns.nsid) == (NamespaceKind.RAM, 1 << 30, 1)
-    assert C.from_args([], {}).run_dir == "/run/vnvmed"
+    assert from_args([], {}).run_dir == "/run/vnvmed"
 
 
 def test_cli_controllers_and_namespaces(tmp_path: Path) -> None:
     img = image(tmp_path, 1 << 20)
-    cfg = C.from_args(["--cores", "0,1", "--controller", "a=rel.sock", "--controller", "b=/tmp/b.sock",
+    cfg = from_args(["--cores", "0,1", "--controller", "a=rel.sock", "--controller", "b=/tmp/b.sock",
                        "--namespace", "a=null:2G", "--namespace", f"a=file:{img}", "--log-level", "WARNING",
                        "--polling", "busy"], ENV)
     a, b = cfg.controllers
@@ -284,7 +285,7 @@ def test_cli_controllers_and_namespaces(tmp_path: Path) -> None:
 def test_cli_overrides_file(tmp_path: Path) -> None:
     path = write(tmp_path, 'log_level = "debug"\ncores = "0"\npolling = "busy"\n' + NS_CTRL +
                  '[[controllers.namespaces]]\nkind = "ram"\nsize = "1M"\n')
-    cfg = C.from_args(["--config", path, "--log-level", "error", "--cores", "1", "--polling", "adaptive",
+    cfg = from_args(["--config", path, "--log-level", "error", "--cores", "1", "--polling", "adaptive",
                        "--controller", "a=/tmp/moved.sock", "--namespace", "a=ram:2M",
                        "--run-dir", "/tmp/other-run"], ENV)
     assert cfg.log_level == "error" and cfg.cores == [1] and cfg.polling is Polling.ADAPTIVE
@@ -296,7 +297,7 @@ def test_cli_overrides_file(tmp_path: Path) -> None:
 
 def test_cli_run_dir_moves_relative_sockets(tmp_path: Path) -> None:
     path = write(tmp_path, NS_CTRL)
-    cfg = C.from_args(["--config", path, "--run-dir", "/tmp/rd2"], ENV)
+    cfg = from_args(["--config", path, "--run-dir", "/tmp/rd2"], ENV)
     assert cfg.controllers[0].socket == "/tmp/rd2/a.sock"
 
 
@@ -312,13 +313,13 @@ def test_cli_run_dir_moves_relative_sockets(tmp_path: Path) -> None:
 ])
 def test_cli_errors(argv: list[str], key: str) -> None:
     with pytest.raises(ConfigError) as ei:
-        C.from_args(argv, ENV)
+        from_args(argv, ENV)
     assert ei.value.key == key and ei.value.source == "<command line>"
 
 
 def test_cli_usage_error_exits_2() -> None:
     with pytest.raises(SystemExit) as ei:
-        C.from_args(["--log-level", "loud"], ENV)
+        from_args(["--log-level", "loud"], ENV)
     assert ei.value.code == 2
 
 
@@ -343,7 +344,7 @@ def test_namespace_parse_and_check_for_mgmt(tmp_path: Path) -> None:
 
 
 def test_controller_from_options_and_uniqueness() -> None:
-    cfg = C.from_args([], ENV)
+    cfg = from_args([], ENV)
     c = C.controller_from_options("x", "x.sock", {"mqes": 63}, cfg.run_dir)
     assert c.socket == "/tmp/vnvmed-test-run/x.sock" and c.mqes == 63 and c.namespaces == []
     assert [k.name for k in C.with_controller(cfg, c).controllers] == ["nvme0", "x"]

@@ -4,12 +4,13 @@ from __future__ import annotations
 import pytest
 
 from ops import config as C
+from ops.cmdline import from_args
 
 pytestmark = pytest.mark.timeout(20)
 
 
 def test_default_is_mmap_and_cli_sets_trapped(tmp_path) -> None:
-    cfg = C.from_args(["--controller", f"a={tmp_path}/a.sock", "--controller", f"b={tmp_path}/b.sock",
+    cfg = from_args(["--controller", f"a={tmp_path}/a.sock", "--controller", f"b={tmp_path}/b.sock",
                        "--doorbells", "b=trapped"], {})
     assert cfg.controller("a").doorbells is C.DoorbellMode.MMAP
     assert cfg.controller("b").doorbells is C.DoorbellMode.TRAPPED
@@ -29,6 +30,6 @@ def test_bad_values_are_config_errors(tmp_path) -> None:
     with pytest.raises(C.ConfigError, match=r"controllers\[0\]\.doorbells.*'mmap' or 'trapped'"):
         C.load_toml(str(p), {})
     with pytest.raises(C.ConfigError, match="no controller named 'x'"):
-        C.from_args(["--controller", f"a={tmp_path}/a.sock", "--doorbells", "x=trapped"], {})
+        from_args(["--controller", f"a={tmp_path}/a.sock", "--doorbells", "x=trapped"], {})
     with pytest.raises(C.ConfigError, match="NAME=MODE"):
-        C.from_args(["--controller", f"a={tmp_path}/a.sock", "--doorbells", "trapped"], {})
+        from_args(["--controller", f"a={tmp_path}/a.sock", "--doorbells", "trapped"], {})

@@ -8,6 +8,7 @@ import pytest
 
 from migration import snapshot
 from ops import config as C
+from ops.cmdline import from_args
 from ops.config import ConfigError
 
 ENV = {"VNVMED_RUN_DIR": "/tmp/vnvmed-test-run"}
@@ -58,8 +59,8 @@ def test_empty_fingerprint_refused(tmp_path: Path) -> None:
 def test_restore_on_the_command_line(tmp_path: Path) -> None:
     snap = tmp_path / "x.snap"
     snap.write_bytes(snapshot.encode({"identity": {}}))
-    cfg = C.from_args(["--controller", f"n={tmp_path}/n.sock", "--restore", f"n={snap}"], ENV)
+    cfg = from_args(["--controller", f"n={tmp_path}/n.sock", "--restore", f"n={snap}"], ENV)
     assert cfg.controllers[0].restore == str(snap)
     with pytest.raises(ConfigError) as e:
-        C.from_args(["--controller", f"n={tmp_path}/n.sock", "--restore", f"m={snap}"], ENV)
+        from_args(["--controller", f"n={tmp_path}/n.sock", "--restore", f"m={snap}"], ENV)
     assert "no controller named 'm'" in str(e.value)

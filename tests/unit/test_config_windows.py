@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from ops import config as C
+from ops.cmdline import from_args
 from ops.ctl import build_parser, request_for
 
 pytestmark = pytest.mark.timeout(20)
@@ -11,7 +12,7 @@ MB = 1 << 20
 
 
 def test_default_is_low_memory_and_cli_overrides(tmp_path) -> None:
-    cfg = C.from_args(["--controller", f"a={tmp_path}/a.sock", "--controller", f"b={tmp_path}/b.sock",
+    cfg = from_args(["--controller", f"a={tmp_path}/a.sock", "--controller", f"b={tmp_path}/b.sock",
                        "--controller", f"c={tmp_path}/c.sock",
                        "--message-write-windows", "b=0-640K, 0xE0000-1M",
                        "--message-write-windows", "c=none"], {})
@@ -48,9 +49,9 @@ def test_bad_toml_values_name_the_key(tmp_path, value, why) -> None:
 
 def test_bad_command_line(tmp_path) -> None:
     with pytest.raises(C.ConfigError, match="no controller named 'x'"):
-        C.from_args(["--controller", f"a={tmp_path}/a.sock", "--message-write-windows", "x=0-1M"], {})
+        from_args(["--controller", f"a={tmp_path}/a.sock", "--message-write-windows", "x=0-1M"], {})
     with pytest.raises(C.ConfigError, match="NAME=RANGES"):
-        C.from_args(["--controller", f"a={tmp_path}/a.sock", "--message-write-windows", "0-1M"], {})
+        from_args(["--controller", f"a={tmp_path}/a.sock", "--message-write-windows", "0-1M"], {})
 
 
 def test_vnvmectl_and_controller_add_options(tmp_path) -> None:
