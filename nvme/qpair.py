@@ -238,6 +238,15 @@ class QueueRunner:
         self._signal()
         return sq_state(s.r)
 
+    def release_views(self) -> None:
+        """The runner is being thrown away: drop every view of guest memory it holds, so
+        the mappings can be closed even while something still refers to the runner."""
+        for c in self._cqs.values():
+            c.words = None
+        for s in self._sqs.values():
+            s.words = None
+        self._shadow = None
+
     def remove_cq(self, cqid: int) -> CqState | None:
         """Stop running the CQ (no SQ may use it); its final record, or None (remove_sq)."""
         c = self._cqs[cqid]

@@ -113,6 +113,11 @@ class Channel:
         except OSError:
             pass
 
+    @property
+    def closed(self) -> bool:
+        """Both rings unmapped (close() may have to be called again: Ring.close)."""
+        return self.tx.closed and self.rx.closed
+
     def close(self, unlink: bool) -> None:
         self.fd_rx.close()     # fds received for messages nobody took
         for r in (self.tx, self.rx):

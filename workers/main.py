@@ -57,6 +57,7 @@ Control: the supervisor talks to the worker over a SOCK_SEQPACKET socket (`ctl`)
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import select
@@ -100,6 +101,8 @@ class Worker:
         self.pending: list[tuple[str, socket.socket]] = []
         self._ep: select.epoll | None = None
         self._ep_dirty = True      # slots/pending changed: rebuild the epoll set before sleeping
+        self.graveyard: list[Slot] = []   # dropped slots whose mappings/rings a view still pins
+        self._next_bury = 0.0
         self._rings: list[Any] = []
         self._ring_by_fd: dict[int, Any] = {}
         self._aio_by_fd: dict[int, Slot] = {}
@@ -144,6 +147,8 @@ class Worker:
                 for slot in self.slots:
                     if slot.name == msg.get("name"):
                         slot.close()
+                        if slot.leftovers():
+                            self.graveyard.append(slot)
                 self.slots = [s for s in self.slots if not s.dead]
                 # A channel of that front-end not attached yet (it died while setting up)
                 # would become a slot nobody drops; the next front-end's channel comes
@@ -163,6 +168,14 @@ class Worker:
             else:
                 ipc.close_fds(fds)
                 log.error("worker %d: unexpected control message %r", self.wid, op)
+
+    def _bury(self) -> None:
+        """Close what dropped slots left pinned (Slot.leftovers): a view that kept a guest
+        mapping or a ring alive is often only part of an object cycle, so collect first.
+        At most once a second, and only while something is left."""
+        gc.collect()
+        self.graveyard = [s for s in self.graveyard if s.leftovers()]
+        self._next_bury = time.monotonic() + 1.0
 
     def _queues(self) -> int:
         return sum(s.nqueues for s in self.slots)
@@ -423,6 +436,8 @@ class Worker:
             if rounds & 1023 == 0:
                 for slot in self.slots:
                     slot.check_absent()
+                if self.graveyard and time.monotonic() >= self._next_bury:
+                    self._bury()
             if work:
                 idle = 0
                 if self._flagged:
@@ -454,6 +469,8 @@ class Worker:
                 self._deep = timeout == self.deep_max
                 if self._deep and self._flat is None and self._deep_slots is not None:
                     self._flat = self._flatten(self._deep_slots)
+            if self.graveyard and time.monotonic() >= self._next_bury:
+                self._bury()
             if self._sleep(timeout):
                 self._control()
                 if self.pending:

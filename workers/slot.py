@@ -568,6 +568,15 @@ class Slot:
         self._ack(msg)
         self.close()
 
+    def leftovers(self) -> bool:
+        """After close(): True while guest-memory mappings or rings are still pinned by a
+        live view (a backend request or an object cycle of the dropped slot), each
+        holding a descriptor; every call tries to close them again."""
+        self.mem.collect()
+        if not self.chan.closed:
+            self.chan.close(unlink=False)
+        return bool(self.mem.zombies) or not self.chan.closed
+
     def close(self) -> None:
         if self.dead:
             return
@@ -580,6 +589,13 @@ class Slot:
             # the front-end that takes over retries (reactor/revive.py).
             self.aio.close()
             self.aio = None
+        if self.runner is not None:
+            # Drop the runner's views of the rings (and the C loop's buffer exports) now:
+            # anything that still refers to the runner (a backend request's owner, an
+            # object cycle) would otherwise pin the guest mappings and their descriptors
+            # after unmap_all (a front-end kill storm with file I/O grew a worker by 2
+            # guest-memory fds per kill).
+            self.runner.release_views()
         self.runner = None
         self._set_dirty(None)
         for iova in list(self._dirty_maps):

@@ -244,6 +244,10 @@ class NativeQueueRunner(QueueRunner):
         super().attach_sq(sqid)
         self.invalidate()
 
+    def release_views(self) -> None:
+        self.invalidate()          # the C context's buffer exports go with it
+        super().release_views()
+
     def remove_sq(self, sqid: int) -> Any:
         self._sync()
         self.invalidate()

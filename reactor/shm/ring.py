@@ -443,17 +443,25 @@ class Ring:
                          self._full, self._wakes)
 
     def close(self) -> None:
-        """Unmap and close the eventfd. Idempotent. Does not unlink."""
+        """Unmap and close the eventfd. Idempotent. Does not unlink.
+
+        BufferError while someone still holds a view into the ring: the mapping (and the
+        descriptor mmap keeps) stays, and a later close() tries again (workers retry the
+        rings of a dropped slot until they go: workers/main.py, graveyard)."""
         if self._closed:
             return
-        self._closed = True
-        for mv in reversed(self._views):
-            mv.release()
-        self._views.clear()
-        self._mm.close()
         if self.eventfd >= 0:
             os.close(self.eventfd)
             self.eventfd = -1
+        while self._views:
+            self._views[-1].release()
+            self._views.pop()
+        self._mm.close()
+        self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def unlink(self) -> None:
         """Remove the segment's name (creator only). Idempotent."""
