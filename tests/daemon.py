@@ -341,13 +341,15 @@ class Daemon:
             try:
                 with open(f"/proc/{parent}/task/{parent}/children") as f:
                     kids = [int(p) for p in f.read().split()]
-            except FileNotFoundError:       # exited meanwhile
+            except (FileNotFoundError, ProcessLookupError):   # exited meanwhile
                 continue
             for pid in kids:
                 try:
                     with open(f"/proc/{pid}/cmdline", "rb") as c:
                         out[pid] = c.read().replace(b"\0", b" ").decode().strip()
-                except FileNotFoundError:   # exited between the two reads
+                except (FileNotFoundError, ProcessLookupError):
+                    # Exited between the two reads: open() may succeed and read() then
+                    # fail with ESRCH (a SIGKILLed worker, seen in a CI dry run).
                     continue
                 todo.append(pid)
         return out
