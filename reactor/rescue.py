@@ -172,6 +172,7 @@ class Rescue:
         self.head0: int | None = None   # admin SQ head published when this poll began
         self.k = 0                      # admin SQEs executed in this poll
         self.writes = 0
+        self.migrating_written = False  # the last checkpoint written says "migrating"
         self.sends = 0
         self.enabled = True
         self.counts: dict[str, int] = {}  # revivals so far (carried by the checkpoint)
@@ -234,6 +235,12 @@ class Rescue:
         fn = self.fe.fn
         assert fn is not None
         mig = fn.mig
+        migrating = bool(not mig.engine.running or mig.held or mig.dirty.active)
+        if migrating and self.migrating_written:
+            # A take-over refuses a checkpoint taken while migrating (reactor/revive.py),
+            # so once one says so, more of them change nothing - and each cost a save
+            # inside the migration's blackout (median 8.2 -> 13.0 ms with 5-6 of them).
+            return
         try:
             snap = devstate.save_state(fn)
         except Exception as e:          # never fail the request for it: the next one retries
@@ -245,8 +252,9 @@ class Rescue:
               "quiesces": fn.coord.count, "revival": self.counts,
               # AERs matched with an event whose CQE is not posted yet (reactor/revive.py)
               "aer_out": [[int(c), int(d)] for c, d in fn.ctrl._aer_out],
-              "migrating": bool(not mig.engine.running or mig.held or mig.dirty.active)}
+              "migrating": migrating}
         self.area.write(msgpack.packb(st, use_bin_type=True))
+        self.migrating_written = migrating
         self.writes += 1
 
     # ------------------------------------------------------------ the request journal
