@@ -110,6 +110,13 @@ def _wait(cond, what: str, timeout: float = SETTLE) -> None:
         time.sleep(0.02)
 
 
+def _kill_one(daemon: Daemon, role: str) -> None:
+    """SIGKILL the (one) process of `role` and wait until the supervisor replaced it."""
+    pids = daemon.pids_named(role)
+    os.kill(pids[0], signal.SIGKILL)
+    _wait(lambda: daemon.pids_named(role) not in ([], pids), f"the {role}'s restart")
+
+
 @pytest.mark.daemon_args(ARGS)
 def test_client_kill9_leaves_no_fds(daemon: Daemon) -> None:
     procs = _persistent(daemon, ("frontend", "worker", "forkserver"))
@@ -137,9 +144,7 @@ def test_frontend_kills_leave_no_fds_in_workers(daemon: Daemon) -> None:
             _wait(lambda: any(_dma_fds(p) for p in daemon.pids_named("frontend")), "a served client")
             time.sleep(0.3)
             c.alive()
-            dead = daemon.pids_named("frontend")[0]
-            os.kill(dead, signal.SIGKILL)
-            _wait(lambda: daemon.pids_named("frontend") not in ([], [dead]), "the restart")
+            _kill_one(daemon, "frontend")
         _wait(lambda: any(_dma_fds(p) for p in daemon.pids_named("frontend")), "a served client")
         c.alive()
     finally:
@@ -156,9 +161,7 @@ def test_worker_kills_leave_no_fds_in_the_frontend(daemon: Daemon) -> None:
         fe = daemon.pids_named("frontend")[0]
         _wait(lambda: _dma_fds(fe) > 0, "a served client")
         for _ in range(8):
-            w = daemon.pids_named("worker")
-            os.kill(w[0], signal.SIGKILL)
-            _wait(lambda: daemon.pids_named("worker") not in ([], w), "the worker's restart")
+            _kill_one(daemon, "worker")
             time.sleep(0.3)
             c.alive()
     finally:
