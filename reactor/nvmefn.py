@@ -534,6 +534,21 @@ class NvmeFunction:
         self._update_routes()
 
     # Front-end crash recovery (reactor/rescue.py): the session's journal hooks.
+    @property
+    def journaling(self) -> bool:
+        """The session hands requests over before they leave the socket (rescue.py)."""
+        return self.rescue is not None and self.rescue.enabled
+
+    def requests_peeked(self, raws: list[bytes]) -> list[int]:
+        """Whole messages still in the socket: journaled as not taken yet; their seqs."""
+        assert self.rescue is not None
+        return self.rescue.peeked(raws)
+
+    def requests_taken(self) -> None:
+        """The messages last peeked left the socket (one recvmsg)."""
+        if self.rescue is not None:
+            self.rescue.taken()
+
     def request_read(self, frame: Any) -> None:
         """A request came off the socket: journaled before it is queued."""
         if self.rescue is not None:

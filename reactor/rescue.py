@@ -47,7 +47,7 @@ import msgpack
 from reactor import devstate
 from reactor.connmove import save_session
 from reactor.handover import FdTable, claimed_format, send_package
-from vfio_user.wire import Command
+from vfio_user.wire import Command, Header, MsgType
 
 if TYPE_CHECKING:
     from reactor.frontend import FrontEnd
@@ -60,7 +60,8 @@ SLOT_BYTES = 1024 * 1024
 INBOX_OFF = HEADER + 2 * SLOT_BYTES
 INBOX_BYTES = AREA_BYTES - INBOX_OFF
 DONE_WORD = 16                   # header u64: every journaled request up to this seq is answered
-REC = 16                         # journal record header: u64 seq, u64 length | nfds << 32
+REC = 16                         # journal record header: u64 seq, u64 length | nfds << 32 | UNTAKEN
+UNTAKEN = 1 << 63                # record flag: journaled from a peek, maybe still in the socket
 # vfio-user requests that never change device state: no checkpoint after them.
 READ_ONLY = frozenset({Command.REGION_READ, Command.DEVICE_GET_INFO, Command.DEVICE_GET_REGION_INFO,
                        Command.DEVICE_GET_REGION_IO_FDS, Command.DEVICE_GET_IRQ_INFO})
@@ -71,6 +72,8 @@ class Journaled:
     seq: int
     raw: bytes          # header + payload
     nfds: int
+    off: int = 0        # journal offset of the record
+    untaken: bool = False   # journaled from a peek; maybe never taken off the socket
 
 
 class CheckpointArea:
@@ -125,7 +128,7 @@ class CheckpointArea:
     def set_done(self, seq: int) -> None:
         self.words[DONE_WORD] = seq
 
-    def append(self, off: int, seq: int, raw: bytes, nfds: int) -> int:
+    def append(self, off: int, seq: int, raw: bytes, nfds: int, untaken: bool = False) -> int:
         """Write a record at journal offset `off`; returns the next offset, or -1 (full)."""
         size = REC + ((len(raw) + 7) & ~7)
         if off + size > INBOX_BYTES:
@@ -135,10 +138,15 @@ class CheckpointArea:
         w[base // 8] = 0                           # not a record while half written
         if off + size + REC <= INBOX_BYTES:
             w[(base + size) // 8] = 0              # the walk ends after this record
-        w[base // 8 + 1] = len(raw) | (nfds << 32)
+        w[base // 8 + 1] = len(raw) | (nfds << 32) | (UNTAKEN if untaken else 0)
         self.map[base + REC:base + REC + len(raw)] = raw
         w[base // 8] = seq                         # last
         return off + size
+
+    def mark_taken(self, off: int) -> None:
+        """The record at `off` left the socket (one aligned store clears the flag)."""
+        i = (INBOX_OFF + off) // 8 + 1
+        self.words[i] = self.words[i] & ~UNTAKEN
 
     def journal(self) -> tuple[list[Journaled], int, int]:
         """(records after the answered seq, last seq seen, offset after the last record)."""
@@ -147,11 +155,12 @@ class CheckpointArea:
         while off + REC <= INBOX_BYTES:
             base = INBOX_OFF + off
             seq, ln = self.words[base // 8], self.words[base // 8 + 1]
-            n, nfds = ln & 0xFFFFFFFF, ln >> 32
+            n, nfds = ln & 0xFFFFFFFF, (ln & ~UNTAKEN) >> 32
             if seq <= prev or off + REC + n > INBOX_BYTES:
                 break
             if seq > done:
-                out.append(Journaled(seq, bytes(self.map[base + REC:base + REC + n]), nfds))
+                out.append(Journaled(seq, bytes(self.map[base + REC:base + REC + n]), nfds, off,
+                                     bool(ln & UNTAKEN)))
             prev = seq
             off += REC + ((n + 7) & ~7)
         return out, max(prev, done), off
@@ -182,6 +191,7 @@ class Rescue:
         self.in_off = 0
         self.done = self.area.done
         self.inbox_fds: dict[int, list[int]] = {}
+        self._untaken: list[int] = []         # offsets of records peeked, not yet taken
         self.reply: list[Any] | None = None     # [seq, reply bytes] of the last state change
         self.unjournaled = 0
 
@@ -258,24 +268,52 @@ class Rescue:
         self.writes += 1
 
     # ------------------------------------------------------------ the request journal
+    def _record(self, raw: bytes, nfds: int, untaken: bool, msg_id: int) -> int:
+        """Journal one request; its seq, or 0 when the journal is full."""
+        self.in_seq += 1
+        off = 0 if self.done == self.in_seq - 1 else self.in_off   # nothing pending: rewind
+        nxt = self.area.append(off, self.in_seq, raw, nfds, untaken)
+        if nxt < 0:
+            self.unjournaled += 1
+            log.warning("%s: request journal full; msg %d is not journaled", self.fe.spec.name,
+                        msg_id, extra={"ratelimit": "journal full"})
+            return 0
+        self.in_off = nxt
+        if untaken:
+            self._untaken.append(off)
+        return self.in_seq
+
+    def peeked(self, raws: list[bytes]) -> list[int]:
+        """Whole messages seen in the socket but not taken off it yet (no fds on them):
+        journal the requests among them flagged UNTAKEN; their seqs (0: a reply, or not
+        journaled).  A take-over finds flagged records still in the socket (a crash
+        before `taken`) by peeking it, and reads them from there (reactor/revive.py)."""
+        if not self.enabled:
+            return [0] * len(raws)
+        seqs = []
+        for raw in raws:
+            hdr = Header.decode(raw[:16])
+            seqs.append(0 if hdr.msg_type == MsgType.REPLY else self._record(raw, 0, True, hdr.msg_id))
+        return seqs
+
+    def taken(self) -> None:
+        """The records `peeked` journaled left the socket (one recvmsg)."""
+        for off in self._untaken:
+            self.area.mark_taken(off)
+        self._untaken.clear()
+
     def journal(self, frame: Any) -> None:
         """A request came off the socket (before it is queued): record it, and its fds
         in the package, so a new front-end can run it if we die before answering."""
         if not self.enabled:
             return
-        self.in_seq += 1
-        frame.seq = self.in_seq
-        raw = frame.header.encode() + frame.payload
-        off = 0 if self.done == self.in_seq - 1 else self.in_off   # nothing pending: rewind
-        nxt = self.area.append(off, self.in_seq, raw, len(frame.fds))
-        if nxt < 0:
-            self.unjournaled += 1
-            log.warning("%s: request journal full; msg %d is not journaled", self.fe.spec.name,
-                        frame.header.msg_id, extra={"ratelimit": "journal full"})
+        seq = self._record(frame.header.encode() + frame.payload, len(frame.fds), False,
+                           frame.header.msg_id)
+        if not seq:
             return
-        self.in_off = nxt
+        frame.seq = seq
         if frame.fds:
-            self.inbox_fds[self.in_seq] = list(frame.fds)
+            self.inbox_fds[seq] = list(frame.fds)
             self.send(force=True)
 
     def answered(self, seq: int) -> None:

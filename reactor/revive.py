@@ -227,6 +227,9 @@ async def revive(fe: "FrontEnd") -> dict[str, Any]:
         if fn.fatal_reason:
             raise Unrevivable(f"new workers did not answer: {fn.fatal_reason}")
         session = load_session(st["session"], pkg, fn, server.dma_timeout)
+        pending, unread = still_queued(pending, session.transport.sock)
+        if unread:
+            rescue.in_off = unread[0].off   # read again below, journaled anew from there
         resend, frames, refused = replay_plan(pending, [st.get("reply"), ck.get("reply")],
                                               st.get("inbox_fds") or [], pkg)
         session.requeue(frames)
@@ -301,6 +304,26 @@ async def revive(fe: "FrontEnd") -> dict[str, Any]:
             "retried": retried, "admin_completed": len(aplan.complete),
             "admin_reexecute": aplan.reexecute, "checkpoint": ck["seq"],
             "replies_resent": len(resend), "requests_rerun": len(frames), "requests_refused": len(refused)}
+
+
+def still_queued(pending: list[Journaled], sock: socket.socket) -> tuple[list[Journaled], list[Journaled]]:
+    """Split off the journal's tail of records peeked but maybe not taken off the socket
+    (reactor/rescue.py `peeked`): they were taken in one recvmsg or not at all, so the
+    socket still starts with the first of them exactly when none was taken (a message's
+    bytes carry its msg_id: the next request cannot look the same).  (kept, unread)."""
+    k = len(pending)
+    while k and pending[k - 1].untaken:
+        k -= 1
+    if k == len(pending):
+        return pending, []
+    first = pending[k].raw
+    try:
+        head = sock.recv(len(first), socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        head = b""
+    if head == first:
+        return pending[:k], pending[k:]
+    return pending, []
 
 
 def replay_plan(pending: list[Journaled], replies: list[Any], inbox_fds: list[Any],

@@ -47,7 +47,7 @@ from vfio_user.wire import HEADER_SIZE, Command, Header, MsgType, command_name
 
 from .guestmem import MappedGuestMemory
 from .pipeline import Pipeline
-from .transport import Frame, Framer, Transport, close_fds, peer_hung_up
+from .transport import Frame, Framer, Transport, close_fds, peer_hung_up, whole_frames
 
 if TYPE_CHECKING:
     from .device import VfioDevice
@@ -194,13 +194,23 @@ class Session:
             self._queue.put_nowait(f)
 
     async def _reader(self) -> None:
+        # A device that journals requests outside this process (front-end crash
+        # recovery, reactor/rescue.py) gets them *before* they leave the socket: peek,
+        # journal, consume, mark consumed.  A request consumed but not yet journaled
+        # would die with this process unseen by anyone (the client times out).
         while True:
             if self._holding:
                 await self._reading.wait()
                 continue
+            peek = getattr(self.device, "journaling", False) and not self.framer.pending_bytes
             self._in_recv = True
             try:
-                data, fds, trunc = await self.transport.recv_chunk()
+                if peek:
+                    data, fds_pending = await self.transport.peek_chunk()
+                    fds: list[int] = []
+                    trunc = False
+                else:
+                    data, fds, trunc = await self.transport.recv_chunk()
             except asyncio.CancelledError:
                 if not self._holding or self._closed:
                     raise
@@ -214,17 +224,34 @@ class Session:
                 close_fds(fds)
                 log.info("%s: client closed the connection", self.name, extra=_RL_GONE)
                 return
+            seqs: list[int] = []
             try:
+                if peek:
+                    ends = whole_frames(data, MAX_MESSAGE)
+                    if ends and not fds_pending:
+                        n = ends[-1]
+                        seqs = self.device.requests_peeked(                 # type: ignore[attr-defined]
+                            [data[a:b] for a, b in zip([0] + ends, ends)])
+                        if self.transport.take(n) != data[:n]:
+                            raise StreamError(errno.EPROTO, "bytes taken differ from bytes peeked")
+                        self.device.requests_taken()     # type: ignore[attr-defined]
+                        data = data[:n]
+                    else:
+                        # fds ride on these bytes, or no whole message yet: an ordinary
+                        # read (journaled after it, as before).
+                        data, fds, trunc = self.transport.recv_now()
                 frames = self.framer.feed(data, fds, trunc)
             except StreamError as e:
                 log.warning("%s: dropping connection, stream unusable: %s", self.name, e, extra=_RL_STREAM)
                 return
-            journal = getattr(self.device, "request_read", None)
-            for frame in frames:
+            journal = None if seqs else getattr(self.device, "request_read", None)
+            for i, frame in enumerate(frames):
                 if frame.header.msg_type == MsgType.REPLY:
                     self._on_reply(frame)
                 else:
-                    if journal is not None:
+                    if seqs:
+                        frame.seq = seqs[i]
+                    elif journal is not None:
                         journal(frame)      # outside this process before it is queued
                     await self._queue.put(frame)
 

@@ -6,21 +6,25 @@ Framing (bytes + fds -> messages, fd attribution and ownership) is sans-I/O in
 `vfio_user.framing` and re-exported here.
 
 `Transport` wraps a non-blocking socket for asyncio: `recv_chunk()` awaits
-readability and does one `recvmsg` (MSG_CMSG_CLOEXEC); `send()` does `sendmsg` with
+readability and does one `recvmsg` (MSG_CMSG_CLOEXEC); `peek_chunk()` + `take(n)`
+read in two steps - look, then consume - for a reader that must record a request
+outside the process before it leaves the socket (reactor/session.py); `send()` does `sendmsg` with
 the fds on the first byte and finishes partial writes when the socket drains.
 Sends are serialised with a lock so a DMA request never interleaves with a reply.
 """
 from __future__ import annotations
 
 import asyncio
+import errno
 import select
 import socket
 
 from vfio_user import scm
-from vfio_user.framing import Frame, Framer, close_fds
+from vfio_user.errors import StreamError
+from vfio_user.framing import Frame, Framer, close_fds, whole_frames
 from vfio_user.wire import Header
 
-__all__ = ["Frame", "Framer", "Transport", "close_fds", "peer_hung_up"]
+__all__ = ["Frame", "Framer", "Transport", "close_fds", "peer_hung_up", "whole_frames"]
 
 # SCM_MAX_FD is 253 on Linux: room for every fd a single sendmsg can carry, so we
 # see (and refuse) an over-long fd list instead of the kernel truncating it.
@@ -75,6 +79,35 @@ class Transport:
             except (ConnectionResetError, OSError):
                 return b"", [], False
             return got.data, got.fds, got.fds_truncated
+
+    async def peek_chunk(self) -> tuple[bytes, bool]:
+        """Wait for bytes and copy them without consuming them: (data, fds_pending).
+        b"" means EOF.  No fds are taken (no room for them: MSG_CTRUNC says some ride
+        on the bytes shown, which end right after the skb that carries them)."""
+        while True:
+            if self._closed:
+                return b"", False
+            try:
+                data, _anc, flags, _ = self.sock.recvmsg(RECV_CHUNK, 0, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                await self._wait(writer=False)
+                continue
+            except (ConnectionResetError, OSError):
+                return b"", False
+            return data, bool(flags & socket.MSG_CTRUNC)
+
+    def recv_now(self) -> tuple[bytes, list[int], bool]:
+        """One recvmsg of bytes known to be queued (`peek_chunk` showed them)."""
+        got = scm.recv(self.sock, RECV_CHUNK, _MAX_FDS_PER_RECV)
+        return got.data, got.fds, got.fds_truncated
+
+    def take(self, n: int) -> bytes:
+        """Consume `n` bytes that `peek_chunk` showed with no fds on them."""
+        got = scm.recv(self.sock, n, _MAX_FDS_PER_RECV)
+        if got.fds or got.fds_truncated:
+            close_fds(got.fds)
+            raise StreamError(errno.EPROTO, "fds arrived on bytes peeked without them")
+        return got.data
 
     async def send(self, header: Header, payload: bytes = b"",
                    fds: list[int] | tuple[int, ...] = ()) -> None:

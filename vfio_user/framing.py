@@ -49,6 +49,25 @@ class Frame:
         self.fds = []
 
 
+def whole_frames(data: bytes, max_size: int) -> list[int]:
+    """End offsets of the complete messages at the start of `data` (a stream chunk that
+    begins on a message boundary); stops at a partial message or a bad header (the
+    framer, fed those bytes, raises on the latter)."""
+    ends: list[int] = []
+    pos = 0
+    while len(data) - pos >= HEADER_SIZE:
+        try:
+            hdr = Header.decode(data[pos:pos + HEADER_SIZE])
+            hdr.validate_framing(max_size)
+        except Exception:
+            break
+        if len(data) - pos < hdr.size:
+            break
+        pos += hdr.size
+        ends.append(pos)
+    return ends
+
+
 class Framer:
     """Bytes + fds in, complete `Frame`s out.  Sans-I/O."""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -67,6 +68,47 @@ def test_same_connection_survives_frontend_kills(daemon, host) -> None:
     print("\n".join(line for line in log.splitlines() if "recovered on the same" in line))
     assert "controller fatal" not in log and "Traceback" not in log, log[-4000:]
     assert fd_table(sup) == base, (base, fd_table(sup))
+
+
+@pytest.mark.daemon_args(TWO_WORKERS)
+def test_requests_read_at_a_kill_are_answered(daemon, host) -> None:
+    """A request on its way through the front-end when it is killed is answered by the
+    next one: journaled before it leaves the socket (reactor/session.py reader), so no
+    kill can land between "read off the socket" and "recorded outside" (issue 12: the
+    61-min stress run's one client death).  REGION_READs back to back, 12 kills."""
+    n = host
+    n.enable()
+    n.c.timeout = 60.0           # a take-over under load is slow; only a lost request fails
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    done = [0]
+
+    def hammer() -> None:
+        try:
+            while not stop.is_set():
+                assert n.reg_read(0x1C) & 1 == 1           # CSTS.RDY
+                done[0] += 1
+        except BaseException as e:       # noqa: B902 - reported by the main thread
+            errors.append(e)
+
+    t = threading.Thread(target=hammer, daemon=True)
+    t.start()
+    try:
+        for _ in range(12):
+            before = done[0]
+            deadline = time.monotonic() + 60
+            while done[0] < before + 50 and not errors:
+                assert time.monotonic() < deadline, "no REGION_READ answered for 60 s"
+                time.sleep(0.005)
+            assert not errors, errors
+            _kill_front(daemon)
+    finally:
+        stop.set()
+        t.join(90)
+    assert not t.is_alive(), "a REGION_READ got no reply"
+    assert not errors, errors
+    log = daemon.log()
+    assert "controller fatal" not in log and "Traceback" not in log, log[-4000:]
 
 
 @pytest.mark.parametrize("kind", ["ram", "file"])

@@ -114,3 +114,14 @@ def test_fds_with_empty_chunk_closed():
     a = efds(1)
     assert f.feed(b"", a) == []
     assert not is_open(a[0])
+
+
+def test_whole_frames_marks_complete_messages_only():
+    from vfio_user.framing import whole_frames
+    raw = msg(1, b"abcd") + msg(2) + msg(3, b"x" * 100)
+    assert whole_frames(raw, 4096) == [20, 36, 152]
+    assert whole_frames(raw[:151], 4096) == [20, 36]          # the last one is partial
+    assert whole_frames(raw[:10], 4096) == []
+    bad = msg(1) + Header(2, 4, 8).encode()                     # size < 16: the framer refuses it
+    assert whole_frames(bad, 4096) == [16]
+    assert whole_frames(msg(1, b"y" * 5000), 4096) == []        # above the limit
