@@ -104,6 +104,7 @@ def connect(sock: str, ram: GuestRam, timeout: float = 10.0) -> VfioUserClient:
 def moved(old: HostNvme, client: VfioUserClient) -> HostNvme:
     """The guest's driver state (queues, CIDs) on top of another device's BAR0."""
     new = HostNvme(client, old.ram)
+    new.trapped = old.trapped
     new.queues = old.queues
     new._cid = old._cid
     new.stray = old.stray
@@ -119,10 +120,12 @@ class Guest:
     daemon: Daemon | None = None
 
     @classmethod
-    def boot(cls, daemon: Daemon, nqueues: int = 4, qd: int = 32, seed: int = 1) -> "Guest":
+    def boot(cls, daemon: Daemon, nqueues: int = 4, qd: int = 32, seed: int = 1,
+             trapped: bool = False) -> "Guest":
         ram = GuestRam(RAM_SIZE)
         client = connect(daemon.socket, ram)
         nvme = HostNvme(client, ram)
+        nvme.trapped = trapped          # every doorbell a REGION_WRITE (QEMU without the mmap)
         nvme.enable()
         ns = nvme.identify(0, 1)
         nsze = int.from_bytes(ns[0:8], "little")

@@ -18,6 +18,7 @@ import fcntl
 import mmap
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -120,6 +121,7 @@ class VfioUserClient:
         self._ready: list[Frame] = []
         self._stash: dict[int, Frame] = {}
         self._next_id = 1
+        self._request_lock = threading.RLock()
         self.eof = False
         if path is not None:
             self.connect(path)
@@ -230,8 +232,11 @@ class VfioUserClient:
 
     def request(self, command: int, payload: bytes = b"",
                 fds: list[int] | tuple[int, ...] = ()) -> Frame:
-        """Send, wait for the reply; an error reply raises ProtocolError(errno)."""
-        frame = self.recv_reply(self.send(command, payload, fds))
+        """Send, wait for the reply; an error reply raises ProtocolError(errno).  One
+        request at a time per client: a guest's vCPU thread (trapped doorbells) and the
+        migration driver may share it, as QEMU's vCPUs and migration thread share one."""
+        with self._request_lock:
+            frame = self.recv_reply(self.send(command, payload, fds))
         h = frame.header
         if h.command != command:
             frame.close()

@@ -26,6 +26,16 @@ def hosts():
         assert rcs == [0, 0], [d.log()[-2000:] for d in daemons]
 
 
+@pytest.fixture
+def trapped_hosts():
+    daemons, img = start_hosts(2, extra=("--doorbells", "nvme0=trapped"))
+    try:
+        yield daemons
+    finally:
+        rcs = stop_hosts(daemons, img)
+        assert rcs == [0, 0], [d.log()[-2000:] for d in daemons]
+
+
 def _identify(nvme):
     return nvme.identify(1), nvme.identify(0, 1)
 
@@ -53,6 +63,34 @@ def test_migrate_under_verified_io(hosts, scheme, precopy):
         assert load.completed == load.submitted > 4000
         assert _identify(g.nvme) == ident
         assert fig.stream_bytes > 0 and (fig.precopy_bytes > 0) == precopy
+    finally:
+        g.close()
+
+
+@pytest.mark.parametrize("scheme", ["v2", "v1"])
+def test_migrate_with_trapped_doorbells(trapped_hosts, scheme):
+    """Doorbells as REGION_WRITE messages (no doorbell mmap): the doorbell state travels
+    in the snapshot, and doorbells the guest writes in the blackout - to the destination,
+    stopped - are not lost (the load resumes before the destination runs)."""
+    a, b = trapped_hosts
+    g = Guest.boot(a, trapped=True)
+    try:
+        assert g.nvme.trapped
+        aer = g.nvme.submit_aer()
+        load = g.load
+        load.start()
+        load.wait_completions(1000)
+        migrate(g, b, scheme)
+        assert g.daemon is b and g.nvme.trapped
+        load.wait_completions(1000)
+        # the destination's client carried the doorbells: a message per SQE and per reap
+        assert g.client._next_id > 1000
+        g.nvme.ring(40, 1)                         # Invalid Doorbell Register: the AER fires
+        e = g.nvme.wait_cid(0, aer, timeout=5)
+        assert e.status == 0 and e.dw0 & 7 == 0 and (e.dw0 >> 16) & 0xFF == 1
+        load.stop()
+        assert not load.errors, load.errors[:10]
+        assert load.completed == load.submitted > 2000
     finally:
         g.close()
 
