@@ -392,6 +392,9 @@ class ThreadPoolEngine:
             except Exception:
                 req.err = errno.EIO
             self._done.append(req)
+            # Let go now, not at the next get(): an idle thread would pin the guest
+            # memory of its last request (a region the guest unmaps meanwhile stays mapped).
+            req = None
             os.eventfd_write(self._efd, 1)
 
     def fileno(self) -> int:
