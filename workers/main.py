@@ -57,7 +57,6 @@ Control: the supervisor talks to the worker over a SOCK_SEQPACKET socket (`ctl`)
 """
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import select
@@ -101,8 +100,6 @@ class Worker:
         self.pending: list[tuple[str, socket.socket]] = []
         self._ep: select.epoll | None = None
         self._ep_dirty = True      # slots/pending changed: rebuild the epoll set before sleeping
-        self.graveyard: list[Slot] = []   # dropped slots whose mappings/rings a view still pins
-        self._next_bury = 0.0
         self._rings: list[Any] = []
         self._ring_by_fd: dict[int, Any] = {}
         self._aio_by_fd: dict[int, Slot] = {}
@@ -147,8 +144,7 @@ class Worker:
                 for slot in self.slots:
                     if slot.name == msg.get("name"):
                         slot.close()
-                        if slot.leftovers():
-                            self.graveyard.append(slot)
+                        self._check_released(slot)
                 self.slots = [s for s in self.slots if not s.dead]
                 # A channel of that front-end not attached yet (it died while setting up)
                 # would become a slot nobody drops; the next front-end's channel comes
@@ -169,13 +165,16 @@ class Worker:
                 ipc.close_fds(fds)
                 log.error("worker %d: unexpected control message %r", self.wid, op)
 
-    def _bury(self) -> None:
-        """Close what dropped slots left pinned (Slot.leftovers): a view that kept a guest
-        mapping or a ring alive is often only part of an object cycle, so collect first.
-        At most once a second, and only while something is left."""
-        gc.collect()
-        self.graveyard = [s for s in self.graveyard if s.leftovers()]
-        self._next_bury = time.monotonic() + 1.0
+    def _check_released(self, slot: Slot) -> None:
+        """A dropped slot must leave no guest mapping or ring behind (Slot.close unmaps
+        them all).  One that a live view still pins is freed by CPython when that view
+        goes (the slot is dropped, so the mmap dies with its last export); until then
+        it holds a descriptor and pages, so say so: that is a leak to find, not to retry
+        (issue 12: liburing's Iovec leaked a view per I/O, backends/uring.py)."""
+        left = slot.pinned()
+        if left:
+            log.warning("worker %d: dropped controller %s: %d guest mapping(s)/ring(s) still "
+                        "pinned by a live view", self.wid, slot.name, left)
 
     def _queues(self) -> int:
         return sum(s.nqueues for s in self.slots)
@@ -230,6 +229,7 @@ class Worker:
                 # the others keep running (the supervisor restarts the front-end).
                 log.exception("worker %d: dropping controller %s", self.wid, slot.name)
                 slot.close()
+                self._check_released(slot)
         if any(s.dead for s in self.slots):
             self.slots = [s for s in self.slots if not s.dead]
             self._ep_dirty = True
@@ -436,8 +436,6 @@ class Worker:
             if rounds & 1023 == 0:
                 for slot in self.slots:
                     slot.check_absent()
-                if self.graveyard and time.monotonic() >= self._next_bury:
-                    self._bury()
             if work:
                 idle = 0
                 if self._flagged:
@@ -469,8 +467,6 @@ class Worker:
                 self._deep = timeout == self.deep_max
                 if self._deep and self._flat is None and self._deep_slots is not None:
                     self._flat = self._flatten(self._deep_slots)
-            if self.graveyard and time.monotonic() >= self._next_bury:
-                self._bury()
             if self._sleep(timeout):
                 self._control()
                 if self.pending:

@@ -568,14 +568,10 @@ class Slot:
         self._ack(msg)
         self.close()
 
-    def leftovers(self) -> bool:
-        """After close(): True while guest-memory mappings or rings are still pinned by a
-        live view (a backend request or an object cycle of the dropped slot), each
-        holding a descriptor; every call tries to close them again."""
-        self.mem.collect()
-        if not self.chan.closed:
-            self.chan.close(unlink=False)
-        return bool(self.mem.zombies) or not self.chan.closed
+    def pinned(self) -> int:
+        """After close(): guest mappings and rings a live view still pins (0 when close()
+        released everything, as it must: see Worker._check_released)."""
+        return self.mem.collect() + (0 if self.chan.closed else 1)
 
     def close(self) -> None:
         if self.dead:

@@ -446,8 +446,8 @@ class Ring:
         """Unmap and close the eventfd. Idempotent. Does not unlink.
 
         BufferError while someone still holds a view into the ring: the mapping (and the
-        descriptor mmap keeps) stays, and a later close() tries again (workers retry the
-        rings of a dropped slot until they go: workers/main.py, graveyard)."""
+        descriptor mmap keeps) stays until that view goes, and a later close() tries again
+        (a worker logs a dropped slot's pinned rings: workers/main.py _check_released)."""
         if self._closed:
             return
         if self.eventfd >= 0:
