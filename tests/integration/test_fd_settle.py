@@ -56,6 +56,33 @@ def _persistent(d: Daemon, roles: tuple[str, ...]) -> dict[int, str]:
     return out
 
 
+def _baseline(d: Daemon, roles: tuple[str, ...]) -> tuple[dict[int, str], dict[int, Counter[str] | None]]:
+    """The processes to watch and their fd tables, once start-up has really finished.
+
+    "vnvmed ready" comes when the sockets listen; under load a worker may still be
+    unnamed (a fresh fork keeps the forkserver's title, so it was taken for the
+    forkserver, with the forkserver's fds) or attaching the front-end's channel (its
+    hello brings the doorbell and queue-table memfds and the namespace): the baseline
+    was then a few fds short and the test failed 15 s after the kills (load 8-12).
+    So: one process per role-name, every worker holding a controller's doorbell memfd,
+    and two samples in a row alike."""
+    deadline = time.monotonic() + SETTLE
+    last: dict[int, Counter[str] | None] | None = None
+    while True:
+        procs = _persistent(d, roles)
+        tables = {p: _kinds(p) for p in procs}
+        named = list(procs.values())
+        ok = (sum("forkserver" in c for c in named) == ("forkserver" in roles)
+              and all(t is not None and (" worker" not in procs[p] or any(k.endswith("-bar0") for k in t))
+                      for p, t in tables.items()))
+        if ok and tables == last:
+            return procs, tables
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the daemon did not settle after start-up: {procs} {tables}")
+        last = tables if ok else None
+        time.sleep(0.2)
+
+
 def _settled(pids: dict[int, str], before: dict[int, Counter[str] | None], timeout: float = SETTLE) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -119,8 +146,7 @@ def _kill_one(daemon: Daemon, role: str) -> None:
 
 @pytest.mark.daemon_args(ARGS)
 def test_client_kill9_leaves_no_fds(daemon: Daemon) -> None:
-    procs = _persistent(daemon, ("frontend", "worker", "forkserver"))
-    before = {p: _kinds(p) for p in procs}
+    procs, before = _baseline(daemon, ("frontend", "worker", "forkserver"))
     fe = daemon.pids_named("frontend")[0]
     rng = random.Random(12)
     for i in range(12):
@@ -136,8 +162,7 @@ def test_client_kill9_leaves_no_fds(daemon: Daemon) -> None:
 
 @pytest.mark.daemon_args(ARGS)
 def test_frontend_kills_leave_no_fds_in_workers(daemon: Daemon) -> None:
-    procs = _persistent(daemon, ("worker", "forkserver"))
-    before = {p: _kinds(p) for p in procs}
+    procs, before = _baseline(daemon, ("worker", "forkserver"))
     c = Client(daemon, seed=1)
     try:
         for _ in range(8):
@@ -154,8 +179,7 @@ def test_frontend_kills_leave_no_fds_in_workers(daemon: Daemon) -> None:
 
 @pytest.mark.daemon_args(ARGS)
 def test_worker_kills_leave_no_fds_in_the_frontend(daemon: Daemon) -> None:
-    procs = _persistent(daemon, ("frontend", "forkserver"))
-    before = {p: _kinds(p) for p in procs}
+    procs, before = _baseline(daemon, ("frontend", "forkserver"))
     c = Client(daemon, seed=2)
     try:
         fe = daemon.pids_named("frontend")[0]
