@@ -164,6 +164,11 @@ class FileBackend:
         if length and not _fallocate_or_none(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
             self._write_zero_bytes(offset, length)
 
+    def native_fds(self) -> tuple[int, int]:
+        """(buffered fd, O_DIRECT fd or -1) for the native data path's io_uring ring
+        (nvme/native/uring.c), which follows the same EINVAL-retry rule."""
+        return self._fd, self._dfd
+
     def open_async(self) -> Any:
         """An engine for workers (backends.aio): io_uring when available, else a thread pool."""
         from .uring import ThreadPoolEngine, UringEngine, uring_unavailable

@@ -28,6 +28,16 @@ nor misses a completion whose count the drain took.
 
 Interrupts: the slot passes `signal`, so a reaped batch raises one interrupt per CQ
 (runner.signal_pending) instead of one per command.
+
+Native rings (`serve_native(runner)`, the native data path): a namespace whose backend
+offers `native_fds()` (file:) also gets a NativeRing (nvme/native/uring.py) in
+`native`, which is the executor's `native_rings`: the C loop submits that namespace's
+Reads/Writes/Flushes to it and `service` reaps it through `runner.reap_native()` (CQEs
+posted in C).  The Python engine stays attached for everything else on the namespace
+(Compare, Write Zeroes, Deallocate, commands C hands to Python).  Its eventfd is in
+the same epoll set; `outstanding` counts its requests, so quiesce, Delete I/O SQ,
+detach and close wait for them as for the Python engines' (bounded the same way);
+what is left then completes with ECANCELED's status, as there.
 """
 from __future__ import annotations
 
@@ -63,16 +73,51 @@ class BackendIo:
         self.queues: dict[int, AioQueue] = {}
         self._by_fd: dict[int, int] = {}     # engine fd -> nsid
         self._poll_needed = False            # some engine only completes after readiness
-        self.outstanding = 0                 # backend requests submitted or waiting
+        self._pending = 0                    # Python engines' requests submitted or waiting
         self.new = 0                         # requests submitted since the last push()
         self._quiet = 0                      # service() rounds since the last completion
         self._out: list[Req] = []
         self.completed = 0
+        self.native: dict[int, Any] = {}       # nsid -> NativeRing (the executor's native_rings)
+        self._runner: Any = None               # the NativeQueueRunner reaping them
+        self._backends: dict[int, tuple[Any, int]] = {}   # nsid -> (backend, depth)
 
     def bind(self, executor: Any) -> None:
         """Serve this executor (IoExecutor): its aio_ns dict and its I/O counters."""
         executor.aio_ns = self._aio_ns
+        executor.native_rings = self.native
         self._io = executor.io
+
+    @property
+    def outstanding(self) -> int:
+        """Backend requests submitted or waiting, native rings' included."""
+        n = self._pending
+        if self.native:
+            for r in self.native.values():
+                n += r.busy()
+        return n
+
+    def serve_native(self, runner: Any) -> None:
+        """The native data path runs this slot: file namespaces get rings C submits to."""
+        self._runner = runner
+        for nsid, (backend, depth) in list(self._backends.items()):
+            self._open_native(nsid, backend, depth)
+
+    def _open_native(self, nsid: int, backend: Any, depth: int) -> None:
+        fds = getattr(backend, "native_fds", None)
+        if self._runner is None or fds is None or nsid in self.native:
+            return
+        from nvme.native.uring import NativeRing
+        try:
+            ring = NativeRing(*fds(), depth)
+        except OSError as e:
+            log.warning("namespace %d: no native io_uring ring (%s): the Python engine serves it",
+                        nsid, e.strerror or e)
+            return
+        log.info("namespace %d: native io_uring ring, depth %d", nsid, depth)
+        self._ep.register(ring.fileno(), select.EPOLLIN)
+        self.native[nsid] = ring
+        self._runner.invalidate()
 
     # -- namespaces ------------------------------------------------------------
     def attach(self, nsid: int, backend: Any, depth: int = DEFAULT_DEPTH) -> bool:
@@ -89,6 +134,8 @@ class BackendIo:
         self.queues[nsid] = q
         self._poll_needed = any(getattr(x.engine, "needs_readiness", False) for x in self.queues.values())
         self._aio_ns[nsid] = self._submitter(q)
+        self._backends[nsid] = (backend, depth)
+        self._open_native(nsid, backend, depth)
         return True
 
     def detach(self, nsid: int, timeout: float = 2.0) -> None:
@@ -96,8 +143,10 @@ class BackendIo:
         q = self.queues.get(nsid)
         if q is None:
             return
-        self._aio_ns.pop(nsid, None)
+        self._backends.pop(nsid, None)
         deadline = time.monotonic() + timeout
+        self._close_native(nsid, deadline)
+        self._aio_ns.pop(nsid, None)
         while q.outstanding() and time.monotonic() < deadline:
             self.service(woke=True)
             if q.outstanding():
@@ -116,14 +165,34 @@ class BackendIo:
         q.engine.reap(False, left)
         if busy:
             log.warning("namespace %d detached with %d backend requests outstanding", nsid, busy)
-        self.outstanding -= len(left)
+        self._pending -= len(left)
         self._finish(left)
         self._poll_needed = any(getattr(x.engine, "needs_readiness", False) for x in self.queues.values())
+
+    def _close_native(self, nsid: int, deadline: float) -> None:
+        """Drain nsid's ring (bounded), answer what is left, close it."""
+        ring = self.native.get(nsid)
+        if ring is None:
+            return
+        while ring.busy() and time.monotonic() < deadline:
+            if not self.service(woke=True) and ring.busy():
+                self._ep.poll(0.005)
+        del self.native[nsid]
+        try:
+            self._ep.unregister(ring.fileno())
+        except (OSError, ValueError):
+            pass
+        left = ring.busy()
+        if self._runner is not None:
+            self._runner.abandon_native(ring, errno.ECANCELED)   # also drops its C context
+        if left:
+            log.warning("namespace %d detached with %d ring requests outstanding", nsid, left)
+        ring.close()
 
     def _submitter(self, q: AioQueue) -> Callable[[AioCommand, int, int, int, Sequence[memoryview], bool], None]:
         def submit(cmd: AioCommand, op: int, offset: int, length: int,
                    bufs: Sequence[memoryview], fua: bool) -> None:
-            self.outstanding += 1
+            self._pending += 1
             self.new += 1
             q.submit(Req(op, offset, length, bufs, fua, cmd))
         return submit
@@ -135,6 +204,8 @@ class BackendIo:
         parking commands would leave them unsubmitted until its sleep times out.  Returns
         the requests submitted since the last push (the worker counts them as work)."""
         n, self.new = self.new, 0
+        if self._runner is not None and self.native:
+            n += self._runner.take_native_new()    # entered by the C loop already
         self._quiet = 0
         for q in self.queues.values():
             fs = getattr(q.engine, "flush_submit", None)
@@ -159,15 +230,27 @@ class BackendIo:
             settle = getattr(q.engine, "settle", None)
             if settle is not None and settle():
                 ok = False
+        for r in self.native.values():
+            if r.settle():
+                ok = False
         return ok
 
     def service(self, woke: bool = False) -> int:
         """Reap completions and complete finished commands; returns commands completed."""
         if not self.outstanding and not woke:
             return 0
+        n = 0
+        if self.native and self._runner is not None:
+            if woke:
+                for r in self.native.values():
+                    r.drain()
+            n = self._runner.reap_native()
+        if not self._pending and not woke:
+            self._quiet = 0 if n else self._quiet + 1
+            return n
         ready: set[int] | None = None
         quiet = self._quiet
-        self._quiet = quiet + 1
+        self._quiet = 0 if n else quiet + 1
         # Readiness costs a system call: every round while answers flow, every 64th once the
         # engines have been silent for 64 rounds (a stalled server must not tax the worker's
         # other queues; its fd still wakes a sleeping worker).
@@ -178,10 +261,10 @@ class BackendIo:
         for nsid, q in self.queues.items():
             q.reap(ready is not None and nsid in ready, out)
         if not out:
-            return 0
+            return n
         self._quiet = 0
-        self.outstanding -= len(out)
-        return self._finish(out)
+        self._pending -= len(out)
+        return n + self._finish(out)
 
     def _finish(self, out: list[Req]) -> int:
         n = 0
@@ -208,9 +291,15 @@ class BackendIo:
 
     def stats(self) -> dict[str, Any]:
         """Per asynchronous namespace: engine, depth bound, requests out (vnvmectl stats)."""
-        return {str(nsid): {"engine": type(q.engine).__name__, "depth": q.depth,
-                            "outstanding": q.outstanding(), "waiting": len(q.wait)}
-                for nsid, q in self.queues.items()}
+        out = {str(nsid): {"engine": type(q.engine).__name__, "depth": q.depth,
+                           "outstanding": q.outstanding(), "waiting": len(q.wait)}
+               for nsid, q in self.queues.items()}
+        for nsid, r in self.native.items():   # C's requests next to the Python engine's
+            d = out.setdefault(str(nsid), {"outstanding": 0, "waiting": 0})
+            d["engine"] = f"native io_uring + {d.get('engine', '-')}"
+            d["depth"] = r.depth
+            d["outstanding"] += r.busy()
+        return out
 
     def close(self) -> None:
         for nsid in list(self.queues):

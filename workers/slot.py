@@ -126,6 +126,7 @@ class Slot:
             # so an `irqs` change is seen before the next poll).
             self.runner = NativeQueueRunner(executor=self.executor,
                                             irq_fd=lambda v: self.vectors.get(v), **kw)
+            self.aio.serve_native(self.runner)    # file namespaces: io_uring from C
         else:
             self.runner = QueueRunner(**kw)
 
@@ -265,7 +266,7 @@ class Slot:
         n = r.poll()
         if r.failed:
             self._report_failures(r)
-        if aio is not None and aio.new:
+        if aio is not None and (aio.new or aio.native):
             done += aio.push()       # parked on a backend: submitted now, counted as work
         if n:
             # Service time per command of this batch, log2 buckets of ns (bucket k holds

@@ -65,6 +65,10 @@ class IoExecutor:
         # Namespaces served asynchronously (nvme.io.aio): nsid -> submitter.  Empty for
         # the front-end's slow path and for ram/null, so the fast path pays one falsy test.
         self.aio_ns: dict[int, Submit] = {}
+        # Of those, the ones the native data path submits to an io_uring ring itself
+        # (nsid -> nvme.native.uring.NativeRing; workers/aio.py): SQEs Python still gets
+        # for them (Compare, Write Zeroes, ...) go the aio_ns way.
+        self.native_rings: dict[int, Any] = {}
         self._sqid = 0
         self.dirty: Any = None                   # mark(addr, length) while logging
 

@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ("fastpath.h", "fastpath.c")
+SOURCES = ("fastpath.h", "fastpath.c", "uring.h", "uring.c")
 
 
 def source_id() -> str:

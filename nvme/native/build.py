@@ -1,6 +1,8 @@
 """Build the native data path: python -m nvme.native.build [--quiet]
 
-cffi API mode: fastpath.c is compiled into nvme/native/_fastpath.<abi>.so with the
+cffi API mode: fastpath.c (with uring.c, the io_uring rings of file namespaces: raw system calls,
+<linux/io_uring.h> from linux-libc-dev, which libc6-dev depends on) is compiled into
+nvme/native/_fastpath.<abi>.so with the
 interpreter's headers (Debian: python3-dev; a venv of Debian's python uses them too)
 and a C compiler (gcc).  scripts/setup installs both and runs this; when the build
 fails the daemon runs the Python data path and says why at start-up.  Exit status:
@@ -39,6 +41,7 @@ def build(verbose: bool = True) -> str:
     ffi = cffi.FFI()
     ffi.cdef("\n".join(line for line in header.splitlines() if not line.startswith("#")))
     ffi.set_source("nvme.native._fastpath", source.replace('#include "fastpath.h"', header),
+                   sources=[os.path.join(HERE, "uring.c")], include_dirs=[HERE],
                    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
                                        "-fno-strict-aliasing", f'-DVN_SOURCE_ID="{source_id()}"'])
     with tempfile.TemporaryDirectory(prefix="vnvmed-native-") as tmp:

@@ -30,6 +30,18 @@
  * checked with overflow-checked 64-bit arithmetic against the region table before any
  * byte is touched (a range ending at 2^64 does not wrap into one that fits).
  *
+ * File namespaces (kind 3): a Read/Write/Flush that passes the same checks goes to the
+ * namespace's io_uring ring (uring.c) instead of being copied: the command is parked
+ * as Python parks it (SEAMS S2) - its CID journaled in the SQ's crash journal before
+ * the SQ head is published past it (nvme.crashjournal, same words, same order), its
+ * CQ slot reserved (cq->native counts with Python's parked ones in the room) - and
+ * vn_reap() later posts its CQE with the same poster as every other command, clears
+ * the journal bit between the entry and the CQ tail, marks read data and CQEs dirty
+ * and signals like a poll.  A failure goes back to Python (vn_ring_take), which maps
+ * the errno and reports it.  A full ring (the namespace's depth bound) stops the SQ
+ * until completions come; a CID that is still in flight stops before the SQE with
+ * `conflict` set (Python answers it).
+ *
  * Shared words (DESIGN 4): doorbells and shadow doorbells are read with one aligned
  * 32-bit acquire load, SQEs only after the tail covering them; CQE DW0..DW2 are
  * written first and DW3 (CID, status, phase) last with one release store; EventIdx is
@@ -38,8 +50,10 @@
 #include <stdint.h>
 #include <string.h>
 #include <unistd.h>
+#include <linux/fs.h>
 
 #include "fastpath.h"
+#include "uring.h"
 
 #define PAGE 4096u
 #define MAXPRP 512u                     /* one PRP list page, no chaining */
@@ -113,6 +127,48 @@ static void mark(const struct vn_ctx *c, uint64_t addr, uint64_t len)
     }
 }
 
+/* ---------------------------------------------------------------- crash journal */
+
+/* nvme.crashjournal.park_cid: the CID half-word first, then its occupancy bit. */
+#define J_OVERFLOW_WORD 3
+#define J_OVERFLOW (1u << 31)
+static int32_t jpark(uint32_t *j, uint32_t cid)
+{
+    for (uint32_t w = 0; w < 4; w++) {
+        uint32_t occ = j[w];
+        uint32_t free = ~occ & (w == J_OVERFLOW_WORD ? 0x7FFFFFFFu : 0xFFFFFFFFu);
+        if (free) {
+            uint32_t b = (uint32_t)__builtin_ctz(free), slot = 32 * w + b;
+            uint32_t cw = 4 + (slot >> 1), shift = 16 * (slot & 1);
+            st(&j[cw], (j[cw] & ~(0xFFFFu << shift)) | ((cid & 0xFFFF) << shift));
+            __atomic_store_n(&j[w], occ | (1u << b), __ATOMIC_RELEASE);
+            return (int32_t)slot;
+        }
+    }
+    st(&j[J_OVERFLOW_WORD], j[J_OVERFLOW_WORD] | J_OVERFLOW);
+    return -1;
+}
+
+/* nvme.crashjournal.unpark_slot */
+static void junpark(uint32_t *j, int32_t slot, int none_left)
+{
+    if (slot >= 0)
+        __atomic_store_n(&j[slot >> 5], j[slot >> 5] & ~(1u << (slot & 31)), __ATOMIC_RELEASE);
+    if (none_left && j[J_OVERFLOW_WORD] & J_OVERFLOW)
+        st(&j[J_OVERFLOW_WORD], j[J_OVERFLOW_WORD] & ~J_OVERFLOW);
+}
+
+/* ---------------------------------------------------------------- CQEs */
+
+/* The one CQE poster: DW0..DW2, then DW3 (CID, status 0, phase) in one release store. */
+static inline void put_cqe(uint32_t *e, uint32_t sqhd_sqid, uint32_t cid, uint32_t phase)
+{
+    e[0] = 0;
+    e[1] = 0;
+    e[2] = sqhd_sqid;
+    __atomic_store_n(&e[3], (cid & 0xFFFF) | (phase << 16), __ATOMIC_RELEASE);
+}
+
 /* ---------------------------------------------------------------- one command */
 
 struct seg { uint64_t addr, len; };
@@ -162,18 +218,61 @@ static uint32_t prp_segs(const struct vn_ctx *c, uint64_t prp1, uint64_t prp2, u
     return n;
 }
 
-/* Execute one SQE (a private copy) if it is a plain Read/Write this file serves:
- * 0 done (status 0), 1 hand it to Python. */
-static int exec_rw(struct vn_ctx *c, const uint32_t *d)
+enum { EX_DONE = 0, EX_PYTHON = 1, EX_PARKED = 2, EX_FULL = 3 };
+
+/* Put a checked command on its namespace's ring (kind 3): parked, completed by vn_reap. */
+static int park_on_ring(struct vn_ctx *c, struct vn_sq *sq, const struct vn_ns *ns, const uint32_t *d,
+                        const struct seg *segs, uint8_t *const *host, uint32_t nseg, uint64_t len)
+{
+    struct vn_ring *r = ns->ring;
+    uint32_t opc = d[0] & 0xFF;
+    if (nseg > VN_MAXSEG || sq->j == NULL)
+        return EX_PYTHON;
+    struct vn_req *q = vn_ring_get(r);
+    if (q == NULL)
+        return EX_FULL;
+    q->qid = sq->qid;
+    q->cid = d[0] >> 16;
+    q->opc = opc;
+    q->nsid = d[1];
+    q->slba = d[10] | ((uint64_t)d[11] << 32);
+    q->off = q->slba << ns->shift;
+    q->len = q->left = len;
+    q->nseg = q->niov = nseg;
+    q->first = 0;
+    q->fd = r->dfd >= 0 ? r->dfd : r->bfd;
+    q->rw_flags = opc == 1 && d[12] & (1u << 30) ? RWF_DSYNC : 0;     /* FUA */
+    for (uint32_t i = 0; i < nseg; i++) {
+        q->iov[i].iov_base = host[i];
+        q->iov[i].iov_len = segs[i].len;
+        q->gaddr[i] = segs[i].addr;
+        q->glen[i] = segs[i].len;
+    }
+    q->jslot = jpark(sq->j, q->cid);    /* before the head is published past it */
+    vn_ring_queue(r, q);
+    sq->native++;
+    c->cq[sq->cq].native++;
+    c->newp++;
+    return EX_PARKED;
+}
+
+/* Execute one SQE (a private copy) if it is a plain Read/Write (or a Flush of a file
+ * namespace) this file serves: EX_DONE (status 0), EX_PARKED (on a ring), EX_FULL (the
+ * ring is at its depth bound: try again later), EX_PYTHON (hand it to Python). */
+static int exec_rw(struct vn_ctx *c, struct vn_sq *sq, const uint32_t *d)
 {
     uint32_t dw0 = d[0], opc = dw0 & 0xFF, psdt = (dw0 >> 14) & 3;
     int read = opc == 2;
+    if (opc == 0 && !(dw0 & 0xC300) && d[1] && d[1] < c->nns && c->ns[d[1]].kind == 3)
+        return park_on_ring(c, sq, &c->ns[d[1]], d, NULL, NULL, 0, 0);
     if ((opc != 1 && opc != 2) || dw0 & 0x300 || psdt == 3)
         return 1;
     uint32_t nsid = d[1];
     if (nsid == 0 || nsid >= c->nns || c->ns[nsid].kind == 0)
         return 1;
     const struct vn_ns *ns = &c->ns[nsid];
+    if (ns->kind == 3 && ns->ring->busy >= ns->ring->depth)
+        return EX_FULL;                 /* before any work: the SQE stays for later */
     uint64_t slba = d[10] | ((uint64_t)d[11] << 32), nlb = (d[12] & 0xFFFF) + 1, end;
     uint64_t len = nlb << ns->shift;
     if ((c->mdts && len > c->mdts) || __builtin_add_overflow(slba, nlb, &end) ||
@@ -197,6 +296,8 @@ static int exec_rw(struct vn_ctx *c, const uint32_t *d)
         if (host[i] == NULL || (read && c->nwin && in_window(c, segs[i].addr, segs[i].len)))
             return 1;
     }
+    if (ns->kind == 3)
+        return park_on_ring(c, sq, ns, d, segs, host, nseg, len);
     uint64_t off = slba << ns->shift;
     for (uint32_t i = 0; i < nseg; i++) {
         if (ns->kind == 1) {
@@ -229,6 +330,20 @@ static int cq_head_ok(uint32_t old, uint32_t tail, uint32_t size, uint32_t head)
     return head < size && (head + size - old) % size <= (tail + size - old) % size;
 }
 
+/* Is (qid, cid) in flight on a ring (a host reusing a CID it has not seen complete)? */
+static int cid_in_flight(const struct vn_ctx *c, uint32_t qid, uint32_t cid)
+{
+    for (uint32_t i = 0; i < c->nrings; i++) {
+        const struct vn_ring *r = c->rings[i];
+        if (r->busy == 0)
+            continue;
+        for (uint32_t k = 0; k < r->depth; k++)
+            if (r->req[k].state == VN_BUSY && r->req[k].qid == qid && r->req[k].cid == cid)
+                return 1;
+    }
+    return 0;
+}
+
 /* One SQ's turn (QueueRunner._run_sq + _fetch).  Returns commands completed; sets
  * *flags (VN_NEED_*, VN_MORE, VN_STALE). */
 static int run_sq(struct vn_ctx *c, uint32_t si, int budget, int *flags)
@@ -248,7 +363,7 @@ static int run_sq(struct vn_ctx *c, uint32_t si, int budget, int *flags)
         *flags |= VN_NEED_POLL;         /* a record we did not write (a bad restore):  */
         return 0;                       /* never index a ring with it - Python's call */
     }
-    int64_t room = (int64_t)csize - 1 - (ctail + csize - crec[CQ_HEAD]) % csize - cq->inflight;
+    int64_t room = (int64_t)csize - 1 - (ctail + csize - crec[CQ_HEAD]) % csize - cq->inflight - cq->native;
     int64_t n = (tail + size - head) % size;
     if (n > room)
         n = room > 0 ? room : 0;
@@ -257,22 +372,36 @@ static int run_sq(struct vn_ctx *c, uint32_t si, int budget, int *flags)
         *flags |= VN_MORE;
     }
     uint32_t *ring = cq->ring, hi = sq->qid << 16, posted = 0;
-    int done = 0;
+    int done = 0, parked = 0, full = 0;
     for (int64_t k = 0; k < n; k++) {
         uint32_t sqe[16];
         memcpy(sqe, sq->ring + head * 16, 64);      /* after the tail load (acquire) */
-        if (sq->parked || exec_rw(c, sqe)) {
+        int ex;
+        if (sq->parked) {
+            ex = EX_PYTHON;
+        } else if (sq->native && cid_in_flight(c, sq->qid, sqe[0] >> 16)) {
+            c->conflict = 1;            /* Python answers CID Conflict */
+            ex = EX_PYTHON;
+        } else {
+            ex = exec_rw(c, sq, sqe);
+        }
+        if (ex == EX_FULL) {
+            full = 1;                   /* the next completion wakes us for the rest */
+            break;
+        }
+        if (ex == EX_PYTHON) {
             c->stop_sq = si;
             *flags |= VN_NEED_SQE;
             break;
         }
         if (++head == size)
             head = 0;
-        uint32_t *e = ring + ctail * 4;
-        e[0] = 0;
-        e[1] = 0;
-        e[2] = head | hi;
-        __atomic_store_n(&e[3], (sqe[0] >> 16) | (phase << 16), __ATOMIC_RELEASE);
+        if (ex == EX_PARKED) {
+            st(&rec[SQ_HEAD], head);    /* journaled: the head may pass it now */
+            parked++;
+            continue;
+        }
+        put_cqe(ring + ctail * 4, head | hi, sqe[0] >> 16, phase);
         if (posted++ == 0)
             cq->first = cq->posted ? cq->first : ctail;
         if (++ctail == csize) {
@@ -281,7 +410,7 @@ static int run_sq(struct vn_ctx *c, uint32_t si, int budget, int *flags)
         }
         done++;
     }
-    if (done) {
+    if (done || parked) {
         st(&rec[SQ_HEAD], head);
         st(&crec[CQ_TAIL], ctail);
         st(&crec[CQ_PHASE], phase);
@@ -298,8 +427,8 @@ static int run_sq(struct vn_ctx *c, uint32_t si, int budget, int *flags)
         if (ld(&c->sh_db[sq->dbi]) != tail)
             *flags |= VN_MORE;          /* the host may not have rung: poll again */
     }
-    if (head != tail && !(*flags & VN_MORE)) {
-        room = (int64_t)csize - 1 - (ctail + csize - crec[CQ_HEAD]) % csize - cq->inflight;
+    if (head != tail && !(*flags & VN_MORE) && !full) {
+        room = (int64_t)csize - 1 - (ctail + csize - crec[CQ_HEAD]) % csize - cq->inflight - cq->native;
         if (room > 0)
             *flags |= VN_MORE;
     }
@@ -379,7 +508,18 @@ static int end_round(struct vn_ctx *c)
  * command is found in nanoseconds, not a trip through the Python worker loop; an idle
  * worker's wake-up stays one round per queue set), within `budget` commands.  With
  * coalescing one round only: Python accounts what it posted. */
+static int poll_rounds(struct vn_ctx *c, int budget);
+
 int vn_poll(struct vn_ctx *c, int budget)
+{
+    int r = poll_rounds(c, budget);
+    for (uint32_t i = 0; i < c->nrings; i++)
+        if (c->rings[i]->unsent)
+            vn_ring_enter(c->rings[i]);     /* one io_uring_enter per ring per poll */
+    return r;
+}
+
+static int poll_rounds(struct vn_ctx *c, int budget)
 {
     int flags = 0, done = 0, extra = 0;
     uint32_t n = c->nsq, start = 0, k = 0, spins = c->coalesce ? 0 : c->spin, rr = 0;
@@ -429,5 +569,114 @@ int vn_poll(struct vn_ctx *c, int budget)
         start = n > 1 ? c->rr++ % n : 0;
     }
     c->hot = done != 0;
+    return done | flags;
+}
+
+/* ---------------------------------------------------------------- ring completions */
+
+static struct vn_sq *sq_by_qid(struct vn_ctx *c, uint32_t qid)
+{
+    for (uint32_t i = 0; i < c->nsq; i++)
+        if (c->sq[i].qid == qid)
+            return &c->sq[i];
+    return NULL;
+}
+
+/* Count what the rings hold per SQ/CQ (a fresh context). */
+void vn_ctx_count(struct vn_ctx *c)
+{
+    for (uint32_t i = 0; i < c->nsq; i++)
+        c->sq[i].native = 0;
+    for (uint32_t i = 0; i < c->ncq; i++)
+        c->cq[i].native = 0;
+    for (uint32_t i = 0; i < c->nrings; i++) {
+        struct vn_ring *r = c->rings[i];
+        for (uint32_t k = 0; k < r->depth; k++) {
+            struct vn_sq *sq = r->req[k].state == VN_BUSY ? sq_by_qid(c, r->req[k].qid) : NULL;
+            if (sq != NULL) {
+                sq->native++;
+                c->cq[sq->cq].native++;
+            }
+        }
+    }
+}
+
+/* A ring request finished well: its data is marked dirty (it has landed), its CQE is
+ * posted (SQHD = the SQ's head now, as QueueRunner.complete), its journal bit cleared
+ * between the entry and the CQ tail (nvme.crashjournal). */
+static void post_ring(struct vn_ctx *c, struct vn_sq *sq, const struct vn_req *q)
+{
+    struct vn_cq *cq = &c->cq[sq->cq];
+    uint32_t *crec = cq->rec;
+    uint32_t ctail = crec[CQ_TAIL], phase = crec[CQ_PHASE] & 1;
+    if (q->opc == 2) {
+        if (c->ndirty)
+            for (uint32_t i = 0; i < q->nseg; i++)
+                mark(c, q->gaddr[i], q->glen[i]);
+        c->io[0]++;
+        c->io[2] += q->len;
+    } else if (q->opc == 1) {
+        c->io[1]++;
+        c->io[3] += q->len;
+    }
+    put_cqe(cq->ring + ctail * 4, sq->rec[SQ_HEAD] | (sq->qid << 16), q->cid, phase);
+    sq->native--;
+    cq->native--;
+    junpark(sq->j, q->jslot, sq->parked == 0 && sq->native == 0);
+    if (cq->posted++ == 0)
+        cq->first = ctail;
+    if (++ctail == cq->size) {
+        ctail = 0;
+        st(&crec[CQ_PHASE], phase ^ 1);
+    }
+    st(&crec[CQ_TAIL], ctail);
+}
+
+/* Reap every ring of the context: post what finished well, give failures (and requests
+ * of SQs this context does not have) back to Python, re-enter what went round again.
+ * Returns commands completed | VN_SIGNAL (Python signals) | VN_NEED_POLL (take the
+ * back list) | VN_STALE (records changed). */
+int vn_reap(struct vn_ctx *c)
+{
+    int done = 0, flags = 0;
+    for (uint32_t i = 0; i < c->ncq; i++)
+        c->cq[i].posted = 0;
+    c->nirq = 0;
+    for (uint32_t i = 0; i < c->nrings; i++) {
+        struct vn_ring *r = c->rings[i];
+        uint32_t head = *r->cq_head, tail = ld(r->cq_tail);
+        if (head == tail)
+            continue;
+        r->unread = 1;                  /* each CQE also counted on the eventfd */
+        while (head != tail) {
+            struct io_uring_cqe *e = &r->cqes[head & r->cq_mask];
+            struct vn_req *q = &r->req[e->user_data % r->depth];
+            int32_t res = e->res;
+            head++;
+            int out = vn_ring_outcome(r, q, res);
+            if (out < 0)
+                continue;
+            if (q->state == VN_BUSY) {
+                struct vn_sq *sq = sq_by_qid(c, q->qid);
+                if (out == 0 && sq != NULL && sq->j != NULL && sq->native &&
+                    c->cq[sq->cq].rec[CQ_TAIL] < c->cq[sq->cq].size) {
+                    post_ring(c, sq, q);
+                    done++;
+                } else {
+                    if (sq != NULL && sq->native) {
+                        sq->native--;   /* Python adopts it (its count moves there) */
+                        c->cq[sq->cq].native--;
+                    }
+                    vn_ring_give_back(r, q, out);
+                    flags |= VN_NEED_POLL;
+                }
+            }
+            vn_ring_put(r, q);
+        }
+        __atomic_store_n(r->cq_head, head, __ATOMIC_RELEASE);
+        vn_ring_enter(r);
+    }
+    if (done)
+        flags |= VN_STALE | end_round(c);
     return done | flags;
 }

@@ -24,6 +24,13 @@ only replaces `poll()`:
   whole poll is Python's.  Shapes the C side does not take at all (faulted queues,
   stale doorbell values after shadow mode, more than 64 queues/regions/namespaces,
   a page size other than 4 KiB) run on the Python path until they go away.
+* File namespaces with a NativeRing (`executor.native_rings`, opened by the worker's
+  BackendIo): the C loop parks their Reads/Writes/Flushes on the ring and
+  `reap_native()` (called by BackendIo.service) posts them from C.  Python's view of
+  the CQ room counts them: `_Cq.inflight` = Python's parked + `_nseen[cqid]`, the
+  ring requests last seen for that CQ (`_native_sync`).  What C gives back (failures,
+  requests of an SQ going away, completions with no context to post with) Python
+  adopts as its own parked command (`_adopt`) and completes or answers the usual way.
 """
 from __future__ import annotations
 
@@ -39,12 +46,14 @@ VN_STALE = 1 << 24
 MAX = 64                     # array sizes of struct vn_ctx
 SPIN = 64                    # empty rounds the C loop adds before returning (~2-4 us here)
 KIND = {"ram": 1, "null": 2}
+FILE = 3                     # a file namespace with a NativeRing
 
 
 class _NoExecutor:
     """No namespace served natively: every SQE goes to the runner's `execute` (tests)."""
     namespaces: dict[int, Any] = {}
     aio_ns: dict[int, Any] = {}
+    native_rings: dict[int, Any] = {}
     mdts_bytes = 0
     page_size = 4096
     dirty = None
@@ -72,6 +81,8 @@ class NativeQueueRunner(QueueRunner):
         self.native_polls = 0        # polls the C loop ran (diagnostics, tests)
         self.python_polls = 0
         self.io_native = [0, 0, 0, 0]   # reads, writes, bytes read, bytes written (C side)
+        self._nseen: dict[int, int] = {}  # cqid -> ring requests counted in its inflight
+        self._back: Any = ffi.new("struct vn_back *")
         super().__init__(**kw)
 
     # -- the poll ---------------------------------------------------------------
@@ -118,12 +129,17 @@ class NativeQueueRunner(QueueRunner):
             self._sync()
             s = self._order[ctx.stop_sq]
             n = 1
-            if self._ex.aio_ns:
-                # Asynchronous namespaces (workers/aio.py) are never served in C, so each of
-                # their SQEs would cost a C -> Python -> C round trip (+3 us per I/O at QD32):
-                # Python takes the rest of this SQ (a ram SQE among them runs in Python).
-                n = max(1, min(self._budget(s), budget - done))
-            done += self._fetch(s, n)
+            if ctx.conflict:
+                ctx.conflict = 0
+                done += self._fetch_conflict(s)
+            else:
+                if self._ex.aio_ns and not ctx.nrings:
+                    # Asynchronous namespaces (workers/aio.py) not served in C: each of their
+                    # SQEs would cost a C -> Python -> C round trip (+3 us per I/O at QD32):
+                    # Python takes the rest of this SQ (a ram SQE among them runs in Python).
+                    # With rings, C checks every SQE first (CID conflicts, ring requests).
+                    n = max(1, min(self._budget(s), budget - done))
+                done += self._fetch(s, n)
             self._push_inflight(ctx)
             ctx.resume = 1               # the round goes on where it stopped
             r = vn_poll(ctx, budget - done)
@@ -137,6 +153,138 @@ class NativeQueueRunner(QueueRunner):
         for v in vecs:
             irq(v)
         return done
+
+    def _fetch_conflict(self, s: Any) -> int:
+        """The SQE at s's head reuses the CID of a command in flight on a ring: Python's
+        own check answers it (CID Conflict, reported like any failure)."""
+        assert s.words is not None
+        cid = s.words[s.head << 4] >> 16
+        fresh = cid not in s.parked
+        if fresh:
+            s.parked.add(cid)
+            self._nparked += 1
+        try:
+            return self._fetch(s, 1)
+        finally:
+            if fresh:
+                s.parked.discard(cid)
+                self._nparked -= 1
+
+    # -- file namespaces on rings ---------------------------------------------------
+    def reap_native(self) -> int:
+        """Post what the rings finished (BackendIo.service calls this every round while
+        ring requests are out); returns commands completed."""
+        rings = self._ex.native_rings
+        if not rings:
+            return 0
+        ctx = self._ctx
+        if ctx is None:
+            ctx = self._build()
+        if ctx is None:                  # the Python path runs this configuration
+            lib = self._lib
+            if any(lib.vn_ring_reap_raw(r.ptr) for r in rings.values()):
+                return self._take_back(list(rings.values()))
+            return 0
+        if self._inflight_dirty:
+            self._push_inflight(ctx)
+        r = self._lib.vn_reap(ctx)
+        if not r:
+            return 0
+        self._stale = True
+        done = r & 0xFFFFF
+        if r & VN_SIGNAL:
+            self._signal_native(ctx)
+        if r & VN_NEED_POLL:
+            done += self._take_back(list(rings.values()))
+        return done
+
+    def take_native_new(self) -> int:
+        """Commands the C loop put on rings since the last call (the worker counts them
+        as work, as BackendIo.push counts Python's)."""
+        ctx = self._ctx
+        if ctx is None or not ctx.newp:
+            return 0
+        n, ctx.newp = ctx.newp, 0
+        return int(n)
+
+    def abandon_native(self, ring: Any, err: int) -> int:
+        """The ring goes away (namespace detached, slot closing) with requests still in
+        flight: each completes now with `err`'s status (BackendIo.detach's rule for the
+        Python engines); their late completions only free ring slots."""
+        self._sync()
+        self.invalidate()
+        self._lib.vn_ring_orphan(ring.ptr, -1)
+        return self._take_back([ring], orphan_err=err)
+
+    def _take_back(self, rings: list[Any], orphan_err: int | None = None) -> int:
+        """Adopt what the rings gave back and finish it the Python way."""
+        from nvme.io.aio import status_for
+        lib, b = self._lib, self._back
+        done = 0
+        log = self.dirty if self.dirty is not None else self._ex.dirty
+        for ring in rings:
+            while lib.vn_ring_take(ring.ptr, b):
+                err = int(b.err)
+                if not self._adopt(int(b.qid), int(b.cid), int(b.jslot)):
+                    continue
+                if err < 0:
+                    if orphan_err is None:
+                        continue          # remove_sq answers it (Aborted: SQ Deletion)
+                    err = orphan_err
+                if not err and b.opc == 2:
+                    if log is not None:   # a read that landed: marked before its CQE
+                        for i in range(min(int(b.nseg), 32)):
+                            log.mark(int(b.addr[i]), int(b.len[i]))
+                self.complete(int(b.qid), int(b.cid), status_for(int(b.opc), err), 0, signal=False)
+                done += 1
+        if done:
+            self._signal()
+        return done
+
+    def _adopt(self, sqid: int, cid: int, jslot: int) -> bool:
+        """A ring request becomes one of Python's parked commands (its journal slot too)."""
+        s = self._sqs.get(sqid)
+        if s is None or cid in s.parked:
+            return False
+        s.parked.add(cid)
+        s.jslot[cid] = jslot
+        s.cq.inflight += 1
+        self._nparked += 1
+        self._inflight_dirty = True
+        self._native_sync()               # ... and leaves the rings' count
+        return True
+
+    def _native_sync(self) -> None:
+        """Bring each CQ's inflight to Python's parked + ring requests posting there."""
+        ctx = self._ctx
+        seen = self._nseen
+        if ctx is not None:
+            for i, c in enumerate(self._cqlist):
+                n = ctx.cq[i].native
+                d = n - seen.get(c.qid, 0)
+                if d:
+                    c.inflight += d
+                    seen[c.qid] = n
+            return
+        rings = list(self._ex.native_rings.values())
+        now: dict[int, int] = {}
+        for s in self._order:
+            k = sum(r.busy(s.qid) for r in rings) if rings else 0
+            now[s.cq.qid] = now.get(s.cq.qid, 0) + k
+        for c in self._cqlist:
+            n = now.get(c.qid, 0)
+            d = n - seen.get(c.qid, 0)
+            if d:
+                c.inflight += d
+                seen[c.qid] = n
+
+    def inflight(self, sqid: int | None = None) -> int:
+        """Parked commands, ring requests included (quiesce, Delete I/O SQ wait for them)."""
+        n = super().inflight(sqid)
+        rings = self._ex.native_rings
+        if rings:
+            n += sum(r.busy(-1 if sqid is None else sqid) for r in rings.values())
+        return n
 
     def _py_poll(self, budget: int, signal: bool = True) -> int:
         self._sync()
@@ -188,10 +336,13 @@ class NativeQueueRunner(QueueRunner):
         if self._stale:
             self._stale = False
             self.reload()
+        if self._ex.native_rings:
+            self._native_sync()
 
     def _push_inflight(self, ctx: Any) -> None:
+        seen = self._nseen
         for i, c in enumerate(self._cqlist):
-            ctx.cq[i].inflight = c.inflight
+            ctx.cq[i].inflight = c.inflight - seen.get(c.qid, 0)
         for i, s in enumerate(self._order):
             ctx.sq[i].parked = len(s.parked)
         self._inflight_dirty = False
@@ -251,9 +402,18 @@ class NativeQueueRunner(QueueRunner):
     def remove_sq(self, sqid: int) -> Any:
         self._sync()
         self.invalidate()
+        rings = list(self._ex.native_rings.values())
+        for ring in rings:               # still running: answered below as Python's own
+            self._lib.vn_ring_orphan(ring.ptr, sqid)
+        if rings:
+            self._take_back(rings)
         return super().remove_sq(sqid)
 
     def remove_cq(self, cqid: int) -> Any:
+        self._nseen.pop(cqid, None)
+        return self._remove_cq(cqid)
+
+    def _remove_cq(self, cqid: int) -> Any:
         self._sync()
         self.invalidate()
         return super().remove_cq(cqid)
@@ -333,6 +493,8 @@ class NativeQueueRunner(QueueRunner):
             v.rec = self._ptr("uint32_t[]", s.r)
             v.ring = self._ptr("uint32_t[]", s.words)
             v.qid, v.size, v.dbi, v.cq, v.parked = s.qid, s.size, s.dbi, index[s.cq.qid], len(s.parked)
+            if s.j is not None:
+                v.j = self._ptr("uint32_t[]", s.j)
         c.nsq = len(sqs)
         for i, (iova, size, view, r, w) in enumerate(regions):
             g = c.reg[i]
@@ -350,16 +512,29 @@ class NativeQueueRunner(QueueRunner):
         c.ndirty = len(dirty)
         nns = 0
         aio = ex.aio_ns
+        rings = ex.native_rings
+        nrings = 0
         for nsid, ns in ex.namespaces.items():
-            kind = KIND.get(getattr(ns.backend, "native_kind", ""), 0)
-            if not 0 < nsid < MAX or not kind or nsid in aio:
+            ring = rings.get(nsid) if rings else None
+            kind = FILE if ring is not None else KIND.get(getattr(ns.backend, "native_kind", ""), 0)
+            if not 0 < nsid < MAX or not kind or (nsid in aio and ring is None):
                 continue
             v = c.ns[nsid]
             v.kind, v.blocks, v.shift, v.ro = kind, ns.blocks, ns.lba_shift, int(ns.read_only)
             if kind == 1:
                 v.data = self._ptr("uint8_t[]", ns.backend.direct_memory)
+            elif kind == FILE:
+                v.ring = ring.ptr
+                if all(c.rings[k] != ring.ptr for k in range(nrings)):
+                    c.rings[nrings] = ring.ptr
+                    nrings += 1
             nns = max(nns, nsid + 1)
         c.nns = nns
+        c.nrings = nrings
+        if nrings:
+            self._lib.vn_ctx_count(c)      # what the rings hold per SQ/CQ
         self._ctx = c
-        self._inflight_dirty = False
+        if nrings:
+            self._native_sync()
+        self._push_inflight(c)
         return c
