@@ -106,6 +106,8 @@ def setup(depth: int, io_size: int, backend: str, flat: bool = False, windows: b
         bio = BackendIo(runner.complete)
         bio.bind(ex)
         bio.attach(1, be, depth)
+        if datapath == "native":    # file: on the C loop's own io_uring ring (nvme/native/uring.c)
+            bio.serve_native(runner)
     runner.add_cq(CqState(cqid=1, base=cq, size=size, iv=0, ien=False))
     runner.add_sq(SqState(sqid=1, base=sq, size=size, cqid=1))
     if dirty:   # migration's dirty-page logging on, as a worker has it (migration/dirty.py)

@@ -109,7 +109,8 @@ class BackendIo:
             return
         from nvme.native.uring import NativeRing
         try:
-            ring = NativeRing(*fds(), depth)
+            fd, dfd = fds()
+            ring = NativeRing(fd, dfd, depth)
         except OSError as e:
             log.warning("namespace %d: no native io_uring ring (%s): the Python engine serves it",
                         nsid, e.strerror or e)

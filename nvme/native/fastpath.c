@@ -72,6 +72,7 @@
 #define VN_SIGNAL (1 << 22)
 #define VN_MORE (1 << 23)
 #define VN_STALE (1 << 24)
+#define VN_BACK (1 << 25)               /* ring requests wait in a back list (vn_ring_take) */
 
 #ifndef VN_SOURCE_ID
 #define VN_SOURCE_ID "unknown"
@@ -509,6 +510,7 @@ static int end_round(struct vn_ctx *c)
  * worker's wake-up stays one round per queue set), within `budget` commands.  With
  * coalescing one round only: Python accounts what it posted. */
 static int poll_rounds(struct vn_ctx *c, int budget);
+static int reap_rings(struct vn_ctx *c, int *flags);
 
 int vn_poll(struct vn_ctx *c, int budget)
 {
@@ -539,6 +541,8 @@ static int poll_rounds(struct vn_ctx *c, int budget)
         int before = done;
         for (uint32_t i = 0; i < c->ncq; i++)
             c->cq[i].posted = 0;
+        if (c->nrings)                  /* ring completions first: their CQ room, their SQEs */
+            done += reap_rings(c, &flags);
         for (; k < n; k++) {
             if (done >= budget) {
                 flags |= VN_MORE;
@@ -633,15 +637,11 @@ static void post_ring(struct vn_ctx *c, struct vn_sq *sq, const struct vn_req *q
 }
 
 /* Reap every ring of the context: post what finished well, give failures (and requests
- * of SQs this context does not have) back to Python, re-enter what went round again.
- * Returns commands completed | VN_SIGNAL (Python signals) | VN_NEED_POLL (take the
- * back list) | VN_STALE (records changed). */
-int vn_reap(struct vn_ctx *c)
+ * of SQs this context does not have) back to Python (VN_BACK), re-enter what went round
+ * again.  Part of every poll round; vn_reap() alone between polls. */
+static int reap_rings(struct vn_ctx *c, int *flags)
 {
-    int done = 0, flags = 0;
-    for (uint32_t i = 0; i < c->ncq; i++)
-        c->cq[i].posted = 0;
-    c->nirq = 0;
+    int done = 0;
     for (uint32_t i = 0; i < c->nrings; i++) {
         struct vn_ring *r = c->rings[i];
         uint32_t head = *r->cq_head, tail = ld(r->cq_tail);
@@ -668,7 +668,7 @@ int vn_reap(struct vn_ctx *c)
                         c->cq[sq->cq].native--;
                     }
                     vn_ring_give_back(r, q, out);
-                    flags |= VN_NEED_POLL;
+                    *flags |= VN_BACK;
                 }
             }
             vn_ring_put(r, q);
@@ -677,6 +677,19 @@ int vn_reap(struct vn_ctx *c)
         vn_ring_enter(r);
     }
     if (done)
-        flags |= VN_STALE | end_round(c);
+        *flags |= VN_STALE;
+    return done;
+}
+
+/* Returns commands completed | VN_SIGNAL (Python signals) | VN_BACK | VN_STALE. */
+int vn_reap(struct vn_ctx *c)
+{
+    int flags = 0;
+    for (uint32_t i = 0; i < c->ncq; i++)
+        c->cq[i].posted = 0;
+    c->nirq = 0;
+    int done = reap_rings(c, &flags);
+    if (done)
+        flags |= end_round(c);
     return done | flags;
 }

@@ -43,6 +43,7 @@ VN_NEED_POLL = 1 << 21
 VN_SIGNAL = 1 << 22
 VN_MORE = 1 << 23
 VN_STALE = 1 << 24
+VN_BACK = 1 << 25            # ring requests for Python wait in a back list
 MAX = 64                     # array sizes of struct vn_ctx
 SPIN = 64                    # empty rounds the C loop adds before returning (~2-4 us here)
 KIND = {"ram": 1, "null": 2}
@@ -111,13 +112,17 @@ class NativeQueueRunner(QueueRunner):
             elif self._dirty:
                 self._signal()
             self._more = bool(r & VN_MORE)
+            if r & VN_BACK:
+                return (r & 0xFFFFF) + self._take_back(list(self._ex.native_rings.values()))
             return r & 0xFFFFF
         # Mixed batch: the C loop stopped before an SQE (or a doorbell) that Python runs.
         # Interrupts are decided once at the end (at most one per CQ per batch).
         done = 0
         vecs: set[int] = set()
+        back = False
         while True:
             done += r & 0xFFFFF
+            back = back or bool(r & VN_BACK)
             if r & VN_SIGNAL:
                 self._collect_native(ctx, vecs)
             if r & VN_NEED_POLL:
@@ -145,6 +150,12 @@ class NativeQueueRunner(QueueRunner):
             r = vn_poll(ctx, budget - done)
             self.native_polls += 1
             self._stale = True
+        if back:                         # posts too: signalled with the rest below
+            self._hold = True
+            try:
+                done += self._take_back(list(self._ex.native_rings.values()))
+            finally:
+                self._hold = False
         for c in self._dirty:
             vecs.discard(c.iv)
         if self._dirty:
@@ -194,7 +205,7 @@ class NativeQueueRunner(QueueRunner):
         done = r & 0xFFFFF
         if r & VN_SIGNAL:
             self._signal_native(ctx)
-        if r & VN_NEED_POLL:
+        if r & VN_BACK:
             done += self._take_back(list(rings.values()))
         return done
 
@@ -523,7 +534,7 @@ class NativeQueueRunner(QueueRunner):
             v.kind, v.blocks, v.shift, v.ro = kind, ns.blocks, ns.lba_shift, int(ns.read_only)
             if kind == 1:
                 v.data = self._ptr("uint8_t[]", ns.backend.direct_memory)
-            elif kind == FILE:
+            elif ring is not None:
                 v.ring = ring.ptr
                 if all(c.rings[k] != ring.ptr for k in range(nrings)):
                     c.rings[nrings] = ring.ptr
