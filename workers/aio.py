@@ -97,6 +97,11 @@ class BackendIo:
                 n += r.busy()
         return n
 
+    @outstanding.setter
+    def outstanding(self, value: int) -> None:
+        """Set the Python engines' share (the rings count their own)."""
+        self._pending = value - sum(r.busy() for r in self.native.values())
+
     def serve_native(self, runner: Any) -> None:
         """The native data path runs this slot: file namespaces get rings C submits to."""
         self._runner = runner
