@@ -72,7 +72,7 @@ class _PyBuffer(ctypes.Structure):
 _buffer_release = ctypes.pythonapi.PyBuffer_Release
 _buffer_release.argtypes = [ctypes.POINTER(_PyBuffer)]
 _buffer_release.restype = None
-_leaked = _PyBuffer()
+_leaked = _PyBuffer()      # one for the module: an engine is used by one thread only
 _leaked_ref = ctypes.byref(_leaked)
 
 
