@@ -247,10 +247,15 @@ class BackendIo:
             return 0
         n = 0
         if self.native and self._runner is not None:
-            if woke:
-                for r in self.native.values():
-                    r.drain()
+            # No eventfd read on a wake: the reap marks the ring `unread` and prepare_sleep()
+            # drains it (one read per sleep, not per wake).
             n = self._runner.reap_native()
+            if not self._pending:
+                # Nothing out on the Python engines: no readiness poll, no eventfd reads
+                # (a failing read is a BlockingIOError: ~3 syscalls' worth); a stale count
+                # there is drained by prepare_sleep (engine.settle) as always.
+                self._quiet = 0 if n else self._quiet + 1
+                return n
         if not self._pending and not woke:
             self._quiet = 0 if n else self._quiet + 1
             return n

@@ -259,8 +259,13 @@ int vn_ring_outcome(struct vn_ring *r, struct vn_req *q, int32_t res)
 /* Copy q to the back list for Python (err: errno, 0, or -1 = still running). */
 void vn_ring_give_back(struct vn_ring *r, struct vn_req *q, int err)
 {
-    if (r->nback == r->back_cap)
-        return;                         /* cannot happen: one entry per slot at most */
+    if (r->nback == r->back_cap) {      /* Python takes them after each call: rare */
+        struct vn_back *nb = realloc(r->back, 2 * r->back_cap * sizeof(*nb));
+        if (nb == NULL)
+            abort();                    /* never lose a command silently */
+        r->back = nb;
+        r->back_cap *= 2;
+    }
     struct vn_back *b = &r->back[r->nback++];
     memset(b, 0, sizeof(*b));
     b->qid = q->qid;
