@@ -241,15 +241,18 @@ class BackendIo:
                 ok = False
         return ok
 
-    def service(self, woke: bool = False) -> int:
-        """Reap completions and complete finished commands; returns commands completed."""
+    def service(self, woke: bool = False, native: bool = True) -> int:
+        """Reap completions and complete finished commands; returns commands completed.
+        native=False: leave the rings to the runner's poll that follows (the C loop reaps
+        them at the start of each round)."""
         if not self.outstanding and not woke:
             return 0
         n = 0
         if self.native and self._runner is not None:
             # No eventfd read on a wake: the reap marks the ring `unread` and prepare_sleep()
             # drains it (one read per sleep, not per wake).
-            n = self._runner.reap_native()
+            if native:
+                n = self._runner.reap_native()
             if not self._pending:
                 # Nothing out on the Python engines: no readiness poll, no eventfd reads
                 # (a failing read is a BlockingIOError: ~3 syscalls' worth); a stale count

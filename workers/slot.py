@@ -251,10 +251,11 @@ class Slot:
         done = 0
         aio = self.aio
         if aio is not None and (aio.outstanding or self.aio_woke):
-            # Also while paused: parked commands must finish for the quiesce ack.
+            # Also while paused: parked commands must finish for the quiesce ack.  Native
+            # rings are reaped by the poll below when there is one (one C call, not two).
             woke, self.aio_woke = self.aio_woke, False
             try:
-                done = aio.service(woke)
+                done = aio.service(woke, native=r is None or self.paused or self.nqueues == 0)
             except Exception:
                 self.aio = None        # our bug: the worker faults this controller; no log flood
                 raise

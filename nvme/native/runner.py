@@ -92,9 +92,9 @@ class NativeQueueRunner(QueueRunner):
         if ctx is None:
             ctx = self._build()
             if ctx is None or self._paused:
-                return self._py_poll(budget)
+                return self._reap_then_py_poll(budget)
         elif self._paused:
-            return self._py_poll(budget)
+            return self._reap_then_py_poll(budget)
         if self._inflight_dirty:
             self._push_inflight(ctx)
         vn_poll = self._lib.vn_poll
@@ -296,6 +296,11 @@ class NativeQueueRunner(QueueRunner):
         if rings:
             n += sum(r.busy(-1 if sqid is None else sqid) for r in rings.values())
         return n
+
+    def _reap_then_py_poll(self, budget: int) -> int:
+        """A poll on the Python path: the rings are reaped first, as a C poll would."""
+        n = self.reap_native() if self._ex.native_rings else 0
+        return n + self._py_poll(budget)
 
     def _py_poll(self, budget: int, signal: bool = True) -> int:
         self._sync()
