@@ -374,6 +374,7 @@ static int run_sq(struct vn_ctx *c, uint32_t si, int budget, int *flags)
     }
     uint32_t *ring = cq->ring, hi = sq->qid << 16, posted = 0;
     int done = 0, parked = 0, full = 0;
+    sq->full = NULL;
     for (int64_t k = 0; k < n; k++) {
         uint32_t sqe[16];
         memcpy(sqe, sq->ring + head * 16, 64);      /* after the tail load (acquire) */
@@ -388,6 +389,7 @@ static int run_sq(struct vn_ctx *c, uint32_t si, int budget, int *flags)
         }
         if (ex == EX_FULL) {
             full = 1;                   /* the next completion wakes us for the rest */
+            sq->full = c->ns[sqe[1]].ring;   /* exec_rw checked the NSID */
             break;
         }
         if (ex == EX_PYTHON) {
@@ -692,4 +694,12 @@ int vn_reap(struct vn_ctx *c)
     if (done)
         flags |= end_round(c);
     return done | flags;
+}
+
+/* Python's prepare_sleep: does SQ si's next SQE wait for room on a ring that is still
+ * full?  Then a completion (its eventfd is in the sleep set) wakes the worker for it. */
+int vn_sq_waits_for_ring(struct vn_ctx *c, uint32_t si)
+{
+    const struct vn_ring *r = si < c->nsq ? c->sq[si].full : NULL;
+    return r != NULL && r->busy >= r->depth;
 }

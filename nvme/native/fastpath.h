@@ -39,6 +39,7 @@ struct vn_sq {
     uint32_t *ring;
     uint32_t qid, size, dbi, cq, parked, native;  /* parked: Python's; native: on rings */
     uint32_t *j;                /* the SQ's crash journal (nvme.crashjournal), or NULL */
+    struct vn_ring *full;       /* its next SQE waits for room on this ring, or NULL */
 };
 
 struct vn_ctx {
@@ -74,6 +75,7 @@ struct vn_back {                /* a request finished for Python (vn_ring_take) 
 int vn_poll(struct vn_ctx *c, int budget);
 int vn_reap(struct vn_ctx *c);
 void vn_ctx_count(struct vn_ctx *c);
+int vn_sq_waits_for_ring(struct vn_ctx *c, uint32_t si);
 struct vn_ring *vn_ring_open(int bfd, int dfd, uint32_t depth);
 void vn_ring_close(struct vn_ring *r);
 int vn_ring_fileno(struct vn_ring *r);

@@ -84,6 +84,7 @@ class NativeQueueRunner(QueueRunner):
         self.io_native = [0, 0, 0, 0]   # reads, writes, bytes read, bytes written (C side)
         self._nseen: dict[int, int] = {}  # cqid -> ring requests counted in its inflight
         self._back: Any = ffi.new("struct vn_back *")
+        self._ring_wait: set[int] = set()   # SQs waiting for ring room (prepare_sleep)
         super().__init__(**kw)
 
     # -- the poll ---------------------------------------------------------------
@@ -395,7 +396,22 @@ class NativeQueueRunner(QueueRunner):
 
     def prepare_sleep(self) -> bool:
         self._sync()
-        return super().prepare_sleep()
+        ctx = self._ctx
+        if ctx is not None and ctx.nrings:
+            # An SQ whose next SQE waits for room on a full ring: a completion wakes us
+            # (the ring's eventfd is in the sleep set), so its pending SQEs are no reason
+            # to keep polling (_budget below says 0 for it while we decide).
+            wait = self._lib.vn_sq_waits_for_ring
+            self._ring_wait = {s.qid for i, s in enumerate(self._order) if wait(ctx, i)}
+        try:
+            return super().prepare_sleep()
+        finally:
+            self._ring_wait = set()
+
+    def _budget(self, s: Any) -> int:  # type: ignore[override]
+        if self._ring_wait and s.qid in self._ring_wait:
+            return 0
+        return QueueRunner._budget(s)
 
     def reload(self) -> None:
         self._stale = False
