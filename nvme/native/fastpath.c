@@ -519,7 +519,7 @@ int vn_poll(struct vn_ctx *c, int budget)
     int r = poll_rounds(c, budget);
     for (uint32_t i = 0; i < c->nrings; i++)
         if (c->rings[i]->unsent)
-            vn_ring_enter(c->rings[i]);     /* one io_uring_enter per ring per poll */
+            vn_ring_enter(c->rings[i]);     /* what a round that stopped early queued */
     return r;
 }
 
@@ -558,6 +558,9 @@ static int poll_rounds(struct vn_ctx *c, int budget)
             }
         }
         flags |= end_round(c);
+        for (uint32_t i = 0; i < c->nrings; i++)
+            if (c->rings[i]->unsent)
+                vn_ring_enter(c->rings[i]);     /* now, not after the spin rounds */
         if (extra && done == before)
             c->rr = rr;                 /* an empty extra round leaves the order as it was */
         if (flags & (VN_NEED_SQE | VN_NEED_POLL) || done >= budget || c->coalesce)
