@@ -379,11 +379,11 @@ static int run_sq(struct vn_ctx *c, uint32_t si, int budget, int *flags)
         uint32_t sqe[16];
         memcpy(sqe, sq->ring + head * 16, 64);      /* after the tail load (acquire) */
         int ex;
-        if (sq->parked) {
-            ex = EX_PYTHON;
-        } else if (sq->native && cid_in_flight(c, sq->qid, sqe[0] >> 16)) {
+        if (sq->native && cid_in_flight(c, sq->qid, sqe[0] >> 16)) {
             c->conflict = 1;            /* Python answers CID Conflict */
             ex = EX_PYTHON;
+        } else if (sq->parked) {
+            ex = EX_PYTHON;             /* Python checks its own parked CIDs */
         } else {
             ex = exec_rw(c, sq, sqe);
         }

@@ -341,3 +341,4 @@ def test_delete_sq_and_detach_answer_what_is_in_flight(nworld, tmp_path):
     assert sorted(c for c, _ in got) == [10, 11, 12]
     assert {st for _, st in got} == {int(Status.NAMESPACE_NOT_READY)}    # DNR clear: retried
     assert w.r.inflight() == 0
+
