@@ -210,13 +210,16 @@ class BackendIo:
         parking commands would leave them unsubmitted until its sleep times out.  Returns
         the requests submitted since the last push (the worker counts them as work)."""
         n, self.new = self.new, 0
-        if self._runner is not None and self.native:
-            n += self._runner.take_native_new()    # entered by the C loop already
-        self._quiet = 0
         for q in self.queues.values():
             fs = getattr(q.engine, "flush_submit", None)
             if fs is not None:
                 fs()
+        got = 0
+        if self._runner is not None and self.native:
+            k, got = self._runner.take_native_counts()    # entered by the C loop already
+            n += k
+        if n or got:
+            self._quiet = 0    # (called every round with rings: a stalled one stays "quiet")
         return n
 
     def fileno(self) -> int:
@@ -245,8 +248,6 @@ class BackendIo:
         """Reap completions and complete finished commands; returns commands completed.
         native=False: leave the rings to the runner's poll that follows (the C loop reaps
         them at the start of each round)."""
-        if not self.outstanding and not woke:
-            return 0
         n = 0
         if self.native and self._runner is not None:
             # No eventfd read on a wake: the reap marks the ring `unread` and prepare_sleep()
@@ -260,8 +261,9 @@ class BackendIo:
                 self._quiet = 0 if n else self._quiet + 1
                 return n
         if not self._pending and not woke:
-            self._quiet = 0 if n else self._quiet + 1
-            return n
+            if self.queues:
+                self._quiet = self._quiet + 1
+            return 0
         ready: set[int] | None = None
         quiet = self._quiet
         self._quiet = 0 if n else quiet + 1

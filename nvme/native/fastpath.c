@@ -683,6 +683,7 @@ static int reap_rings(struct vn_ctx *c, int *flags)
     }
     if (done)
         *flags |= VN_STALE;
+    c->reaped += (uint32_t)done;
     return done;
 }
 

@@ -62,7 +62,7 @@ struct vn_ctx {
     struct vn_dirty dirty[64];
     struct vn_ring *rings[64];  /* the distinct rings of ns[] (reaped by vn_reap) */
     uint32_t nrings, conflict;  /* conflict: the SQE stopped at reuses a CID in flight */
-    uint32_t newp, pad3;        /* commands put on rings (Python counts them as work) */
+    uint32_t newp, reaped;      /* commands put on rings / completed from rings (Python's) */
 };
 
 struct vn_back {                /* a request finished for Python (vn_ring_take) */

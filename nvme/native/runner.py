@@ -210,14 +210,19 @@ class NativeQueueRunner(QueueRunner):
             done += self._take_back(list(rings.values()))
         return done
 
-    def take_native_new(self) -> int:
-        """Commands the C loop put on rings since the last call (the worker counts them
-        as work, as BackendIo.push counts Python's)."""
+    def take_native_counts(self) -> tuple[int, int]:
+        """(commands the C loop put on rings, commands it completed from rings) since the
+        last call: the worker counts the first as work (as BackendIo.push counts Python's),
+        the second says the backend is answering (BackendIo.flowing)."""
         ctx = self._ctx
-        if ctx is None or not ctx.newp:
-            return 0
-        n, ctx.newp = ctx.newp, 0
-        return int(n)
+        if ctx is None:
+            return 0, 0
+        n, got = ctx.newp, ctx.reaped
+        if n:
+            ctx.newp = 0
+        if got:
+            ctx.reaped = 0
+        return int(n), int(got)
 
     def abandon_native(self, ring: Any, err: int) -> int:
         """The ring goes away (namespace detached, slot closing) with requests still in
