@@ -653,14 +653,9 @@ static int reap_rings(struct vn_ctx *c, int *flags)
         if (head == tail)
             continue;
         r->unread = 1;                  /* each CQE also counted on the eventfd */
-        while (head != tail) {
-            struct io_uring_cqe *e = &r->cqes[head & r->cq_mask];
-            struct vn_req *q = &r->req[e->user_data % r->depth];
-            int32_t res = e->res;
-            head++;
-            int out = vn_ring_outcome(r, q, res);
-            if (out < 0)
-                continue;
+        struct vn_req *q;
+        int out;
+        while ((q = vn_ring_next(r, &head, tail, &out)) != NULL) {
             if (q->state == VN_BUSY) {
                 struct vn_sq *sq = sq_by_qid(c, q->qid);
                 if (out == 0 && sq != NULL && sq->j != NULL && sq->native &&

@@ -256,6 +256,24 @@ int vn_ring_outcome(struct vn_ring *r, struct vn_req *q, int32_t res)
     return -1;
 }
 
+/* The next request a CQE in [*head, tail) finished, with its outcome in *out; NULL at
+ * the end.  Requests that went round again (vn_ring_outcome < 0) are passed over. */
+struct vn_req *vn_ring_next(struct vn_ring *r, uint32_t *head, uint32_t tail, int *out)
+{
+    while (*head != tail) {
+        struct io_uring_cqe *e = &r->cqes[*head & r->cq_mask];
+        struct vn_req *q = &r->req[e->user_data % r->depth];
+        int32_t res = e->res;
+        (*head)++;
+        int o = vn_ring_outcome(r, q, res);
+        if (o >= 0) {
+            *out = o;
+            return q;
+        }
+    }
+    return NULL;
+}
+
 /* Copy q to the back list for Python (err: errno, 0, or -1 = still running). */
 void vn_ring_give_back(struct vn_ring *r, struct vn_req *q, int err)
 {
@@ -287,15 +305,9 @@ void vn_ring_give_back(struct vn_ring *r, struct vn_req *q, int err)
 int vn_ring_reap_raw(struct vn_ring *r)
 {
     uint32_t head = *r->cq_head, tail = ld(r->cq_tail);
-    int n = 0;
-    while (head != tail) {
-        struct io_uring_cqe *e = &r->cqes[head & r->cq_mask];
-        struct vn_req *q = &r->req[e->user_data % r->depth];
-        int32_t res = e->res;
-        head++;
-        int out = vn_ring_outcome(r, q, res);
-        if (out < 0)
-            continue;
+    int n = 0, out;
+    struct vn_req *q;
+    while ((q = vn_ring_next(r, &head, tail, &out)) != NULL) {
         if (q->state == VN_BUSY) {
             vn_ring_give_back(r, q, out);
             n++;

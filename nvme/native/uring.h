@@ -43,6 +43,7 @@ void vn_ring_queue(struct vn_ring *r, struct vn_req *q);
 void vn_ring_put(struct vn_ring *r, struct vn_req *q);
 void vn_ring_give_back(struct vn_ring *r, struct vn_req *q, int err);
 int vn_ring_outcome(struct vn_ring *r, struct vn_req *q, int32_t res);
+struct vn_req *vn_ring_next(struct vn_ring *r, uint32_t *head, uint32_t tail, int *out);
 void vn_ring_enter(struct vn_ring *r);
 
 #endif
