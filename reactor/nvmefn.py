@@ -539,10 +539,11 @@ class NvmeFunction:
         """The session hands requests over before they leave the socket (rescue.py)."""
         return self.rescue is not None and self.rescue.enabled
 
-    def requests_peeked(self, raws: list[bytes]) -> list[int]:
-        """Whole messages still in the socket: journaled as not taken yet; their seqs."""
+    def requests_peeked(self, raws: list[bytes], fds: list[int]) -> list[int]:
+        """Whole messages still in the socket (`fds` on the last): journaled as not
+        taken yet; their seqs."""
         assert self.rescue is not None
-        return self.rescue.peeked(raws)
+        return self.rescue.peeked(raws, fds)
 
     def requests_taken(self) -> None:
         """The messages last peeked left the socket (one recvmsg)."""

@@ -283,17 +283,25 @@ class Rescue:
             self._untaken.append(off)
         return self.in_seq
 
-    def peeked(self, raws: list[bytes]) -> list[int]:
-        """Whole messages seen in the socket but not taken off it yet (no fds on them):
-        journal the requests among them flagged UNTAKEN; their seqs (0: a reply, or not
+    def peeked(self, raws: list[bytes], fds: list[int]) -> list[int]:
+        """Whole messages seen in the socket but not taken off it yet, `fds` (peeked
+        duplicates, ours now) on the last one: journal the requests among them flagged
+        UNTAKEN and put the fds in the package; their seqs (0: a reply, or not
         journaled).  A take-over finds flagged records still in the socket (a crash
-        before `taken`) by peeking it, and reads them from there (reactor/revive.py)."""
+        before `taken`) by peeking it, and reads them from there (reactor/revive.py);
+        one taken has its fds in the package, so it runs again whole."""
         if not self.enabled:
             return [0] * len(raws)
         seqs = []
-        for raw in raws:
+        for i, raw in enumerate(raws):
             hdr = Header.decode(raw[:16])
-            seqs.append(0 if hdr.msg_type == MsgType.REPLY else self._record(raw, 0, True, hdr.msg_id))
+            mine = fds if i == len(raws) - 1 else []
+            seq = 0 if hdr.msg_type == MsgType.REPLY else self._record(raw, len(mine), True, hdr.msg_id)
+            if seq and mine:
+                self.inbox_fds[seq] = list(mine)
+            seqs.append(seq)
+        if fds and seqs[-1]:
+            self.send(force=True)           # before the take: a taken request has its fds
         return seqs
 
     def taken(self) -> None:

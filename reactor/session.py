@@ -206,9 +206,7 @@ class Session:
             self._in_recv = True
             try:
                 if peek:
-                    data, fds_pending = await self.transport.peek_chunk()
-                    fds: list[int] = []
-                    trunc = False
+                    data, fds, trunc = await self.transport.peek_chunk()
                 else:
                     data, fds, trunc = await self.transport.recv_chunk()
             except asyncio.CancelledError:
@@ -228,17 +226,20 @@ class Session:
             try:
                 if peek:
                     ends = whole_frames(data, MAX_MESSAGE)
-                    if ends and not fds_pending:
+                    # Fds ride on the last byte's message: journal them with it only
+                    # when that message is whole (the take then ends where it does).
+                    if ends and not trunc and (not fds or ends[-1] == len(data)):
                         n = ends[-1]
                         seqs = self.device.requests_peeked(                 # type: ignore[attr-defined]
-                            [data[a:b] for a, b in zip([0] + ends, ends)])
-                        if self.transport.take(n) != data[:n]:
+                            [data[a:b] for a, b in zip([0] + ends, ends)], fds)
+                        if self.transport.take(n, len(fds)) != data[:n]:
                             raise StreamError(errno.EPROTO, "bytes taken differ from bytes peeked")
                         self.device.requests_taken()     # type: ignore[attr-defined]
                         data = data[:n]
                     else:
-                        # fds ride on these bytes, or no whole message yet: an ordinary
-                        # read (journaled after it, as before).
+                        # a partial message (or fds on one): an ordinary read, journaled
+                        # after it as before
+                        close_fds(fds)
                         data, fds, trunc = self.transport.recv_now()
                 frames = self.framer.feed(data, fds, trunc)
             except StreamError as e:

@@ -80,33 +80,36 @@ class Transport:
                 return b"", [], False
             return got.data, got.fds, got.fds_truncated
 
-    async def peek_chunk(self) -> tuple[bytes, bool]:
-        """Wait for bytes and copy them without consuming them: (data, fds_pending).
-        b"" means EOF.  No fds are taken (no room for them: MSG_CTRUNC says some ride
-        on the bytes shown, which end right after the skb that carries them)."""
+    async def peek_chunk(self) -> tuple[bytes, list[int], bool]:
+        """Wait for bytes and copy them without consuming them: (data, fds, truncated).
+        b"" means EOF.  Fds riding on the bytes shown come as duplicates (the socket
+        keeps its own for the read that takes them); the bytes end right after the skb
+        that carries them, so they belong to the message holding the last byte."""
         while True:
             if self._closed:
-                return b"", False
+                return b"", [], False
             try:
-                data, _anc, flags, _ = self.sock.recvmsg(RECV_CHUNK, 0, socket.MSG_PEEK)
+                got = scm.recv(self.sock, RECV_CHUNK, _MAX_FDS_PER_RECV,
+                               socket.MSG_PEEK | socket.MSG_CMSG_CLOEXEC)
             except (BlockingIOError, InterruptedError):
                 await self._wait(writer=False)
                 continue
             except (ConnectionResetError, OSError):
-                return b"", False
-            return data, bool(flags & socket.MSG_CTRUNC)
+                return b"", [], False
+            return got.data, got.fds, got.fds_truncated
 
     def recv_now(self) -> tuple[bytes, list[int], bool]:
         """One recvmsg of bytes known to be queued (`peek_chunk` showed them)."""
         got = scm.recv(self.sock, RECV_CHUNK, _MAX_FDS_PER_RECV)
         return got.data, got.fds, got.fds_truncated
 
-    def take(self, n: int) -> bytes:
-        """Consume `n` bytes that `peek_chunk` showed with no fds on them."""
+    def take(self, n: int, nfds: int) -> bytes:
+        """Consume `n` bytes that `peek_chunk` showed, with the `nfds` fds it showed on
+        them; the fds taken are closed (the peek's duplicates are the ones kept)."""
         got = scm.recv(self.sock, n, _MAX_FDS_PER_RECV)
-        if got.fds or got.fds_truncated:
-            close_fds(got.fds)
-            raise StreamError(errno.EPROTO, "fds arrived on bytes peeked without them")
+        close_fds(got.fds)
+        if len(got.fds) != nfds or got.fds_truncated:
+            raise StreamError(errno.EPROTO, f"{len(got.fds)} fds taken where the peek showed {nfds}")
         return got.data
 
     async def send(self, header: Header, payload: bytes = b"",

@@ -52,6 +52,13 @@ from tests.daemon import Daemon, fd_table
 ROOT = Path(__file__).resolve().parents[2]
 VNVMECTL = str(ROOT / "bin" / "vnvmectl")
 SAMPLE_EVERY = 2.0
+# A process is sampled once it is this old: a front-end that is taking a connection over
+# (or a worker joining) has not opened its device's fds yet, and a first sample taken
+# then made the whole normal set look like growth ("frontend: fds 14 -> 39", the 10:20
+# 61-min run: BAR, queue table, checkpoint, rings, guest RAM - one of each, nothing
+# more).  Take-overs take 0.01-2.6 s here.
+SETTLE_S = 8.0
+_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -89,6 +96,17 @@ class Series:
     def fd_growth(self) -> dict[str, int]:
         a, b = self.first_fds or Counter(), self.last_fds or Counter()
         return {k: b[k] - a[k] for k in sorted(set(a) | set(b)) if b[k] > a[k]}
+
+
+def _age_s(pid: int) -> float:
+    """Seconds since `pid` started (0.0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            start = int(f.read().rsplit(")", 1)[1].split()[19]) / _TICKS
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0]) - start
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def _proc_sample(pid: int) -> tuple[int, int, int] | None:
@@ -272,6 +290,8 @@ class Stress:
         for pid, cmd in procs.items():
             m = re.search(r"(worker \d+|frontend \S+|forkserver|supervisor)", cmd)
             role = m.group(1) if m else cmd[:40]
+            if _age_s(pid) < SETTLE_S:
+                continue
             s = _proc_sample(pid)
             if s is None:
                 continue
