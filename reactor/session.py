@@ -205,10 +205,7 @@ class Session:
             peek = getattr(self.device, "journaling", False) and not self.framer.pending_bytes
             self._in_recv = True
             try:
-                if peek:
-                    data, fds, trunc = await self.transport.peek_chunk()
-                else:
-                    data, fds, trunc = await self.transport.recv_chunk()
+                data, fds, trunc = await self.transport.recv_chunk(peek)
             except asyncio.CancelledError:
                 if not self._holding or self._closed:
                     raise

@@ -6,7 +6,7 @@ Framing (bytes + fds -> messages, fd attribution and ownership) is sans-I/O in
 `vfio_user.framing` and re-exported here.
 
 `Transport` wraps a non-blocking socket for asyncio: `recv_chunk()` awaits
-readability and does one `recvmsg` (MSG_CMSG_CLOEXEC); `peek_chunk()` + `take(n)`
+readability and does one `recvmsg` (MSG_CMSG_CLOEXEC); `recv_chunk(peek=True)` + `take(n)`
 read in two steps - look, then consume - for a reader that must record a request
 outside the process before it leaves the socket (reactor/session.py); `send()` does `sendmsg` with
 the fds on the first byte and finishes partial writes when the socket drains.
@@ -66,31 +66,19 @@ class Transport:
         finally:
             remove(fd)
 
-    async def recv_chunk(self) -> tuple[bytes, list[int], bool]:
-        """One recvmsg: (data, fds, fds_truncated).  b"" means EOF."""
-        while True:
-            if self._closed:
-                return b"", [], False
-            try:
-                got = scm.recv(self.sock, RECV_CHUNK, _MAX_FDS_PER_RECV)
-            except (BlockingIOError, InterruptedError):
-                await self._wait(writer=False)
-                continue
-            except (ConnectionResetError, OSError):
-                return b"", [], False
-            return got.data, got.fds, got.fds_truncated
+    async def recv_chunk(self, peek: bool = False) -> tuple[bytes, list[int], bool]:
+        """One recvmsg: (data, fds, fds_truncated).  b"" means EOF.
 
-    async def peek_chunk(self) -> tuple[bytes, list[int], bool]:
-        """Wait for bytes and copy them without consuming them: (data, fds, truncated).
-        b"" means EOF.  Fds riding on the bytes shown come as duplicates (the socket
-        keeps its own for the read that takes them); the bytes end right after the skb
-        that carries them, so they belong to the message holding the last byte."""
+        `peek`: copy the bytes without consuming them (MSG_PEEK).  Fds riding on the
+        bytes shown come as duplicates (the socket keeps its own for the read that takes
+        them); the bytes end right after the skb that carries them, so they belong to
+        the message holding the last byte."""
+        flags = socket.MSG_CMSG_CLOEXEC | (socket.MSG_PEEK if peek else 0)
         while True:
             if self._closed:
                 return b"", [], False
             try:
-                got = scm.recv(self.sock, RECV_CHUNK, _MAX_FDS_PER_RECV,
-                               socket.MSG_PEEK | socket.MSG_CMSG_CLOEXEC)
+                got = scm.recv(self.sock, RECV_CHUNK, _MAX_FDS_PER_RECV, flags)
             except (BlockingIOError, InterruptedError):
                 await self._wait(writer=False)
                 continue
@@ -99,12 +87,12 @@ class Transport:
             return got.data, got.fds, got.fds_truncated
 
     def recv_now(self) -> tuple[bytes, list[int], bool]:
-        """One recvmsg of bytes known to be queued (`peek_chunk` showed them)."""
+        """One recvmsg of bytes known to be queued (a peek showed them)."""
         got = scm.recv(self.sock, RECV_CHUNK, _MAX_FDS_PER_RECV)
         return got.data, got.fds, got.fds_truncated
 
     def take(self, n: int, nfds: int) -> bytes:
-        """Consume `n` bytes that `peek_chunk` showed, with the `nfds` fds it showed on
+        """Consume `n` bytes that a peek showed, with the `nfds` fds it showed on
         them; the fds taken are closed (the peek's duplicates are the ones kept)."""
         got = scm.recv(self.sock, n, _MAX_FDS_PER_RECV)
         close_fds(got.fds)
