@@ -63,6 +63,9 @@ struct vn_ctx {
     struct vn_ring *rings[64];  /* the distinct rings of ns[] (reaped by vn_reap) */
     uint32_t nrings, conflict;  /* conflict: the SQE stopped at reuses a CID in flight */
     uint32_t newp, reaped;      /* commands put on rings / completed from rings (Python's) */
+    uint32_t ring_spin_us;      /* with ring requests out: spin up to this after the last work */
+    uint32_t ring_slice_us;     /* ... at most this long per vn_poll (the worker's other slots) */
+    uint64_t last_work_ns;      /* CLOCK_MONOTONIC of the last round that did something */
 };
 
 struct vn_back {                /* a request finished for Python (vn_ring_take) */

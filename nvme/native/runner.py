@@ -46,6 +46,12 @@ VN_STALE = 1 << 24
 VN_BACK = 1 << 25            # ring requests for Python wait in a back list
 MAX = 64                     # array sizes of struct vn_ctx
 SPIN = 64                    # empty rounds the C loop adds before returning (~2-4 us here)
+# With file requests on the rings: spin up to RING_SPIN_US after the last work, at most
+# RING_SLICE_US per poll (fastpath.c vn_poll: why a flowing stream is not slept through).
+# 2 ms: a 4 KiB O_DIRECT read here takes 0.1-0.5 ms, so a stream never waits for a
+# wake-up; 20 us: the worker's other slots are polled at least that often.
+RING_SPIN_US = 2000
+RING_SLICE_US = 20
 KIND = {"ram": 1, "null": 2}
 FILE = 3                     # a file namespace with a NativeRing
 
@@ -66,6 +72,7 @@ class NativeQueueRunner(QueueRunner):
     serves like IoExecutor.execute would; None serves none natively."""
 
     def __init__(self, *, executor: Any = None, irq_fd: Any = None, spin: int = SPIN,
+                 ring_spin_us: int = RING_SPIN_US, ring_slice_us: int = RING_SLICE_US,
                  **kw: Any) -> None:
         from . import ffi, lib, why_not
         if lib is None:
@@ -74,6 +81,7 @@ class NativeQueueRunner(QueueRunner):
         self._ex = executor if executor is not None else _NoExecutor()
         self._irq_fd = irq_fd        # vector -> eventfd (or None): the C loop signals it itself
         self._spin = spin
+        self._ring_spin = (ring_spin_us, ring_slice_us)
         self._ctx: Any = None
         self._keep: list[Any] = []
         self._stale = False
@@ -511,6 +519,7 @@ class NativeQueueRunner(QueueRunner):
             c.ei_iova = sh.cfg.eventidx
         c.lazy = int(self._lazy)
         c.spin = self._spin
+        c.ring_spin_us, c.ring_slice_us = self._ring_spin
         c.rr = self._rr
         c.coalesce = int(bool(self._thr or self._time_ns))
         c.mdts = ex.mdts_bytes or 0

@@ -26,7 +26,8 @@ struct vn_req {
 struct vn_ring {
     int fd, efd, bfd, dfd;              /* ring, completion eventfd, file, file O_DIRECT (-1) */
     uint32_t depth, busy, unsent, unread;
-    uint32_t *sq_head, *sq_tail, *sq_array, sq_mask;
+    uint32_t defer, pad;                /* set up with DEFER_TASKRUN (see uring.c) */
+    uint32_t *sq_head, *sq_tail, *sq_array, sq_mask, *sq_flags;
     uint32_t *cq_head, *cq_tail, cq_mask;
     struct io_uring_sqe *sqes;
     struct io_uring_cqe *cqes;
@@ -45,5 +46,6 @@ void vn_ring_give_back(struct vn_ring *r, struct vn_req *q, int err);
 int vn_ring_outcome(struct vn_ring *r, struct vn_req *q, int32_t res);
 struct vn_req *vn_ring_next(struct vn_ring *r, uint32_t *head, uint32_t tail, int *out);
 void vn_ring_enter(struct vn_ring *r);
+uint32_t vn_ring_tail(struct vn_ring *r);
 
 #endif

@@ -18,6 +18,7 @@ import os
 import random
 import select
 import shutil
+import tempfile
 import time
 
 import pytest
@@ -67,14 +68,15 @@ def sqe_words(opc, cid, nsid=1, slba=0, nlb=1, prp1=0, prp2=0, cdw12=0, sgl=Fals
 class World:
     """One controller slot's data path over a file namespace, driven like a host."""
 
-    def __init__(self, datapath: str, path: str, dirty: bool, depth: int = 32) -> None:
+    def __init__(self, datapath: str, path: str, dirty: bool, depth: int = 32,
+                 direct: bool = False, **rkw) -> None:
         self.ram = mmap.mmap(-1, NPAGES * P)
         self.mem = FlatMemory()
         self.mem.add(RAM, memoryview(self.ram))
         self.dbpage = mmap.mmap(-1, P)
         self.db = Doorbells(memoryview(self.dbpage))
         self.qt_map = mmap.mmap(-1, table_bytes(4))
-        self.fb = create_backend("file", path, name_prefix="x")
+        self.fb = create_backend("file", path, name_prefix="x", direct=direct)
         self.ex = IoExecutor({1: Namespace.for_backend(1, self.fb)}, self.mem, 64 * 1024)
         self.log = DirtyLog() if dirty else None
         if self.log is not None:
@@ -84,7 +86,8 @@ class World:
         self.irqs: list[int] = []
         self.r = runner(datapath, executor=self.ex, doorbells=self.db, mem=self.mem,
                         execute=self.ex.execute, irq=self.irqs.append,
-                        doorbell_error=lambda i, q: None, table=QueueTable(self.qt_map, 4, init=True))
+                        doorbell_error=lambda i, q: None, table=QueueTable(self.qt_map, 4, init=True),
+                        **rkw)
         if self.log is not None:
             self.r.set_dirty(self.log)
         self.bio = BackendIo(lambda *a: self.r.complete(*a, signal=False), signal=self.r.signal_pending)
@@ -342,3 +345,46 @@ def test_delete_sq_and_detach_answer_what_is_in_flight(nworld, tmp_path):
     assert {st for _, st in got} == {int(Status.NAMESPACE_NOT_READY)}    # DNR clear: retried
     assert w.r.inflight() == 0
 
+
+
+def test_a_completion_wakes_a_sleeping_worker():
+    """A worker with reads in the kernel sleeps on the ring's eventfd (a backend that
+    stopped completing, or no ring spin).  The ring defers the completions' task work
+    until the worker enters it (uring.c), so the kernel's eventfd signal when it queues
+    that work is all that wakes the worker: an O_DIRECT read on a real disk (never
+    complete at submission) must make the eventfd readable with nobody polling."""
+    d = tempfile.mkdtemp(prefix="vnvmed-wake-", dir="/var/tmp")   # a disk, not tmpfs
+    try:
+        path = os.path.join(d, "disk")
+        data = random.Random(7).randbytes(NS_BYTES)
+        with open(path, "wb") as f:
+            f.write(data)
+            os.fsync(f.fileno())
+        try:
+            os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+        except OSError as e:
+            pytest.skip(f"/var/tmp takes no O_DIRECT here ({e.strerror}): nothing would be deferred")
+        w = World("native", path, dirty=False, direct=True, ring_spin_us=0)
+        try:
+            ring = w.bio.native[1]
+            for i in range(16):
+                ring.drain()                       # no count left from the last completion
+                slba = (i * 37 % (NS_BYTES // P)) * (P // BLK)
+                w.submit([sqe_words(IoOpcode.READ, i, slba=slba, nlb=P // BLK, prp1=RAM + DATA0 * P)])
+                w.r.poll()                          # takes the SQE, enters the ring, returns
+                assert ring.busy() == 1 or w.reap_host() == [(i, 0)]
+                if ring.busy():
+                    ready, _, _ = select.select([ring.fileno()], [], [], 5.0)
+                    assert ready, f"read {i}: its completion never signalled the ring's eventfd"
+                    got = []
+                    deadline = time.monotonic() + 5
+                    while not got and time.monotonic() < deadline:
+                        w.r.poll()
+                        got = w.reap_host()
+                    assert got == [(i, 0)]
+                off = slba * BLK
+                assert w.ram[DATA0 * P:DATA0 * P + P] == data[off:off + P], f"read {i}: wrong bytes"
+        finally:
+            w.close()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
