@@ -40,7 +40,9 @@ Placement: vnvmed's worker on core 0 (--target-core), the benchmark's host drive
 fio on core 1; servers (nbdkit, ceph) unpinned.  fio does its I/O in one process on one
 core; vnvmed's path costs a host-driver process plus the worker, as a VM's would.
 Each figure is the best of --repeat runs, fio and vnvmed alternating, since other
-engineers' jobs share this machine; the load average is printed with the results.
+engineers' jobs share this machine; the load average is printed with the results.  The
+rows also give every round's IOPS and the median of the rounds' own ratios (fio and
+vnvmed run back to back): the host's disk drifts by tens of percent within minutes.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -150,19 +153,32 @@ def vnvmed(spec: str, depth: int, seconds: float, span: int, extra: tuple[str, .
 
 
 def best(repeat: int, *runs: Callable[[], dict[str, Any]]) -> list[dict[str, Any]]:
-    """Alternate the runs `repeat` times; keep each one's best IOPS."""
+    """Alternate the runs `repeat` times; keep each one's best IOPS.  Each kept result
+    also lists every round's IOPS (`rounds`): with two runs, round k's ratio compares
+    runs a few seconds apart, which the host's disk drifting between rounds (fio alone
+    went 50-80K IOPS within minutes here) does not move the way it moves the best-of."""
     out: list[dict[str, Any] | None] = [None] * len(runs)
+    seen: list[list[int]] = [[] for _ in runs]
     for _ in range(repeat):
         for i, fn in enumerate(runs):
             r = fn()
+            seen[i].append(r["iops"])
             if out[i] is None or r["iops"] > out[i]["iops"]:   # type: ignore[index]
                 out[i] = r
+    for i, r in enumerate(out):
+        if r is not None:
+            r["rounds"] = seen[i]
     return [r for r in out if r is not None]
 
 
 def row(name: str, qd: int, f: dict[str, Any], v: dict[str, Any]) -> dict[str, Any]:
+    pairs = sorted(b / max(a, 1) for a, b in zip(f.get("rounds", []), v.get("rounds", [])))
     return {"case": name, "qd": qd, "fio_iops": f["iops"], "vnvmed_iops": v["iops"],
-            "ratio": round(v["iops"] / max(f["iops"], 1), 3), "fio_lat_us": f["lat_us"],
+            "ratio": round(v["iops"] / max(f["iops"], 1), 3),
+            # the median of the rounds' own ratios (fio and vnvmed back to back)
+            "ratio_median_of_rounds": round(statistics.median(pairs), 3) if pairs else None,
+            "fio_rounds": f.get("rounds"), "vnvmed_rounds": v.get("rounds"),
+            "fio_lat_us": f["lat_us"],
             "vnvmed_lat_us": v["lat_us"], "fio_p50_us": f.get("p50_us"), "vnvmed_p50_us": v.get("p50_us"),
             "fio_p99_us": f.get("p99_us"), "vnvmed_p99_us": v.get("p99_us"), "vnvmed_cpu_pct": v.get("cpu_pct"),
             "fio_cpu_us_per_io": f.get("cpu_us_per_io"), "vnvmed_cpu_us_per_io": v.get("cpu_us_per_io"),
