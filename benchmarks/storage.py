@@ -165,10 +165,10 @@ def best(repeat: int, *runs: Callable[[], dict[str, Any]]) -> list[dict[str, Any
             seen[i].append(r["iops"])
             if out[i] is None or r["iops"] > out[i]["iops"]:   # type: ignore[index]
                 out[i] = r
-    for i, r in enumerate(out):
-        if r is not None:
-            r["rounds"] = seen[i]
-    return [r for r in out if r is not None]
+    for i, kept in enumerate(out):
+        if kept is not None:
+            kept["rounds"] = seen[i]
+    return [k for k in out if k is not None]
 
 
 def row(name: str, qd: int, f: dict[str, Any], v: dict[str, Any]) -> dict[str, Any]:
