@@ -3,8 +3,8 @@
  * Theory of operation
  * -------------------
  * fastpath.c puts the Reads, Writes and Flushes it takes for a `file:` namespace on
- * that namespace's ring (vn_ring_get + vn_ring_queue; the ring is entered once per
- * vn_poll) and reaps the completions in vn_reap(), which posts the CQEs with the same
+ * that namespace's ring (vn_ring_get + vn_ring_queue + vn_ring_enter: each command is
+ * entered as it is taken) and reaps the completions in vn_reap(), which posts the CQEs with the same
  * code as the synchronous commands.  This file is the ring itself, with raw system
  * calls (io_uring_setup/io_uring_enter/io_uring_register and mmap of the rings, as in
  * <linux/io_uring.h>), so no library is needed beyond the kernel headers that libc's
