@@ -94,8 +94,25 @@ class NbdServer:
         self.proc = None
 
     def pause(self) -> None:
+        """SIGSTOP, and wait until every thread of the server is stopped: kill() returns
+        while a thread running on another core may still answer a request or two."""
         assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGSTOP)
+        pid = self.proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while True:
+            states = []
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                try:
+                    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                        states.append(f.read().rsplit(")", 1)[1].split()[0])
+                except OSError:
+                    pass                 # a thread that ended meanwhile
+            if all(st in ("T", "t") for st in states):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nbd server {pid} not stopped after SIGSTOP: thread states {states}")
+            time.sleep(0.001)
 
     def resume(self) -> None:
         assert self.proc is not None
