@@ -4,8 +4,8 @@
  * -------------------
  * fastpath.c puts the Reads, Writes and Flushes it takes for a `file:` namespace on
  * that namespace's ring (vn_ring_get + vn_ring_queue + vn_ring_enter: each command is
- * entered as it is taken) and reaps the completions in vn_reap(), which posts the CQEs with the same
- * code as the synchronous commands.  This file is the ring itself, with raw system
+ * entered as it is taken) and reaps the completions in vn_reap(), which posts the CQEs
+ * with the same code as the synchronous commands.  This file is the ring itself, with raw system
  * calls (io_uring_setup/io_uring_enter/io_uring_register and mmap of the rings, as in
  * <linux/io_uring.h>), so no library is needed beyond the kernel headers that libc's
  * development package brings.
