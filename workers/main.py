@@ -53,8 +53,8 @@ backend (no completion for 64 rounds) leaves the normal spin-then-sleep in charg
 since nothing would wake the worker for its neighbours' doorbells.  The native data
 path's own io_uring rings (file:) differ: the C poll spins in slices of 20 us for up
 to 2 ms after the last completion or new command while ring requests are out
-(nvme/native/fastpath.c vn_poll), so Python's rounds seldom reach that sleep while a
-stream flows - the ~40 us wake-up per completion burst kept the disk at ~10 of 32 reads
+(nvme/native/fastpath.c vn_poll; each slice ends with a sched_yield() for a front-end
+that woke on this core), so Python's rounds seldom reach that sleep while a stream flows - the ~40 us wake-up per completion burst kept the disk at ~10 of 32 reads
 in flight, not the ~20 fio keeps, and the file stream at 0.78x of fio.
 
 Control: the supervisor talks to the worker over a SOCK_SEQPACKET socket (`ctl`):
