@@ -526,7 +526,7 @@ static int end_round(struct vn_ctx *c)
  * slots in between).  A flowing file stream completes every few microseconds and its
  * host resubmits at once: a worker that slept between them (the eventfd wakes it ~40 us
  * later on the 2-vCPU VM) left the commands the host resubmitted unseen until the next
- * completion, and the disk had ~10 of 32 reads in flight instead of ~19 for fio on the
+ * completion, and the disk had ~10 of 32 reads in flight instead of the ~20 fio keeps on the
  * same file.  A backend that stops completing ends the spin after ring_spin_us: the
  * worker then sleeps on the rings' eventfds as before. */
 static int poll_rounds(struct vn_ctx *c, int budget);
@@ -537,7 +537,7 @@ int vn_poll(struct vn_ctx *c, int budget)
     int r = poll_rounds(c, budget);
     for (uint32_t i = 0; i < c->nrings; i++)
         if (c->rings[i]->unsent)
-            vn_ring_enter(c->rings[i]);     /* what a round that stopped early queued */
+            vn_ring_enter(c->rings[i]);     /* an enter the kernel refused (EAGAIN/EBUSY) */
     return r;
 }
 
@@ -573,8 +573,8 @@ static int ring_spin(struct vn_ctx *c, uint64_t *slice_end, uint32_t *probe)
         return 1;
     /* End of a slice: let a task that woke on this core run now (the front-end, often
      * pinned here: a migration's stop arc, a vfio-user request).  The scheduler would
-     * otherwise leave the spinning worker its whole slice first (~1.5 ms: the blackout
-     * median went 5.2 -> 6.4 ms); with nothing else runnable this returns at once. */
+     * otherwise leave the spinning worker the rest of its own slice first (a scheduler
+     * slice is ~1 ms); with nothing else runnable this returns at once. */
     sched_yield();
     return 0;
 }
@@ -617,7 +617,7 @@ static int poll_rounds(struct vn_ctx *c, int budget)
         flags |= end_round(c);
         for (uint32_t i = 0; i < c->nrings; i++)
             if (c->rings[i]->unsent)
-                vn_ring_enter(c->rings[i]);     /* now, not after the spin rounds */
+                vn_ring_enter(c->rings[i]);     /* a refused enter: again, before spinning */
         if (extra && done == before)
             c->rr = rr;                 /* an empty extra round leaves the order as it was */
         if (flags & (VN_NEED_SQE | VN_NEED_POLL) || done >= budget || c->coalesce)
